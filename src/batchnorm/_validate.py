@@ -1,0 +1,191 @@
+"""Every argument, shape and dtype check of the package, and its one error-message format.
+
+Messages name the caller as the user wrote it (``BatchNorm2d(num_features=3)`` or
+``batch_norm()``), say what was expected and what was given, and never name an internal buffer
+the user did not pass. All checks run before any state is touched: a rejected call changes
+nothing, ``num_batches_tracked`` included (stricter than torch 2.13, which increments the counter
+before it validates the batch size).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+__all__ = [
+    "check_batch_norm_args",
+    "check_constructor_args",
+    "check_module_input",
+]
+
+
+def _floating_dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_constructor_args(cls_name: str, num_features, eps, momentum) -> None:
+    """Reject constructor arguments torch would silently accept and later misuse.
+
+    Raises:
+        TypeError: ``num_features`` is not an integer, or ``eps``/``momentum`` not a number.
+        ValueError: ``num_features < 1``, ``eps < 0`` or ``momentum`` outside ``[0, 1]``.
+    """
+    where = f"{cls_name}()"
+    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+        raise TypeError(
+            f"{where}: expected num_features to be a positive int, got {num_features!r}."
+        )
+    if num_features < 1:
+        raise ValueError(
+            f"{where}: expected num_features to be a positive int, got {num_features!r}."
+        )
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{where}: expected eps to be a non-negative float, got {eps!r}.")
+    if not eps >= 0:  # also rejects NaN
+        raise ValueError(f"{where}: expected eps to be a non-negative float, got {eps!r}.")
+    if momentum is not None:
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+            raise TypeError(f"{where}: expected momentum in [0, 1] or None, got {momentum!r}.")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"{where}: expected momentum in [0, 1] or None, got {momentum!r}.")
+
+
+def check_module_input(
+    where: str,
+    input,
+    num_features: int,
+    ranks: tuple[int, ...],
+    shape_hint: str,
+    state_dtype: torch.dtype | None,
+) -> None:
+    """Check what only a module knows: the input's rank and its channel count.
+
+    Args:
+        where: The caller as the user sees it, e.g. ``"BatchNorm2d(num_features=3)"``.
+        input: The forward argument.
+        num_features: The module's channel count.
+        ranks: Accepted numbers of dimensions.
+        shape_hint: Human-readable accepted shape(s), e.g. ``"(N, 3, H, W)"``.
+        state_dtype: Dtype of the module's parameters and buffers (``None`` if it has none).
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}.")
+    if input.dim() not in ranks:
+        accepted = " or ".join(f"{r}-D" for r in ranks)
+        raise ValueError(
+            f"{where}: expected {accepted} input of shape {shape_hint}, "
+            f"got {input.dim()}-D input of shape {tuple(input.shape)}."
+        )
+    if input.shape[1] != num_features:
+        raise ValueError(
+            f"{where}: expected input with {num_features} channels, shape {shape_hint}, "
+            f"got shape {tuple(input.shape)}."
+        )
+    if not input.dtype.is_floating_point:
+        raise TypeError(
+            f"{where}: expected a floating-point input, got {_floating_dtype_name(input.dtype)}."
+        )
+    if (
+        state_dtype is not None
+        and input.dtype in (torch.float32, torch.float64)
+        and input.dtype != state_dtype
+    ):
+        raise TypeError(
+            f"{where}: expected input of the layer's dtype {_floating_dtype_name(state_dtype)}, "
+            f"got {_floating_dtype_name(input.dtype)}; cast the input or convert the layer "
+            f"with .to({input.dtype})."
+        )
+
+
+def check_batch_norm_args(
+    where: str,
+    input,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training: bool,
+    momentum,
+    eps,
+    num_batches_tracked,
+) -> None:
+    """Validate the arguments of one batch-norm call (functional or module) before any work.
+
+    Raises:
+        TypeError: Non-tensor or non-floating input, a float32/float64 input whose parameters
+            or running statistics have another dtype, or a non-numeric ``eps``/``momentum``.
+        ValueError: Fewer than 2 dims, a per-channel tensor of the wrong shape or device,
+            only one of the running statistics given, evaluation without running statistics,
+            ``momentum=None`` without ``num_batches_tracked``, or a single value per channel
+            when batch statistics are used.
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}.")
+    if input.dim() < 2:
+        raise ValueError(
+            f"{where}: expected input of shape (N, C, *) with at least 2 dims, "
+            f"got shape {tuple(input.shape)}."
+        )
+    if not input.dtype.is_floating_point:
+        raise TypeError(
+            f"{where}: expected a floating-point input, got {_floating_dtype_name(input.dtype)}."
+        )
+    channels = input.shape[1]
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    ):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: expected {name} to be a tensor or None, got {type(t).__name__}.")
+        if tuple(t.shape) != (channels,):
+            raise ValueError(
+                f"{where}: expected {name} of shape ({channels},) to match the input's "
+                f"{channels} channels, got shape {tuple(t.shape)}."
+            )
+        if t.device != input.device:
+            raise ValueError(
+                f"{where}: expected {name} on the input's device {input.device}, got {t.device}."
+            )
+        # torch's CPU kernels accept float32 parameters with a half/bfloat16 input (mixed
+        # precision); for full-precision inputs every tensor must share the input's dtype.
+        if input.dtype in (torch.float32, torch.float64) and t.dtype != input.dtype:
+            raise TypeError(
+                f"{where}: expected {name} with the input's dtype "
+                f"{_floating_dtype_name(input.dtype)}, got {_floating_dtype_name(t.dtype)}."
+            )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(
+            f"{where}: expected running_mean and running_var both given or both None, "
+            f"got only {'running_mean' if running_var is None else 'running_var'}."
+        )
+    if not training and running_mean is None:
+        raise ValueError(
+            f"{where}: expected running_mean and running_var in evaluation mode "
+            "(training=False normalizes with them), got None."
+        )
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{where}: expected eps to be a float, got {eps!r}.")
+    if momentum is None:
+        if training and running_mean is not None and num_batches_tracked is None:
+            raise ValueError(
+                f"{where}: momentum=None (cumulative average) needs num_batches_tracked, got None."
+            )
+    elif not isinstance(momentum, (numbers.Real, torch.Tensor)) or isinstance(momentum, bool):
+        raise TypeError(f"{where}: expected momentum to be a float or None, got {momentum!r}.")
+    if num_batches_tracked is not None and (
+        not isinstance(num_batches_tracked, torch.Tensor) or num_batches_tracked.numel() != 1
+    ):
+        raise TypeError(
+            f"{where}: expected num_batches_tracked to be a 1-element tensor or None, "
+            f"got {num_batches_tracked!r}."
+        )
+    if training and input.numel() > 0 and input.numel() // channels == 1:
+        raise ValueError(
+            f"{where}: expected more than 1 value per channel when using batch statistics "
+            f"(training), got input of shape {tuple(input.shape)}."
+        )

@@ -1,0 +1,549 @@
+r"""The torch op: ``batch_norm`` on the Numba kernels, with autograd and dispatch.
+
+Three ways in, one implementation:
+
+* **eager** calls go through :class:`torch.autograd.Function` subclasses (a few microseconds of
+  overhead per call);
+* under :func:`torch.compile` and :func:`torch.export.export` the same kernels are reached
+  through custom ops ``torch.ops.batchnorm.*`` registered with fake (meta) implementations, so
+  graphs hold them as opaque nodes. Eager mode does not use them: an eager call to a custom op
+  with autograd costs ~80 µs, more than torch's whole BatchNorm1d on a small batch;
+* inputs the kernels do not cover (CUDA and other devices, float16/bfloat16, strided layouts)
+  go to torch's native op.
+
+Both the eager Function and the custom ops call :func:`_train_forward`, :func:`_eval_forward`
+and :func:`_backward`, which view tensors as NumPy arrays without copying and run the kernels.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from . import kernels
+from ._validate import check_batch_norm_args
+
+__all__ = ["batch_norm", "backend_for"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Layout and dispatch
+# --------------------------------------------------------------------------------------------
+
+
+def _layout(x: torch.Tensor) -> str | None:
+    """Which kernel layout views ``x`` without a copy: ``"nchw"``, ``"nhwc"`` or ``None``.
+
+    ``"nchw"``: contiguous ``(N, C, *)``, viewed as ``(N, C, S)``. ``"nhwc"``: the channel
+    axis innermost (channels_last / channels_last_3d, or any ``(N, C)`` matrix), viewed as
+    ``(M, C)`` with ``M = N * S``.
+    """
+    if x.dim() == 2:
+        return "nhwc" if x.is_contiguous() else None
+    if x.is_contiguous():
+        return "nchw"
+    if x.permute(0, *range(2, x.dim()), 1).is_contiguous():
+        return "nhwc"
+    return None
+
+
+def backend_for(input: torch.Tensor) -> str:
+    """Say which implementation serves ``input``: ``"numba"`` or ``"torch"``.
+
+    The Numba kernels take CPU float32/float64 tensors that are contiguous or channels-last
+    (channel axis innermost in memory). Everything else, including every non-CPU device,
+    float16, bfloat16 and other strides, is served by torch's native ``batch_norm``.
+
+    Args:
+        input: A tensor of shape ``(N, C, *)``.
+
+    Returns:
+        ``"numba"`` or ``"torch"``.
+
+    Example:
+        >>> backend_for(torch.zeros(4, 3))
+        'numba'
+        >>> backend_for(torch.zeros(4, 3, dtype=torch.bfloat16))
+        'torch'
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"backend_for(): expected a torch.Tensor, got {type(input).__name__}.")
+    if input.device.type != "cpu" or input.dtype not in _KERNEL_DTYPES or input.dim() < 2:
+        return "torch"
+    if input.layout != torch.strided:
+        return "torch"
+    return "numba" if _layout(input) is not None else "torch"
+
+
+_warned: set[str] = set()
+
+
+def _warn_fallback_once(input: torch.Tensor) -> None:
+    # Non-CPU devices are served by torch by design; only a CPU input we could have served
+    # faster is worth a (single) warning.
+    if input.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    if input.dtype not in _KERNEL_DTYPES:
+        key = f"dtype:{input.dtype}"
+        msg = (
+            f"batch_norm(): {str(input.dtype).replace('torch.', '')} input on cpu is handled by "
+            "torch's native op; the Numba kernels cover float32 and float64."
+        )
+    else:
+        key = "layout"
+        msg = (
+            f"batch_norm(): input with strides {input.stride()} is neither contiguous nor "
+            "channels-last; it is handled by torch's native op."
+        )
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def _native_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """torch's own op: the fallback, looked up at call time so that tests can spy on it."""
+    return torch.nn.functional.batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel calls: tensors in, tensors out, no autograd, no validation
+# --------------------------------------------------------------------------------------------
+
+
+def _kernel_view(t: torch.Tensor, layout: str) -> np.ndarray:
+    """A zero-copy NumPy view of ``t`` in the kernel's 3-D (nchw) or 2-D (nhwc) shape."""
+    n, c = t.shape[0], t.shape[1]
+    if layout == "nchw":
+        return t.detach().view(n, c, -1).numpy()
+    return t.detach().permute(0, *range(2, t.dim()), 1).reshape(-1, c).numpy()
+
+
+def _as_float64(t: torch.Tensor | None, channels: int, fill: float) -> np.ndarray:
+    if t is None:
+        return np.full(channels, fill)
+    return t.detach().to(torch.float64).numpy()
+
+
+def _values_per_channel(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[1]
+
+
+def _train_forward(x, weight, bias, eps: float):
+    """Algorithm 1 on the kernels: returns ``(y, mean, var)``; ``var`` is biased, both float64."""
+    layout = _layout(x)
+    channels = x.shape[1]
+    y = torch.empty_like(x)
+    xv = _kernel_view(x, layout)
+    mean = np.empty(channels)
+    m2 = np.empty(channels)
+    kernels.select_kernel("moments", layout, xv.dtype)(xv, mean, m2)
+    var = m2 / _values_per_channel(x)
+    invstd = 1.0 / np.sqrt(var + eps)
+    scale = invstd * _as_float64(weight, channels, 1.0)
+    shift = _as_float64(bias, channels, 0.0)
+    kernels.select_kernel("normalize", layout, xv.dtype)(
+        xv, mean, scale, shift, _kernel_view(y, layout)
+    )
+    return y, torch.from_numpy(mean), torch.from_numpy(var)
+
+
+def _eval_forward(x, running_mean, running_var, weight, bias, eps: float):
+    """Algorithm 2, step 11 on the kernels: normalize with the given population statistics."""
+    layout = _layout(x)
+    channels = x.shape[1]
+    y = torch.empty_like(x)
+    xv = _kernel_view(x, layout)
+    invstd = 1.0 / np.sqrt(_as_float64(running_var, channels, 1.0) + eps)
+    scale = invstd * _as_float64(weight, channels, 1.0)
+    kernels.select_kernel("normalize", layout, xv.dtype)(
+        xv,
+        _as_float64(running_mean, channels, 0.0),
+        scale,
+        _as_float64(bias, channels, 0.0),
+        _kernel_view(y, layout),
+    )
+    return y
+
+
+def _backward(dy, x, weight, mean, var, eps: float, training: bool):
+    r"""Gradients of either transform, from the statistics it normalized with.
+
+    With :math:`\sigma^{-1} = 1/\sqrt{\mathrm{var} + \epsilon}` and per-channel sums
+    :math:`S_1 = \sum \delta`, :math:`S_2 = \sum \delta (x - \mu)`, training gives
+    (``reference.batch_norm_train_backward``)
+
+    .. math::
+        dx = \gamma\sigma^{-1}\,\delta - \frac{\gamma\sigma^{-3} S_2}{m}(x - \mu)
+             - \frac{\gamma\sigma^{-1} S_1}{m}
+
+    and evaluation only the first term (the statistics are constants there). Both have
+    :math:`d\gamma = \sigma^{-1} S_2` and :math:`d\beta = S_1`.
+
+    Returns:
+        ``(dx, dweight, dbias)``; ``dweight``/``dbias`` have ``x``'s dtype and shape ``(C,)``.
+    """
+    layout = _layout(x)
+    channels = x.shape[1]
+    # The gradient arrives in whatever layout autograd produced (often an expanded view from a
+    # sum); the kernels need it in x's memory layout.
+    if layout == "nchw":
+        dy = dy.contiguous()
+    elif not (_layout(dy) == "nhwc" and dy.stride() == x.stride()):
+        dy = dy.permute(0, *range(2, dy.dim()), 1).contiguous()
+        dy = dy.permute(0, dy.dim() - 1, *range(1, dy.dim() - 1))
+    xv = _kernel_view(x, layout)
+    dyv = _kernel_view(dy, layout)
+    mean64 = _as_float64(mean, channels, 0.0)
+    invstd = 1.0 / np.sqrt(_as_float64(var, channels, 1.0) + eps)
+    sum_dy = np.empty(channels)
+    sum_dy_xmu = np.empty(channels)
+    kernels.select_kernel("backward_reduce", layout, xv.dtype)(dyv, xv, mean64, sum_dy, sum_dy_xmu)
+    w = _as_float64(weight, channels, 1.0)
+    k_dy = w * invstd
+    if training:
+        m = _values_per_channel(x)
+        k_xmu = -w * invstd**3 * sum_dy_xmu / m
+        k_const = -w * invstd * sum_dy / m
+    else:
+        k_xmu = np.zeros(channels)
+        k_const = np.zeros(channels)
+    dx = torch.empty_like(x)
+    kernels.select_kernel("backward_apply", layout, xv.dtype)(
+        dyv, xv, mean64, k_dy, k_xmu, k_const, _kernel_view(dx, layout)
+    )
+    dweight = torch.from_numpy(sum_dy_xmu * invstd).to(x.dtype)
+    dbias = torch.from_numpy(sum_dy).to(x.dtype)
+    return dx, dweight, dbias
+
+
+# --------------------------------------------------------------------------------------------
+# Differentiable composites, used only for double backward (create_graph=True)
+# --------------------------------------------------------------------------------------------
+
+
+def _composite_grads(dy, x, weight, running_mean, running_var, eps, training):
+    """The backward formulas in torch ops, so that autograd can differentiate them again."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    axes = [0, *range(2, x.dim())]
+    if training:
+        m = _values_per_channel(x)
+        mean = x.mean(dim=axes, keepdim=True)
+        xmu = x - mean
+        invstd = torch.rsqrt((xmu * xmu).mean(dim=axes, keepdim=True) + eps)
+    else:
+        xmu = x - running_mean.reshape(shape)
+        invstd = torch.rsqrt(running_var.reshape(shape) + eps)
+    x_hat = xmu * invstd
+    sum_dy = dy.sum(dim=axes)
+    sum_dy_xhat = (dy * x_hat).sum(dim=axes)
+    scale = invstd if weight is None else invstd * weight.reshape(shape)
+    if training:
+        dx = scale / m * (m * dy - sum_dy.reshape(shape) - x_hat * sum_dy_xhat.reshape(shape))
+    else:
+        dx = scale * dy
+    return dx, sum_dy_xhat, sum_dy
+
+
+# --------------------------------------------------------------------------------------------
+# Eager path: autograd.Function
+# --------------------------------------------------------------------------------------------
+
+
+class _TrainFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, var = _train_forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, var)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, mean, var = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            dx, dw, db = _composite_grads(dy, x, weight, None, None, ctx.eps, True)
+        else:
+            dx, dw, db = _backward(dy, x, weight, mean, var, ctx.eps, True)
+        return _select_grads(ctx, dx, dw, db) + (None,)
+
+
+class _EvalFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, running_mean, running_var, weight, bias, eps):
+        ctx.save_for_backward(x, weight, running_mean, running_var)
+        ctx.eps = eps
+        return _eval_forward(x, running_mean, running_var, weight, bias, eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, running_mean, running_var = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            dx, dw, db = _composite_grads(dy, x, weight, running_mean, running_var, ctx.eps, False)
+        else:
+            dx, dw, db = _backward(dy, x, weight, running_mean, running_var, ctx.eps, False)
+        dx, dw, db = _select_grads(ctx, dx, dw, db, offset=3)
+        return dx, None, None, dw, db, None
+
+
+def _select_grads(ctx, dx, dw, db, offset=1):
+    """Drop the gradients autograd did not ask for (weight and bias sit at ``offset``)."""
+    need = ctx.needs_input_grad
+    return (
+        dx if need[0] else None,
+        dw if need[offset] else None,
+        db if need[offset + 1] else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled path: custom ops with fake implementations
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("batchnorm::batch_norm_train", mutates_args=())
+def _train_forward_op(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _train_forward(x, weight, bias, eps)
+
+
+@_train_forward_op.register_fake
+def _(x, weight, bias, eps):
+    stats = x.new_empty((x.shape[1],), dtype=torch.float64)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("batchnorm::batch_norm_eval", mutates_args=())
+def _eval_forward_op(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    return _eval_forward(x, running_mean, running_var, weight, bias, eps)
+
+
+@_eval_forward_op.register_fake
+def _(x, running_mean, running_var, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("batchnorm::batch_norm_backward", mutates_args=())
+def _backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    training: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dy, x, weight, mean, var, eps, training)
+
+
+@_backward_op.register_fake
+def _(dy, x, weight, mean, var, eps, training):
+    per_channel = x.new_empty((x.shape[1],))
+    return torch.empty_like(x), per_channel, torch.empty_like(per_channel)
+
+
+def _train_setup_context(ctx, inputs, output):
+    x, weight, _bias, eps = inputs
+    _y, mean, var = output
+    ctx.save_for_backward(x, weight, mean, var)
+    ctx.eps = eps
+
+
+def _train_backward(ctx, dy, _dmean, _dvar):
+    x, weight, mean, var = ctx.saved_tensors
+    dx, dw, db = torch.ops.batchnorm.batch_norm_backward(dy, x, weight, mean, var, ctx.eps, True)
+    return (*_select_grads(ctx, dx, dw, db), None)
+
+
+def _eval_setup_context(ctx, inputs, output):
+    x, running_mean, running_var, weight, _bias, eps = inputs
+    ctx.save_for_backward(x, weight, running_mean, running_var)
+    ctx.eps = eps
+
+
+def _eval_backward(ctx, dy):
+    x, weight, running_mean, running_var = ctx.saved_tensors
+    dx, dw, db = torch.ops.batchnorm.batch_norm_backward(
+        dy, x, weight, running_mean, running_var, ctx.eps, False
+    )
+    dx, dw, db = _select_grads(ctx, dx, dw, db, offset=3)
+    return dx, None, None, dw, db, None
+
+
+_train_forward_op.register_autograd(_train_backward, setup_context=_train_setup_context)
+_eval_forward_op.register_autograd(_eval_backward, setup_context=_eval_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# The public op
+# --------------------------------------------------------------------------------------------
+
+
+def _update_running_statistics(
+    running_mean, running_var, mean, var, m, momentum, num_batches_tracked
+):
+    """torch's running-average rule, applied after the batch statistics exist.
+
+    ``running = (1 - momentum) * running + momentum * batch`` with the *unbiased* batch variance
+    (torch 2.13: ``running_var`` folds in ``var * m / (m - 1)``). ``momentum=None`` is the
+    cumulative average: the factor is ``1 / num_batches_tracked`` after the increment.
+    """
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        factor = momentum
+        if factor is None:
+            if torch.compiler.is_compiling():
+                factor = 1.0 / num_batches_tracked
+            else:
+                factor = 1.0 / float(num_batches_tracked)
+        bessel = m / (m - 1)
+        running_mean.copy_(running_mean * (1 - factor) + mean * factor)
+        running_var.copy_(running_var * (1 - factor) + var * (bessel * factor))
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Batch Normalization, a drop-in for :func:`torch.nn.functional.batch_norm`.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}}\,\gamma + \beta
+
+    With ``training=True`` the mean and the *biased* variance of the batch are used (over every
+    axis but the channel axis 1; Ioffe & Szegedy 2015, Alg. 1). With ``training=False`` the
+    running (population) statistics are used (Alg. 2).
+
+    Mutation: when ``training`` and running statistics are given, ``running_mean`` and
+    ``running_var`` are updated in place, ``running = (1 - momentum) * running + momentum *
+    batch``, folding in the *unbiased* batch variance (factor ``m / (m - 1)``, as torch does).
+    ``momentum`` is the weight of the new batch, the opposite of flax's and equinox's decay.
+    ``momentum=None`` means a cumulative average and needs ``num_batches_tracked``; when that
+    tensor is given it is incremented by one per training call. Nothing is mutated unless every
+    check passed, and a batch with no values (``N == 0``) changes nothing.
+
+    Dtypes: CPU float32/float64 inputs are computed by the Numba kernels with float64
+    statistics and arithmetic, rounded once to the input dtype. Other devices and dtypes
+    (float16, bfloat16) and inputs that are neither contiguous nor channels-last are passed to
+    torch's native op (see :func:`backend_for`).
+
+    Args:
+        input: ``(N, C, *)`` tensor.
+        running_mean: ``(C,)`` running mean or ``None``.
+        running_var: ``(C,)`` running (unbiased) variance or ``None``.
+        weight: ``(C,)`` scale :math:`\gamma` or ``None`` (1).
+        bias: ``(C,)`` shift :math:`\beta` or ``None`` (0).
+        training: Normalize with the batch's statistics (and update the running ones).
+        momentum: Weight of the new batch in the running averages, or ``None``.
+        eps: Added to the variance before the square root.
+        num_batches_tracked: 0-dim long tensor counting training calls, or ``None``.
+
+    Returns:
+        Tensor of the shape, dtype and memory format of ``input``.
+
+    Raises:
+        TypeError: Non-floating input, or float32/float64 input with parameters or running
+            statistics of another dtype.
+        ValueError: Wrong shapes, evaluation without running statistics, or a single value per
+            channel in training.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 10.0], [3.0, 30.0]])
+        >>> batch_norm(x, None, None, training=True, eps=0.0)
+        tensor([[-1., -1.],
+                [ 1.,  1.]])
+    """
+    return _batch_norm(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        num_batches_tracked,
+        where="batch_norm()",
+    )
+
+
+def _batch_norm(
+    input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
+    where,
+):
+    check_batch_norm_args(
+        where, input, running_mean, running_var, weight, bias, training, momentum, eps,
+        num_batches_tracked,
+    )
+    track = training and running_mean is not None
+    if input.numel() == 0:
+        # No values, no statistics: normalize nothing and leave every buffer as it was.
+        return _native_batch_norm(
+            input,
+            None if training else running_mean,
+            None if training else running_var,
+            weight,
+            bias,
+            training,
+            0.0,
+            eps,
+        )
+    if (
+        backend_for(input) == "torch"
+        or (running_mean is not None and (running_mean.requires_grad or running_var.requires_grad))
+    ):
+        _warn_fallback_once(input)
+        if not track:
+            return _native_batch_norm(
+                input, running_mean, running_var, weight, bias, training, 0.0, eps
+            )
+        with torch.no_grad():
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+        factor = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
+        return _native_batch_norm(
+            input, running_mean, running_var, weight, bias, True, factor, eps
+        )
+
+    compiling = torch.compiler.is_compiling()
+    if not training:
+        if compiling:
+            return torch.ops.batchnorm.batch_norm_eval(
+                input, running_mean, running_var, weight, bias, float(eps)
+            )
+        return _EvalFn.apply(input, running_mean, running_var, weight, bias, float(eps))
+
+    if compiling:
+        y, mean, var = torch.ops.batchnorm.batch_norm_train(input, weight, bias, float(eps))
+    else:
+        y, mean, var = _TrainFn.apply(input, weight, bias, float(eps))
+    if track:
+        _update_running_statistics(
+            running_mean, running_var, mean, var, _values_per_channel(input), momentum,
+            num_batches_tracked,
+        )
+    return y
+

@@ -1,0 +1,123 @@
+"""``BatchNorm1d/2d/3d``: torch.nn's layers, with the forward pass on this package's op.
+
+Each class subclasses its torch.nn namesake, so parameters, buffers, ``state_dict`` keys,
+``_version`` and its migration (a checkpoint without ``num_batches_tracked`` loads with 0),
+``reset_parameters`` and ``extra_repr`` are torch's own, and ``isinstance(layer,
+torch.nn.BatchNorm2d)`` keeps holding for code that looks for BatchNorm layers. What changes is
+``forward``: stricter validation that runs before any state is touched, and the Numba kernels.
+The subclasses add no instance state, which is what lets :func:`batchnorm.convert` switch a
+layer between the two implementations in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _docs
+from ._validate import check_constructor_args, check_module_input
+from .functional import _batch_norm
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+class _BatchNormMixin:
+    """The shared constructor check and forward pass; the class supplies the accepted ranks."""
+
+    _ranks: tuple[int, ...]
+    _shape_hint: str
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        check_constructor_args(type(self).__name__, num_features, eps, momentum)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
+
+    def _where(self) -> str:
+        return f"{type(self).__name__}(num_features={self.num_features})"
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        check_module_input(
+            self._where(),
+            input,
+            self.num_features,
+            self._ranks,
+            self._shape_hint.format(C=self.num_features),
+            self._state_dtype(),
+        )
+
+    def _state_dtype(self) -> torch.dtype | None:
+        for t in (self.weight, self.running_mean):
+            if t is not None:
+                return t.dtype
+        return None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        tracking = self.training and self.track_running_stats
+        # The same choices torch.nn makes: batch statistics in training, and in evaluation too
+        # when there are no running estimates; running buffers are read in evaluation even if
+        # track_running_stats was switched off after construction.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        return _batch_norm(
+            input,
+            self.running_mean if use_buffers else None,
+            self.running_var if use_buffers else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            self.momentum,
+            self.eps,
+            self.num_batches_tracked if tracking else None,
+            where=self._where(),
+        )
+
+
+class BatchNorm1d(_BatchNormMixin, torch.nn.BatchNorm1d):
+    _ranks = (2, 3)
+    _shape_hint = "(N, {C}) or (N, {C}, L)"
+    __doc__ = _docs.module_doc(
+        name="BatchNorm1d",
+        what="a 2-D ``(N, C)`` or 3-D ``(N, C, L)`` input",
+        axes="the batch axis (and the length axis for 3-D input)",
+        shape=":math:`(N, C)` or :math:`(N, C, L)`",
+        example="torch.randn(8, 3)",
+        example_shape="[8, 3]",
+    )
+
+
+class BatchNorm2d(_BatchNormMixin, torch.nn.BatchNorm2d):
+    _ranks = (4,)
+    _shape_hint = "(N, {C}, H, W)"
+    __doc__ = _docs.module_doc(
+        name="BatchNorm2d",
+        what="a 4-D ``(N, C, H, W)`` input",
+        axes="the batch and both spatial axes",
+        shape=":math:`(N, C, H, W)`, contiguous or channels_last",
+        example="torch.randn(8, 3, 5, 5)",
+        example_shape="[8, 3, 5, 5]",
+    )
+
+
+class BatchNorm3d(_BatchNormMixin, torch.nn.BatchNorm3d):
+    _ranks = (5,)
+    _shape_hint = "(N, {C}, D, H, W)"
+    __doc__ = _docs.module_doc(
+        name="BatchNorm3d",
+        what="a 5-D ``(N, C, D, H, W)`` input",
+        axes="the batch and the three spatial axes",
+        shape=":math:`(N, C, D, H, W)`, contiguous or channels_last_3d",
+        example="torch.randn(4, 3, 2, 5, 5)",
+        example_shape="[4, 3, 2, 5, 5]",
+    )
