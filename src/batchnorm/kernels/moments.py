@@ -1,0 +1,309 @@
+r"""Per-channel mean and M2 (sum of squared deviations) in one pass over memory.
+
+.. math::
+    \mu_c = \frac{1}{m}\sum_{i} x_{i,c}, \qquad
+    M2_c = \sum_{i} (x_{i,c} - \mu_c)^2, \qquad
+    \sigma_c^2 = M2_c / m \ \text{(biased)}, \qquad m = N \cdot S
+
+Parallel decomposition:
+    The values of each channel are cut into blocks of at most ``BLOCK_ELEMS`` values (see
+    :mod:`._config`); the block plan depends only on the shape.
+
+    * ``nchw`` (``x`` of shape ``(N, C, S)``): one work item is one block of one channel, i.e.
+      ``rows`` consecutive samples times one slice of the contiguous ``S`` axis. The ``prange``
+      runs over all ``C * groups * chunks`` items, so even ``C = 1`` or ``N = 1`` keeps every
+      core busy once the channel has a few blocks. Each item writes its own ``(count, mean, M2)``
+      slot; a second ``prange`` over channels merges a channel's slots in block order.
+    * ``nhwc`` (``x`` of shape ``(M, C)``): blocks of ``block_rows`` rows (all channels), grouped
+      into at most ``MAX_GROUPS`` contiguous groups. The ``prange`` runs over groups; each group
+      keeps private per-channel ``(mean, M2)`` rows, merged serially in group order at the end.
+
+    ``C == 1`` channels-last data is the same memory as one ``nchw`` row and ``S == 1`` ``nchw``
+    data the same memory as an ``(N, C)`` channels-last array; each public kernel (a plain Python
+    function, see the NOTE in :mod:`._config`) hands those cases to the faster compiled twin.
+
+Numerics:
+    Accumulation and all arithmetic are float64, for float32 and float64 input alike. Each
+    channel is shifted by a pivot, one of its own values (``x[0, c, 0]`` / ``x[0, c]``; 0 if that
+    is not finite): every block mean is computed as the mean of ``x - pivot``, a number of the
+    size of the spread rather than of the mean. Within a block the mean comes first and M2 is
+    then summed about it (two-pass, so a large mean cannot cancel a small variance); blocks are
+    merged with Chan et al.'s update (Chan, Golub & LeVeque 1979), and the pivot is added back
+    once at the end. Without the shift, the merge would see block means near 1e4 rounded to
+    ~1e-12 and differing by ~1e-4, and that rounding, squared into
+    :math:`\delta^2 n_a n_b / n`, cost ~1e-12 of relative variance; with it, a channel of mean
+    1e4 and standard deviation 1e-2 matches an extended-precision two-pass to ~1e-16 (measured
+    on (64, 8, 3136) float32). NaN and Inf propagate: a NaN anywhere in a channel makes that
+    channel's mean and M2 NaN, an Inf makes its mean +-Inf and its M2 NaN (as the reference and
+    torch do), and no other channel is touched.
+
+Race freedom and determinism:
+    Every work item writes only its own partial slot (``nchw``) or its own group's partial rows
+    (``nhwc``); no memory is written by two iterations and there is no shared accumulator. The
+    merges run in a fixed order, so the result is bit-identical for a given shape whatever the
+    thread count.
+
+Memory passes:
+    1 read of ``x`` from DRAM (the second look at each block, for M2, hits the L1 cache); the
+    outputs and partials are O(C * blocks), negligible. Roofline: ``x.nbytes`` bytes moved.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+from ._config import contiguous_view, nchw_plan, nhwc_plan, njit_kernel, njit_parallel
+
+__all__ = ["moments_nchw", "moments_nhwc"]
+
+
+@njit_kernel
+def _pivot(value):
+    """A channel's shift: one of its values, or 0 if that value is NaN or +-Inf."""
+    if math.isfinite(value):
+        return value
+    return 0.0
+
+
+@njit_kernel
+def _merged_mean(mean_a, mean_b, delta, w_a, w_b):
+    r"""Mean of two merged parts: the update form, or the weighted form when that is not finite.
+
+    The update form :math:`\bar{x}_a + \delta\,n_b/n` is exact when the means are equal; the
+    weighted form keeps an Inf mean Inf when finite data joins it (``Inf + (x - Inf) * w`` is
+    NaN).
+    """
+    mean = mean_a + delta * w_b
+    if not math.isfinite(mean):
+        mean = w_a * mean_a + w_b * mean_b
+    return mean
+
+
+@njit_kernel
+def _merge_rows_into(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    r"""Merge per-channel statistics ``b`` into ``a`` in place (Chan et al.'s parallel update).
+
+    .. math::
+        n = n_a + n_b, \quad \delta = \bar{x}_b - \bar{x}_a, \quad
+        \bar{x} = \bar{x}_a + \delta\,\tfrac{n_b}{n}, \quad
+        M2 = M2_a + M2_b + \delta^2 \tfrac{n_a n_b}{n}
+
+    Args:
+        n_a: Count of ``a`` (float64, > 0).
+        mean_a: Means of ``a`` (relative to the channel pivots), shape ``(C,)``; overwritten.
+        m2_a: M2 of ``a``, shape ``(C,)``; overwritten with the merged M2.
+        n_b: Count of ``b`` (float64, > 0).
+        mean_b: Means of ``b`` (same pivots), shape ``(C,)``.
+        m2_b: M2 of ``b``, shape ``(C,)``.
+
+    Returns:
+        The merged count ``n_a + n_b``.
+    """
+    n = n_a + n_b
+    w_a = n_a / n
+    w_b = n_b / n
+    cross = n_a * w_b
+    for c in range(mean_a.shape[0]):
+        delta = mean_b[c] - mean_a[c]
+        m2_a[c] = m2_a[c] + m2_b[c] + delta * delta * cross
+        mean_a[c] = _merged_mean(mean_a[c], mean_b[c], delta, w_a, w_b)
+    return n
+
+
+@njit_parallel
+def _moments_rows(x, mean_out, m2_out):
+    """Moments of an ``(N, C, S)`` array; see the module docstring for the plan."""
+    n_batch, n_chan, n_spatial = x.shape
+    rows, groups, chunks = nchw_plan(n_batch, n_spatial)
+    per_chan = groups * chunks
+    n_items = n_chan * per_chan
+    part_count = np.empty(n_items, dtype=np.float64)
+    part_mean = np.empty(n_items, dtype=np.float64)
+    part_m2 = np.empty(n_items, dtype=np.float64)
+    xr = x.reshape((n_batch * n_chan, n_spatial))
+    pivot = np.empty(n_chan, dtype=np.float64)
+    for c in range(n_chan):
+        pivot[c] = _pivot(xr[c, 0])
+
+    # Item i owns one slot of each partial array (i <-> slot is a bijection): no two iterations
+    # write the same memory.
+    for i in prange(n_items):
+        # Items run in memory order (group of samples, then channel, then slice) so that each
+        # thread streams through x; their results are stored channel-major for the merge.
+        g = i // (n_chan * chunks)
+        j = i - g * (n_chan * chunks)
+        c = j // chunks
+        k = j - c * chunks
+        slot = c * per_chan + g * chunks + k
+        n0 = g * rows
+        n1 = min(n_batch, n0 + rows)
+        s0 = k * n_spatial // chunks
+        s1 = (k + 1) * n_spatial // chunks
+        p = pivot[c]
+        total = np.float64(0.0)
+        for n in range(n0, n1):
+            # SPEEDTIP: slice first and loop from 0. With `range(s0, s1)` Numba cannot prove
+            # the index non-negative, keeps its wraparound check and the loop does not
+            # vectorise: 37 ms vs 16.5 ms single-threaded on (64, 64, 3136) float32.
+            row = xr[n * n_chan + c, s0:s1]
+            for s in range(row.shape[0]):
+                total += row[s] - p
+        count = np.float64((n1 - n0) * (s1 - s0))
+        mu = total / count
+        # Deviations about the block's own mean: no cancellation however large the mean is.
+        # The block is <= BLOCK_ELEMS values, so this second read comes from L1, not DRAM.
+        # Rounding p + mu (by e <= ulp(mean) / 2) shifts every deviation by the same e and M2
+        # by about count * e^2, far below M2's own rounding; mu itself stays unrounded for the
+        # merge. SPEEDTIP: one subtraction instead of two, 4.4 -> 4.0 ms single-threaded.
+        centre = p + mu
+        dev = np.float64(0.0)
+        for n in range(n0, n1):
+            row = xr[n * n_chan + c, s0:s1]
+            for s in range(row.shape[0]):
+                d = row[s] - centre
+                dev += d * d
+        part_count[slot] = count
+        part_mean[slot] = mu
+        part_m2[slot] = dev
+
+    # Channel c reads only its own slots and writes only mean_out[c], m2_out[c]; the blocks are
+    # merged in block order, so the result does not depend on how the items were scheduled.
+    for c in prange(n_chan):
+        base = c * per_chan
+        n_a = part_count[base]
+        mean_a = part_mean[base]
+        m2_a = part_m2[base]
+        for j in range(1, per_chan):
+            n_b = part_count[base + j]
+            n = n_a + n_b
+            w_a = n_a / n
+            w_b = n_b / n
+            delta = part_mean[base + j] - mean_a
+            m2_a = m2_a + part_m2[base + j] + delta * delta * (n_a * w_b)
+            mean_a = _merged_mean(mean_a, part_mean[base + j], delta, w_a, w_b)
+            n_a = n
+        mean_out[c] = pivot[c] + mean_a
+        m2_out[c] = m2_a
+
+
+@njit_parallel
+def _moments_cols(x, mean_out, m2_out):
+    """Moments of an ``(M, C)`` channels-last array; see the module docstring for the plan."""
+    n_rows, n_chan = x.shape
+    block_rows, n_blocks, n_groups = nhwc_plan(n_rows, n_chan)
+    group_count = np.empty(n_groups, dtype=np.float64)
+    group_mean = np.empty((n_groups, n_chan), dtype=np.float64)
+    group_m2 = np.empty((n_groups, n_chan), dtype=np.float64)
+    block_mean = np.empty((n_groups, n_chan), dtype=np.float64)
+    block_m2 = np.empty((n_groups, n_chan), dtype=np.float64)
+    pivot = np.empty(n_chan, dtype=np.float64)
+    for c in range(n_chan):
+        pivot[c] = _pivot(x[0, c])
+
+    # Group g owns row g of every scratch array: thread-private accumulators, no sharing.
+    for g in prange(n_groups):
+        b_start = g * n_blocks // n_groups
+        b_stop = (g + 1) * n_blocks // n_groups
+        g_mean = group_mean[g]
+        g_m2 = group_m2[g]
+        b_mean = block_mean[g]
+        b_m2 = block_m2[g]
+        count = np.float64(0.0)
+        for b in range(b_start, b_stop):
+            r0 = b * block_rows
+            r1 = min(n_rows, r0 + block_rows)
+            nb = np.float64(r1 - r0)
+            for c in range(n_chan):
+                b_mean[c] = 0.0
+                b_m2[c] = 0.0
+            # The inner loops run along the contiguous channel axis and vectorise.
+            for r in range(r0, r1):
+                row = x[r]
+                for c in range(n_chan):
+                    b_mean[c] += row[c] - pivot[c]
+            for c in range(n_chan):
+                b_mean[c] = b_mean[c] / nb
+            # Second look at the block (<= ~BLOCK_ELEMS values, still in cache) for M2 about
+            # the block mean.
+            for r in range(r0, r1):
+                row = x[r]
+                for c in range(n_chan):
+                    d = (row[c] - pivot[c]) - b_mean[c]
+                    b_m2[c] += d * d
+            if count == 0.0:
+                for c in range(n_chan):
+                    g_mean[c] = b_mean[c]
+                    g_m2[c] = b_m2[c]
+                count = nb
+            else:
+                count = _merge_rows_into(count, g_mean, g_m2, nb, b_mean, b_m2)
+        group_count[g] = count
+
+    # Serial merge in group order: fixed, independent of the thread count.
+    for c in range(n_chan):
+        mean_out[c] = group_mean[0, c]
+        m2_out[c] = group_m2[0, c]
+    count = group_count[0]
+    for g in range(1, n_groups):
+        count = _merge_rows_into(
+            count, mean_out, m2_out, group_count[g], group_mean[g], group_m2[g]
+        )
+    for c in range(n_chan):
+        mean_out[c] = pivot[c] + mean_out[c]
+
+
+def moments_nchw(x, mean_out, m2_out):
+    r"""Per-channel mean and M2 of a contiguous ``(N, C, S)`` array.
+
+    .. math::
+        \mathrm{mean}_c = \frac{1}{m}\sum_{n,s} x_{n,c,s}, \qquad
+        \mathrm{m2}_c = \sum_{n,s} (x_{n,c,s} - \mathrm{mean}_c)^2, \qquad m = N S
+
+    The biased variance is ``m2 / m``, the unbiased one ``m2 / (m - 1)``.
+
+    Args:
+        x: C-contiguous float32 or float64 array of shape ``(N, C, S)`` with ``N * S >= 1``
+            (``S`` is the product of the spatial dims, possibly 1).
+        mean_out: float64 array of shape ``(C,)``; overwritten with the means.
+        m2_out: float64 array of shape ``(C,)``; overwritten with the sums of squared deviations.
+
+    Returns:
+        None. Computed and accumulated in float64 whatever the dtype of ``x``.
+
+    Raises:
+        ValueError: If an array argument of the data's shape is not C-contiguous.
+    """
+    n_batch, n_chan, n_spatial = x.shape
+    if n_spatial == 1 and n_chan > 1:
+        _moments_cols(contiguous_view(x, (n_batch, n_chan)), mean_out, m2_out)
+    else:
+        _moments_rows(contiguous_view(x, x.shape), mean_out, m2_out)
+
+
+def moments_nhwc(x, mean_out, m2_out):
+    r"""Per-channel mean and M2 of a contiguous channels-last ``(M, C)`` array.
+
+    .. math::
+        \mathrm{mean}_c = \frac{1}{M}\sum_{i} x_{i,c}, \qquad
+        \mathrm{m2}_c = \sum_{i} (x_{i,c} - \mathrm{mean}_c)^2
+
+    Args:
+        x: C-contiguous float32 or float64 array of shape ``(M, C)``, ``M >= 1``; ``M = N * S``
+            for a channels-last ``(N, C, *)`` tensor, or ``N`` for a plain ``(N, C)`` input.
+        mean_out: float64 array of shape ``(C,)``; overwritten with the means.
+        m2_out: float64 array of shape ``(C,)``; overwritten with the sums of squared deviations.
+
+    Returns:
+        None. Computed and accumulated in float64 whatever the dtype of ``x``.
+
+    Raises:
+        ValueError: If an array argument of the data's shape is not C-contiguous.
+    """
+    n_rows, n_chan = x.shape
+    if n_chan == 1:
+        _moments_rows(contiguous_view(x, (1, 1, n_rows)), mean_out, m2_out)
+    else:
+        _moments_cols(contiguous_view(x, x.shape), mean_out, m2_out)
