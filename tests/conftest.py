@@ -117,8 +117,14 @@ def assert_state_unchanged(module: torch.nn.Module, snapshot: dict) -> None:
 
 
 def to_np64(t: torch.Tensor):
-    return t.detach().to(torch.float64).numpy()
+    """A float64 NumPy copy (never a view: the tensor may be a buffer updated in place later)."""
+    return t.detach().to(torch.float64).numpy().copy()
 
 
 def from_np(a) -> torch.Tensor:
     return torch.as_tensor(a, dtype=torch.float64)
+
+
+def labelled(name: str):
+    """``msg=`` for torch.testing.assert_close that keeps its report and prefixes ``name``."""
+    return lambda report: f"{name}: {report}"

@@ -1,21 +1,52 @@
 """Batch Normalization for PyTorch on Numba CPU kernels.
 
-Importing the package compiles nothing: the kernels compile on first use (cached on disk), or
-ahead of time with ``batchnorm warmup``.
+The torch-facing names are loaded on first access (PEP 562), so that ``batchnorm.reference``,
+``batchnorm.stats`` and ``batchnorm.kernels`` import without torch, as the architecture
+requires, and ``import batchnorm`` stays cheap. Importing compiles nothing either: the kernels
+compile on first use (cached on disk), or ahead of time with ``batchnorm warmup``.
 """
 
-from .functional import backend_for, batch_norm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .tools.convert import convert
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    "BatchNorm1d": "modules",
+    "BatchNorm2d": "modules",
+    "BatchNorm3d": "modules",
+    "backend_for": "functional",
+    "batch_norm": "functional",
+    "convert": "tools.convert",
+}
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "__version__",
     "backend_for",
     "batch_norm",
     "convert",
-    "__version__",
 ]
+assert set(__all__) == {*_EXPORTS, "__version__"}, "__all__ and _EXPORTS must list the same names"
+
+if TYPE_CHECKING:
+    from .functional import backend_for, batch_norm
+    from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+    from .tools.convert import convert
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'batchnorm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_EXPORTS})

@@ -141,7 +141,9 @@ def check_batch_norm_args(
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{where}: expected {name} to be a tensor or None, got {type(t).__name__}.")
+            raise TypeError(
+                f"{where}: expected {name} to be a tensor or None, got {type(t).__name__}."
+            )
         if tuple(t.shape) != (channels,):
             raise ValueError(
                 f"{where}: expected {name} of shape ({channels},) to match the input's "
@@ -151,13 +153,24 @@ def check_batch_norm_args(
             raise ValueError(
                 f"{where}: expected {name} on the input's device {input.device}, got {t.device}."
             )
-        # torch's CPU kernels accept float32 parameters with a half/bfloat16 input (mixed
-        # precision); for full-precision inputs every tensor must share the input's dtype.
-        if input.dtype in (torch.float32, torch.float64) and t.dtype != input.dtype:
+        # torch accepts one mixed-precision combination: a half/bfloat16 input with float32
+        # parameters and statistics. Everything else must share the input's dtype; checking
+        # here keeps torch's own error (raised after the counter moved) from being reached.
+        allowed = (input.dtype,)
+        if input.dtype in (torch.float16, torch.bfloat16):
+            allowed = (input.dtype, torch.float32)
+        if t.dtype not in allowed:
             raise TypeError(
-                f"{where}: expected {name} with the input's dtype "
-                f"{_floating_dtype_name(input.dtype)}, got {_floating_dtype_name(t.dtype)}."
+                f"{where}: expected {name} with dtype "
+                f"{' or '.join(_floating_dtype_name(d) for d in allowed)} to go with a "
+                f"{_floating_dtype_name(input.dtype)} input, got {_floating_dtype_name(t.dtype)}."
             )
+    given = [t.dtype for t in (running_mean, running_var, weight, bias) if t is not None]
+    if len(set(given)) > 1:
+        raise TypeError(
+            f"{where}: expected weight, bias, running_mean and running_var to share one dtype, "
+            f"got {', '.join(_floating_dtype_name(d) for d in given)}."
+        )
     if (running_mean is None) != (running_var is None):
         raise ValueError(
             f"{where}: expected running_mean and running_var both given or both None, "

@@ -408,7 +408,8 @@ def _update_running_statistics(
         factor = momentum
         if factor is None:
             if torch.compiler.is_compiling():
-                factor = 1.0 / num_batches_tracked
+                # float64 so that a float64 running_var is not rounded through float32
+                factor = num_batches_tracked.to(torch.float64).reciprocal()
             else:
                 factor = 1.0 / float(num_batches_tracked)
         bessel = m / (m - 1)
@@ -491,11 +492,27 @@ def batch_norm(
 
 
 def _batch_norm(
-    input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked,
+    input,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training,
+    momentum,
+    eps,
+    num_batches_tracked,
     where,
 ):
     check_batch_norm_args(
-        where, input, running_mean, running_var, weight, bias, training, momentum, eps,
+        where,
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
         num_batches_tracked,
     )
     track = training and running_mean is not None
@@ -511,9 +528,8 @@ def _batch_norm(
             0.0,
             eps,
         )
-    if (
-        backend_for(input) == "torch"
-        or (running_mean is not None and (running_mean.requires_grad or running_var.requires_grad))
+    if backend_for(input) == "torch" or (
+        running_mean is not None and (running_mean.requires_grad or running_var.requires_grad)
     ):
         _warn_fallback_once(input)
         if not track:
@@ -524,9 +540,7 @@ def _batch_norm(
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
         factor = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
-        return _native_batch_norm(
-            input, running_mean, running_var, weight, bias, True, factor, eps
-        )
+        return _native_batch_norm(input, running_mean, running_var, weight, bias, True, factor, eps)
 
     compiling = torch.compiler.is_compiling()
     if not training:
@@ -542,8 +556,12 @@ def _batch_norm(
         y, mean, var = _TrainFn.apply(input, weight, bias, float(eps))
     if track:
         _update_running_statistics(
-            running_mean, running_var, mean, var, _values_per_channel(input), momentum,
+            running_mean,
+            running_var,
+            mean,
+            var,
+            _values_per_channel(input),
+            momentum,
             num_batches_tracked,
         )
     return y
-

@@ -102,10 +102,13 @@ def batch_norm_train_backward(dy, x, gamma=None, eps=1e-5):
         \frac{\partial \ell}{\partial \hat{x}_i} = \frac{\partial \ell}{\partial y_i}\,\gamma
 
         \frac{\partial \ell}{\partial \sigma_B^2}
-            = -\tfrac{1}{2}\,\sigma^{-3}\sum_i \frac{\partial \ell}{\partial \hat{x}_i}(x_i - \mu_B)
+            = -\tfrac{1}{2}\,\sigma^{-3}
+              \sum_i \frac{\partial \ell}{\partial \hat{x}_i}(x_i - \mu_B)
 
-        \frac{\partial \ell}{\partial \mu_B} = -\sigma^{-1}\sum_i \frac{\partial \ell}{\partial \hat{x}_i}
-            \quad\text{(the term through } \sigma_B^2 \text{ vanishes: } \textstyle\sum_i (x_i - \mu_B) = 0)
+        \frac{\partial \ell}{\partial \mu_B}
+            = -\sigma^{-1}\sum_i \frac{\partial \ell}{\partial \hat{x}_i}
+            \quad\text{(the term through } \sigma_B^2 \text{ vanishes:}
+            \textstyle\sum_i (x_i - \mu_B) = 0)
 
         \frac{\partial \ell}{\partial x_i} = \frac{\partial \ell}{\partial \hat{x}_i}\,\sigma^{-1}
             + \frac{\partial \ell}{\partial \sigma_B^2}\,\frac{2(x_i - \mu_B)}{m}
@@ -114,8 +117,9 @@ def batch_norm_train_backward(dy, x, gamma=None, eps=1e-5):
     which collapses to the form every kernel implements:
 
     .. math::
-        \frac{\partial \ell}{\partial x_i} = \frac{\gamma}{m\,\sigma}\Big(m\,\delta_i - \sum_j \delta_j
-            - \hat{x}_i \sum_j \delta_j \hat{x}_j\Big), \qquad \delta = \frac{\partial \ell}{\partial y}
+        \frac{\partial \ell}{\partial x_i} = \frac{\gamma}{m\,\sigma}
+            \Big(m\,\delta_i - \sum_j \delta_j - \hat{x}_i \sum_j \delta_j \hat{x}_j\Big),
+            \qquad \delta = \frac{\partial \ell}{\partial y}
 
         \frac{\partial \ell}{\partial \gamma} = \sum_i \delta_i \hat{x}_i, \qquad
         \frac{\partial \ell}{\partial \beta} = \sum_i \delta_i
@@ -182,7 +186,8 @@ def batch_norm_inference_backward(dy, x, mean, var, gamma=None, eps=1e-5):
     r"""Gradients of :func:`batch_norm_inference`: an affine map per channel.
 
     .. math::
-        \frac{\partial \ell}{\partial x} = \frac{\gamma\,\delta}{\sqrt{\mathrm{Var}[x]+\epsilon}},\qquad
+        \frac{\partial \ell}{\partial x}
+            = \frac{\gamma\,\delta}{\sqrt{\mathrm{Var}[x]+\epsilon}},\qquad
         \frac{\partial \ell}{\partial \gamma} = \sum \delta\,\hat{x},\qquad
         \frac{\partial \ell}{\partial \beta} = \sum \delta
 
@@ -238,7 +243,9 @@ def population_statistics(batches, method="pooled"):
         mean = np.mean([s[0] for s in stats], axis=0)
         var_unbiased = bessel * np.mean([s[1] for s in stats], axis=0)
         return mean, var_unbiased
-    raise ValueError(f"population_statistics(): expected method 'pooled' or 'paper', got {method!r}.")
+    raise ValueError(
+        f"population_statistics(): expected method 'pooled' or 'paper', got {method!r}."
+    )
 
 
 def update_running_statistics(running_mean, running_var, mu_B, sigma2_B, m, momentum):
@@ -256,5 +263,6 @@ def update_running_statistics(running_mean, running_var, mu_B, sigma2_B, m, mome
     """
     bessel = m / (m - 1)
     running_mean = (1 - momentum) * np.asarray(running_mean, np.float64) + momentum * mu_B
-    running_var = (1 - momentum) * np.asarray(running_var, np.float64) + momentum * bessel * sigma2_B
+    running_var = (1 - momentum) * np.asarray(running_var, np.float64)
+    running_var = running_var + momentum * bessel * sigma2_B
     return running_mean, running_var

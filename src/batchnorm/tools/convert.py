@@ -50,9 +50,7 @@ def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
         True
     """
     if to not in _TARGETS:
-        raise ValueError(
-            f"convert(): expected to='batchnorm' or to='torch', got {to!r}."
-        )
+        raise ValueError(f"convert(): expected to='batchnorm' or to='torch', got {to!r}.")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"convert(): expected a torch.nn.Module, got {type(model).__name__}.")
     mapping = _TARGETS[to]
@@ -62,8 +60,10 @@ def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
         cls = type(module)
         if cls in mapping:
             swaps.append((module, mapping[cls]))
-        elif cls not in known and isinstance(module, torch.nn.modules.batchnorm._NormBase) and not (
-            isinstance(module, torch.nn.modules.instancenorm._InstanceNorm)
+        elif (
+            cls not in known
+            and isinstance(module, torch.nn.modules.batchnorm._NormBase)
+            and not (isinstance(module, torch.nn.modules.instancenorm._InstanceNorm))
         ):
             raise TypeError(
                 f"convert(): cannot convert {path or 'the root module'!r} of type "
