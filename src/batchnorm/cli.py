@@ -1,0 +1,317 @@
+"""The ``batchnorm`` command line: thin argparse wrappers over library functions.
+
+Subcommands:
+    ``batchnorm info``    versions, thread settings, and which backend serves which input.
+    ``batchnorm warmup``  compile (or load from Numba's on-disk cache) every kernel ahead of time.
+    ``batchnorm demo``    train a digits MLP with torch.nn's and with our BatchNorm1d; compare.
+
+Exit codes: 0 on success, 2 on a usage error (argparse's convention), 1 when a run fails. A
+failure is reported as one line on stderr, ``batchnorm <command>: <what was expected>, got
+<what happened>.``. Also reachable as ``python -m batchnorm``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+
+from . import __version__
+
+__all__ = ["main"]
+
+# Exceptions that carry a message meant for the user (house style b.4). Anything else is a bug
+# and keeps its traceback.
+_USER_ERRORS = (ValueError, TypeError, RuntimeError, NotImplementedError, ImportError, OSError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``batchnorm`` command.
+
+    Args:
+        argv: The arguments after the program name; ``None`` means ``sys.argv[1:]``.
+
+    Returns:
+        The exit code: 0 on success, 1 when the run failed. Usage errors do not return: argparse
+        prints the usage and a message naming the bad value, and raises ``SystemExit(2)``.
+    """
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args, parser)
+    except _USER_ERRORS as err:
+        print(f"batchnorm {args.command}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"batchnorm {args.command}: interrupted.", file=sys.stderr)
+        return 130
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type`` accepting integers ``>= low``, with a message naming the bad value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}.")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchnorm",
+        description="Batch Normalization for PyTorch on Numba CPU kernels.",
+    )
+    parser.add_argument("--version", action="version", version=f"batchnorm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    info = sub.add_parser(
+        "info",
+        help="versions, threads, and which backend serves which input",
+        description="Print versions, thread settings and the backend chosen for each kind of "
+        "input (numba: our kernels; torch: torch's native op).",
+    )
+    info.set_defaults(run=_cmd_info)
+
+    warmup = sub.add_parser(
+        "warmup",
+        help="compile the Numba kernels ahead of time",
+        description="Compile every Numba kernel, or load it from Numba's on-disk cache, so that "
+        "the first batch-norm call of a later process does not pay for compilation.",
+    )
+    warmup.set_defaults(run=_cmd_warmup)
+
+    demo = sub.add_parser(
+        "demo",
+        help="train a digits MLP with torch.nn's and our BatchNorm1d and compare them",
+        description="Train a 64-128-BN-ReLU-128-BN-ReLU-10 MLP on scikit-learn's digits twice, "
+        "with torch.nn.BatchNorm1d and with batchnorm.BatchNorm1d, from the same initial "
+        "weights and batches. Exits 0 if the two agree (final logits within 1e-3, identical "
+        "predictions), 1 otherwise.",
+    )
+    demo.add_argument("--epochs", type=_int_at_least(1), default=3, help="default: 3")
+    demo.add_argument("--seed", type=_int_at_least(0), default=0, help="default: 0")
+    demo.add_argument(
+        "--batch-size", type=_int_at_least(2), default=64, metavar="N", help="default: 64"
+    )
+    demo.set_defaults(run=_cmd_demo)
+    return parser
+
+
+# --- info -------------------------------------------------------------------------------------
+
+
+def _threading_layer() -> str:
+    """Name of Numba's threading layer, choosing it by running a tiny parallel loop if needed.
+
+    Numba picks its layer (tbb, omp or workqueue) at the first parallel launch of a process;
+    the probe makes that choice the same way the kernels' first call would.
+    """
+    import numba
+
+    if numba.config.DISABLE_JIT:
+        return "none (NUMBA_DISABLE_JIT=1)"
+    try:
+        return numba.threading_layer()
+    except ValueError:  # not chosen yet in this process
+        pass
+
+    @numba.njit(parallel=True)
+    def probe(n):
+        total = 0
+        for i in numba.prange(n):
+            total += i
+        return total
+
+    probe(2)
+    return numba.threading_layer()
+
+
+def _environment() -> list[tuple[str, str]]:
+    import numba
+    import numpy
+    import torch
+
+    jit = "disabled (NUMBA_DISABLE_JIT=1)" if numba.config.DISABLE_JIT else "enabled"
+    cache = os.environ.get("NUMBA_CACHE_DIR") or "__pycache__ beside the kernel sources"
+    return [
+        ("batchnorm", __version__),
+        ("python", f"{platform.python_version()} ({platform.python_implementation()})"),
+        ("platform", f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs"),
+        ("torch", torch.__version__),
+        ("numpy", numpy.__version__),
+        ("numba", numba.__version__),
+        ("numba jit", jit),
+        ("numba threading layer", _threading_layer()),
+        (
+            "numba threads",
+            f"{numba.get_num_threads()} (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})",
+        ),
+        ("numba cache", cache),
+        (
+            "torch threads",
+            f"{torch.get_num_threads()} (interop: {torch.get_num_interop_threads()})",
+        ),
+    ]
+
+
+def _backend_table() -> tuple[list[str], list[list[str]]]:
+    """Rows ``[device, dtype, backend per layout...]`` from :func:`batchnorm.backend_for`.
+
+    The meta device stands for every non-CPU device: it carries no data, so the table can be
+    built on any machine.
+    """
+    import torch
+
+    from .functional import backend_for
+
+    layouts = {
+        "(N, C)": lambda t: t.flatten(2).sum(2),
+        "(N, C, H, W)": lambda t: t,
+        "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+        "strided": lambda t: t[..., ::2],
+    }
+    header = ["device", "dtype", *layouts]
+    rows = []
+    cases = [("cpu", dt) for dt in ("float32", "float64", "bfloat16", "float16")]
+    cases.append(("meta", "float32"))
+    for device, dtype in cases:
+        base = torch.zeros(4, 3, 2, 6, dtype=getattr(torch, dtype), device=device)
+        row = [device, dtype]
+        for make in layouts.values():
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    row.append(backend_for(make(base)))
+            except Exception as err:  # a table cell, not a crash: show what went wrong
+                row.append(f"error: {type(err).__name__}")
+        rows.append(row)
+    return header, rows
+
+
+def _format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    head = "  ".join(cell.ljust(w) for cell, w in zip(header, widths, strict=True)).rstrip()
+    return "\n".join([head, *lines])
+
+
+def _cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    env = _environment()
+    width = max(len(name) for name, _ in env)
+    for name, value in env:
+        print(f"{name.ljust(width)}  {value}")
+    print()
+    print("backend per input (numba: our kernels; torch: torch's native op; meta stands for")
+    print("any non-CPU device):")
+    header, rows = _backend_table()
+    print(_format_table(header, rows))
+    return 0
+
+
+# --- warmup -----------------------------------------------------------------------------------
+
+
+def _cmd_warmup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import numba
+
+    from .kernels import KERNELS, warmup
+
+    if numba.config.DISABLE_JIT:
+        print("NUMBA_DISABLE_JIT=1: the kernels run as plain Python; there is nothing to compile.")
+        return 0
+    start = time.perf_counter()
+    warmup()
+    elapsed = time.perf_counter() - start
+    kernels = set(KERNELS.values())
+    specialisations = sum(len(getattr(k, "signatures", ())) for k in kernels)
+    print(
+        f"{len(kernels)} Numba kernels ({specialisations} type specialisations) ready in "
+        f"{elapsed:.1f} s: compiled, or loaded from Numba's on-disk cache."
+    )
+    return 0
+
+
+# --- demo -------------------------------------------------------------------------------------
+
+
+def _progress_bar(total_hint: str) -> tuple[Callable[[int, int], None], Callable[[], None]]:
+    """An ``on_step`` callback driving a tqdm bar, and a function that closes the bar.
+
+    The bar is off when stdout is not a terminal or ``CI`` is set, and when tqdm (the ``lab``
+    extra) is missing.
+    """
+    enabled = sys.stdout.isatty() and not os.environ.get("CI")
+    try:
+        from tqdm import tqdm
+    except ModuleNotFoundError:
+        enabled = False
+    bar = None
+
+    def on_step(step: int, total: int) -> None:
+        nonlocal bar
+        if not enabled:
+            return
+        if bar is None:
+            bar = tqdm(total=total, desc=total_hint, unit="step", leave=False)
+        bar.update(step - bar.n)
+
+    def close() -> None:
+        if bar is not None:
+            bar.close()
+
+    return on_step, close
+
+
+def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ._demo import LOGITS_ATOL, DemoConfig, run_demo
+
+    try:
+        config = DemoConfig(epochs=args.epochs, seed=args.seed, batch_size=args.batch_size)
+    except ValueError as err:
+        parser.error(str(err))  # exits with status 2
+    on_step, close = _progress_bar("training both models")
+    try:
+        result = run_demo(config, on_step=on_step)
+    finally:
+        close()
+
+    h = config.hidden
+    epochs = f"{config.epochs} epoch" + ("s" if config.epochs != 1 else "")
+    print(
+        f"MLP 64-{h}-BN-ReLU-{h}-BN-ReLU-10 on scikit-learn digits: {result.n_train} train / "
+        f"{result.n_test} test images, {epochs} of SGD, batch {config.batch_size}, "
+        f"seed {config.seed}"
+    )
+    print(f"  test accuracy, torch.nn.BatchNorm1d:   {result.accuracy_torch:.4f}")
+    print(f"  test accuracy, batchnorm.BatchNorm1d:  {result.accuracy_ours:.4f}")
+    print(
+        f"  max |logit difference|:                {result.max_logit_diff:.2e}"
+        f" (tolerance {LOGITS_ATOL:.0e})"
+    )
+    same = result.n_test - result.prediction_mismatches
+    print(f"  identical predictions:                 {same}/{result.n_test}")
+    print(f"  time:                                  {result.seconds:.1f} s")
+    if result.agree:
+        print("OK: the two models agree.")
+        return 0
+    print(
+        f"batchnorm demo: expected max |logit difference| < {LOGITS_ATOL:.0e} and identical "
+        f"predictions, got {result.max_logit_diff:.2e} and "
+        f"{result.prediction_mismatches} differing predictions.",
+        file=sys.stderr,
+    )
+    return 1

@@ -1,0 +1,151 @@
+"""The ``batchnorm`` command: subcommands, exit codes and error lines.
+
+Most tests call ``cli.main([...])`` in-process (fast, and the Numba kernels compile once per
+session); one runs ``python -m batchnorm info`` in a subprocess to check the entry point itself.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from batchnorm import _demo, cli
+
+TINY = ["--epochs", "1", "--batch-size", "128"]
+
+
+def test_info_prints_versions_and_backend_table(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in ("python", "torch", "numpy", "numba threading layer", "numba threads"):
+        assert f"\n{name} " in f"\n{out}"
+    table = out[out.index("device  dtype") :].splitlines()
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in table[1:]}
+    assert set(rows) == {
+        ("cpu", "float32"),
+        ("cpu", "float64"),
+        ("cpu", "bfloat16"),
+        ("cpu", "float16"),
+        ("meta", "float32"),
+    }
+    # The contract: contiguous CPU float32/float64 go to the kernels; half precision and
+    # non-CPU devices fall back to torch.
+    assert rows["cpu", "float32"][:2] == ["numba", "numba"]
+    assert rows["cpu", "float64"][:2] == ["numba", "numba"]
+    assert set(rows["cpu", "bfloat16"]) == {"torch"}
+    assert set(rows["meta", "float32"]) == {"torch"}
+
+
+def test_warmup_reports_time(capsys):
+    assert cli.main(["warmup"]) == 0
+    out = capsys.readouterr().out
+    assert "ready in" in out or "NUMBA_DISABLE_JIT" in out
+
+
+def test_demo_tiny_config_agrees_and_exits_0(capsys):
+    assert cli.main(["demo", *TINY]) == 0
+    captured = capsys.readouterr()
+    assert "test accuracy, torch.nn.BatchNorm1d" in captured.out
+    assert "test accuracy, batchnorm.BatchNorm1d" in captured.out
+    assert "OK: the two models agree." in captured.out
+    assert captured.err == ""
+
+
+def test_run_demo_is_deterministic_for_a_seed():
+    config = _demo.DemoConfig(epochs=1, batch_size=128, seed=7)
+    first, second = _demo.run_demo(config), _demo.run_demo(config)
+    for field in ("accuracy_torch", "accuracy_ours", "max_logit_diff", "prediction_mismatches"):
+        assert getattr(first, field) == getattr(second, field), field
+    assert first.n_train + first.n_test == 1797
+    assert first.agree
+
+
+def test_run_demo_reports_progress_for_every_step():
+    calls = []
+    result = _demo.run_demo(
+        _demo.DemoConfig(epochs=2, batch_size=512), on_step=lambda *a: calls.append(a)
+    )
+    steps_per_epoch = result.n_train // 512
+    total = 2 * steps_per_epoch
+    assert calls == [(step, total) for step in range(1, total + 1)]
+
+
+def test_demo_exits_1_with_one_error_line_when_models_disagree(capsys, monkeypatch):
+    def disagreeing_run(config, on_step=None):
+        return _demo.DemoResult(
+            config=config,
+            n_train=1438,
+            n_test=359,
+            accuracy_torch=0.97,
+            accuracy_ours=0.50,
+            max_logit_diff=3.5,
+            prediction_mismatches=120,
+            seconds=0.0,
+        )
+
+    monkeypatch.setattr(_demo, "run_demo", disagreeing_run)
+    assert cli.main(["demo", *TINY]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("batchnorm demo: expected max |logit difference| < 1e-03")
+    assert "got 3.50e+00 and 120 differing predictions." in err[0]
+
+
+def test_demo_exits_1_when_batch_size_exceeds_training_set(capsys):
+    assert cli.main(["demo", "--epochs", "1", "--batch-size", "100000"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("batchnorm demo: run_demo(): expected batch_size <= ")
+    assert "got 100000." in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "bad"),
+    [
+        (["demo", "--epochs", "0"], "'0'"),
+        (["demo", "--epochs", "two"], "'two'"),
+        (["demo", "--seed", "-1"], "'-1'"),
+        (["demo", "--batch-size", "1"], "'1'"),
+        (["demo", "--bogus"], "--bogus"),
+        (["frobnicate"], "'frobnicate'"),
+        ([], "COMMAND"),
+    ],
+    ids=lambda v: "_".join(v) if isinstance(v, list) else None,
+)
+def test_usage_error_exits_2_naming_the_bad_value(argv, bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: batchnorm" in err
+    assert bad in err.splitlines()[-1]
+
+
+def test_version_flag_prints_version(capsys):
+    import batchnorm
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"batchnorm {batchnorm.__version__}"
+
+
+def test_progress_bar_is_off_under_ci(monkeypatch, capsys):
+    monkeypatch.setenv("CI", "true")
+    on_step, close = cli._progress_bar("x")
+    on_step(1, 2)
+    close()
+    assert capsys.readouterr().err == ""
+
+
+def test_python_m_batchnorm_info_runs_in_a_subprocess():
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchnorm", "info"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("batchnorm ")
+    assert "device  dtype" in proc.stdout
