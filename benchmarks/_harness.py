@@ -1,0 +1,268 @@
+"""Timing, statistics, machine description and report formatting for the benchmarks.
+
+Nothing here knows about BatchNorm: a timed unit is a callable ``run(number)`` that performs
+``number`` calls of the operation under test.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+
+__all__ = [
+    "Summary",
+    "calibrate_number",
+    "copy_bandwidth",
+    "format_table",
+    "interleaved_samples",
+    "machine_info",
+    "pin_threads",
+    "summarize",
+    "write_json",
+]
+
+Runner = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Median and quartiles of per-call times, in seconds."""
+
+    median: float
+    q1: float
+    q3: float
+    n: int
+
+    @property
+    def iqr(self) -> float:
+        """Interquartile range ``q3 - q1``."""
+        return self.q3 - self.q1
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"median": self.median, "q1": self.q1, "q3": self.q3, "iqr": self.iqr, "n": self.n}
+
+
+def summarize(samples: list[float]) -> Summary:
+    """Median and quartiles (linear interpolation, numpy's default) of ``samples``."""
+    q1, med, q3 = np.percentile(np.asarray(samples, dtype=np.float64), [25, 50, 75])
+    return Summary(float(med), float(q1), float(q3), len(samples))
+
+
+def pin_threads(n: int) -> dict:
+    """Set torch's and Numba's intra-op thread counts to ``n``; return what each reports."""
+    torch.set_num_threads(n)
+    try:
+        numba.set_num_threads(n)
+    except ValueError as err:
+        # Numba cannot go above NUMBA_NUM_THREADS (fixed at import); say so rather than run
+        # with a thread count other than the one printed.
+        raise SystemExit(
+            f"pin_threads(): expected n <= {numba.config.NUMBA_NUM_THREADS} "
+            f"for Numba, got {n!r} ({err})."
+        ) from err
+    return {"torch": torch.get_num_threads(), "numba": numba.get_num_threads()}
+
+
+def _time_runner(run: Runner, number: int) -> float:
+    t0 = time.perf_counter()
+    run(number)
+    return (time.perf_counter() - t0) / number
+
+
+def calibrate_number(
+    runners: dict[str, Runner], target_s: float, warmup_s: float, min_warmup_calls: int = 3
+) -> tuple[int, dict[str, dict[str, float]]]:
+    """Warm every runner up, then pick calls-per-repetition so a repetition lasts ``target_s``.
+
+    Each runner is called one call at a time, alternating between runners, until each has had
+    ``min_warmup_calls`` calls and ``warmup_s`` seconds have passed. Calibration uses the
+    fastest runner's fastest warm-up call: on a loaded machine a single call is often
+    descheduled for a whole time slice, which would inflate a median, while the minimum stays
+    near the true cost. A shared ``number`` keeps even the fastest implementation's
+    repetitions long enough for ``perf_counter`` to resolve.
+
+    Returns:
+        ``(number, warm)``: ``number`` >= 1, and per runner the ``min`` and ``median`` of its
+        warm-up calls in seconds.
+    """
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    t_start = time.perf_counter()
+    while (
+        min(len(v) for v in times.values()) < min_warmup_calls
+        or time.perf_counter() - t_start < warmup_s
+    ):
+        for key, run in runners.items():
+            times[key].append(_time_runner(run, 1))
+    warm = {k: {"min": min(v), "median": statistics.median(v)} for k, v in times.items()}
+    fastest = max(min(w["min"] for w in warm.values()), 1e-9)
+    number = max(1, min(100_000, math.ceil(target_s / fastest)))
+    return number, warm
+
+
+def interleaved_samples(
+    runners: dict[str, Runner], repeats: int, number: int
+) -> dict[str, list[float]]:
+    """Time each runner ``repeats`` times, alternating A B A B ... so drift hits every runner.
+
+    The garbage collector is collected once before and disabled during the loop (as ``timeit``
+    does), so a collection triggered by one runner is not charged to another.
+
+    Returns:
+        Per runner, ``repeats`` per-call times in seconds (each the mean of ``number`` calls).
+    """
+    samples: dict[str, list[float]] = {k: [] for k in runners}
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            for key, run in runners.items():
+                samples[key].append(_time_runner(run, number))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return samples
+
+
+def copy_bandwidth(nbytes: int = 50_000_000, repeats: int = 21) -> dict:
+    """Measure the memory copy bandwidth with ``dst.copy_(src)`` on preallocated float32 tensors.
+
+    Both tensors are written before timing so no page fault is counted. Bytes per copy are
+    read + write, ``2 * nbytes``, the convention the roofline uses.
+
+    Returns:
+        ``{"bytes_per_copy", "samples_s", "median_s", "bytes_per_s"}`` with the median-based rate.
+    """
+    n = nbytes // 4
+    src = torch.empty(n, dtype=torch.float32).uniform_()
+    dst = torch.zeros(n, dtype=torch.float32)
+    for _ in range(3):
+        dst.copy_(src)
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        samples.append(time.perf_counter() - t0)
+    med = statistics.median(samples)
+    moved = 2 * n * 4
+    return {
+        "bytes_per_copy": moved,
+        "samples_s": samples,
+        "median_s": med,
+        "bytes_per_s": moved / med,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+
+
+def machine_info() -> dict:
+    """Versions, CPU, threads, git state and the environment knobs that move memory-bound times."""
+    try:
+        import batchnorm
+
+        bn_version = getattr(batchnorm, "__version__", "unknown")
+    except ImportError:
+        bn_version = None
+    try:
+        threading_layer = numba.threading_layer()
+    except ValueError:
+        threading_layer = None  # only known after a parallel kernel has run
+    status = _git("status", "--porcelain")
+    return {
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "numba": numba.__version__,
+            "batchnorm": bn_version,
+        },
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "threads": {
+            "torch": torch.get_num_threads(),
+            "numba": numba.get_num_threads(),
+            "numba_threading_layer": threading_layer,
+        },
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "transparent_hugepage": _read_text("/sys/kernel/mm/transparent_hugepage/enabled"),
+        "env": {
+            k: os.environ.get(k)
+            for k in (
+                "THP_MEM_ALLOC_ENABLE",
+                "OMP_NUM_THREADS",
+                "MKL_NUM_THREADS",
+                "NUMBA_NUM_THREADS",
+                "NUMBA_THREADING_LAYER",
+                "NUMBA_DISABLE_JIT",
+            )
+        },
+        "platform": platform.platform(),
+    }
+
+
+def format_table(header: list[str], rows: list[list[str]], align: str) -> str:
+    """Fixed-width text table; ``align`` holds one ``<`` or ``>`` per column."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(
+            f"{str(c):{a}{w}}" for c, a, w in zip(cells, align, widths, strict=True)
+        ).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Write ``record`` as indented JSON, creating the parent directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=False) + "\n", encoding="utf-8")
