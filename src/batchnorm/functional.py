@@ -116,57 +116,140 @@ def _native_batch_norm(input, running_mean, running_var, weight, bias, training,
 # --------------------------------------------------------------------------------------------
 
 
-def _kernel_view(t: torch.Tensor, layout: str) -> np.ndarray:
-    """A zero-copy NumPy view of ``t`` in the kernel's 3-D (nchw) or 2-D (nhwc) shape."""
-    n, c = t.shape[0], t.shape[1]
+# Inputs with at most this many values run on the serial fused kernels (one call per pass, no
+# thread start-up); larger ones on the parallel kernels. Chosen from the size sweep in
+# benchmarks/ (see benchmarks/README.md): below it, starting threads costs more than it saves.
+SERIAL_MAX_ELEMENTS = 1 << 15
+
+_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+# Zero-length arrays stand for an absent weight, bias or running statistic in the kernels.
+_ABSENT = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
+
+
+def _kernel_array(a: np.ndarray, layout: str) -> np.ndarray:
+    """View an ``(N, C, *)`` array as the kernel's ``(N, C, S)`` (nchw) or ``(M, C)`` (nhwc)."""
+    n, c = a.shape[0], a.shape[1]
     if layout == "nchw":
-        return t.detach().view(n, c, -1).numpy()
-    return t.detach().permute(0, *range(2, t.dim()), 1).reshape(-1, c).numpy()
+        return a.reshape(n, c, -1)
+    if a.ndim == 2:
+        return a
+    return np.moveaxis(a, 1, -1).reshape(-1, c)
 
 
-def _as_float64(t: torch.Tensor | None, channels: int, fill: float) -> np.ndarray:
-    if t is None:
-        return np.full(channels, fill)
-    return t.detach().to(torch.float64).numpy()
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """Zero-copy NumPy view of a CPU tensor (detached: the kernels are outside autograd)."""
+    return t.detach().numpy()
+
+
+def _empty_output(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, np.ndarray]:
+    """A new tensor with ``x``'s shape, dtype and memory layout, and its kernel view.
+
+    The memory comes from NumPy, not torch's allocator: NumPy asks the kernel for transparent
+    huge pages on large allocations and torch's CPU allocator does not (unless
+    THP_MEM_ALLOC_ENABLE=1), and for a memory-bound op the page faults of a fresh output cost
+    more than the op itself (FACTS.md: allocate + fill of 49 MiB, 12.7 ms vs 2.6 ms).
+    """
+    dtype = _NUMPY_DTYPE[x.dtype]
+    if layout == "nchw" or x.dim() == 2:
+        array = np.empty(tuple(x.shape), dtype)
+        return torch.from_numpy(array), _kernel_array(array, layout)
+    channels_last = (x.shape[0], *x.shape[2:], x.shape[1])
+    array = np.empty(channels_last, dtype)
+    out = torch.from_numpy(array).permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+    return out, array.reshape(-1, x.shape[1])
+
+
+def _optional(t: torch.Tensor | None, dtype: torch.dtype) -> np.ndarray:
+    return _ABSENT[dtype] if t is None else _numpy(t)
+
+
+def _float64(a: np.ndarray, channels: int, fill: float) -> np.ndarray:
+    return np.full(channels, fill) if a.shape[0] == 0 else a.astype(np.float64)
 
 
 def _values_per_channel(x: torch.Tensor) -> int:
     return x.numel() // x.shape[1]
 
 
-def _train_forward(x, weight, bias, eps: float):
-    """Algorithm 1 on the kernels: returns ``(y, mean, var)``; ``var`` is biased, both float64."""
+def _advance_counter(num_batches_tracked: torch.Tensor | None, momentum: float | None) -> float:
+    """Count this training batch and return the weight of its statistics in the averages.
+
+    ``momentum=None`` is torch's cumulative average: ``1 / num_batches_tracked`` after the
+    increment.
+    """
+    if num_batches_tracked is not None:
+        counter = _numpy(num_batches_tracked)
+        counter += 1
+        torch.autograd.graph.increment_version(num_batches_tracked)
+        if momentum is None:
+            return 1.0 / float(counter)
+    return float(momentum)
+
+
+def _train_forward(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
+    """Algorithm 1 on the kernels, plus the running-average update when buffers are given.
+
+    Returns:
+        ``(y, mean, var)``: the output and the batch mean and *biased* variance (float64,
+        ``(C,)``) that the backward pass needs.
+    """
     layout = _layout(x)
     channels = x.shape[1]
-    y = torch.empty_like(x)
-    xv = _kernel_view(x, layout)
+    xa = _kernel_array(_numpy(x), layout)
+    y, ya = _empty_output(x, layout)
     mean = np.empty(channels)
-    m2 = np.empty(channels)
-    kernels.select_kernel("moments", layout, xv.dtype)(xv, mean, m2)
-    var = m2 / _values_per_channel(x)
-    invstd = 1.0 / np.sqrt(var + eps)
-    scale = invstd * _as_float64(weight, channels, 1.0)
-    shift = _as_float64(bias, channels, 0.0)
-    kernels.select_kernel("normalize", layout, xv.dtype)(
-        xv, mean, scale, shift, _kernel_view(y, layout)
-    )
+    var = np.empty(channels)
+    weight_a = _optional(weight, x.dtype)
+    bias_a = _optional(bias, x.dtype)
+    track = running_mean is not None
+    if track:
+        factor = _advance_counter(num_batches_tracked, momentum)
+        running_mean_a, running_var_a = _numpy(running_mean), _numpy(running_var)
+    else:
+        factor = 0.0
+        running_mean_a = running_var_a = _ABSENT[x.dtype]
+    if x.numel() <= SERIAL_MAX_ELEMENTS:
+        kernels.select_kernel("train_serial", layout, xa.dtype)(
+            xa, weight_a, bias_a, eps, ya, mean, var, running_mean_a, running_var_a, factor
+        )
+    else:
+        m2 = np.empty(channels)
+        kernels.select_kernel("moments", layout, xa.dtype)(xa, mean, m2)
+        count = _values_per_channel(x)
+        np.divide(m2, count, out=var)
+        invstd = 1.0 / np.sqrt(var + eps)
+        scale = invstd * _float64(weight_a, channels, 1.0)
+        shift = _float64(bias_a, channels, 0.0)
+        kernels.select_kernel("normalize", layout, xa.dtype)(xa, mean, scale, shift, ya)
+        if track:
+            kernels.update_running(running_mean_a, running_var_a, mean, var, count, factor)
+    if track:
+        # The buffers were written through NumPy, which autograd cannot see: tell it, so that a
+        # graph that saved them (an evaluation-mode forward) refuses to backpropagate stale
+        # values, exactly as after an in-place torch op.
+        torch.autograd.graph.increment_version(running_mean)
+        torch.autograd.graph.increment_version(running_var)
     return y, torch.from_numpy(mean), torch.from_numpy(var)
 
 
 def _eval_forward(x, running_mean, running_var, weight, bias, eps: float):
     """Algorithm 2, step 11 on the kernels: normalize with the given population statistics."""
     layout = _layout(x)
+    xa = _kernel_array(_numpy(x), layout)
+    y, ya = _empty_output(x, layout)
+    weight_a = _optional(weight, x.dtype)
+    bias_a = _optional(bias, x.dtype)
+    running_mean_a, running_var_a = _numpy(running_mean), _numpy(running_var)
+    if x.numel() <= SERIAL_MAX_ELEMENTS:
+        kernels.select_kernel("eval_serial", layout, xa.dtype)(
+            xa, running_mean_a, running_var_a, weight_a, bias_a, eps, ya
+        )
+        return y
     channels = x.shape[1]
-    y = torch.empty_like(x)
-    xv = _kernel_view(x, layout)
-    invstd = 1.0 / np.sqrt(_as_float64(running_var, channels, 1.0) + eps)
-    scale = invstd * _as_float64(weight, channels, 1.0)
-    kernels.select_kernel("normalize", layout, xv.dtype)(
-        xv,
-        _as_float64(running_mean, channels, 0.0),
-        scale,
-        _as_float64(bias, channels, 0.0),
-        _kernel_view(y, layout),
+    invstd = 1.0 / np.sqrt(running_var_a.astype(np.float64) + eps)
+    scale = invstd * _float64(weight_a, channels, 1.0)
+    kernels.select_kernel("normalize", layout, xa.dtype)(
+        xa, running_mean_a.astype(np.float64), scale, _float64(bias_a, channels, 0.0), ya
     )
     return y
 
@@ -192,34 +275,42 @@ def _backward(dy, x, weight, mean, var, eps: float, training: bool):
     channels = x.shape[1]
     # The gradient arrives in whatever layout autograd produced (often an expanded view from a
     # sum); the kernels need it in x's memory layout.
-    if layout == "nchw":
+    if layout == "nchw" or x.dim() == 2:
         dy = dy.contiguous()
-    elif not (_layout(dy) == "nhwc" and dy.stride() == x.stride()):
+    elif dy.stride() != x.stride():
         dy = dy.permute(0, *range(2, dy.dim()), 1).contiguous()
         dy = dy.permute(0, dy.dim() - 1, *range(1, dy.dim() - 1))
-    xv = _kernel_view(x, layout)
-    dyv = _kernel_view(dy, layout)
-    mean64 = _as_float64(mean, channels, 0.0)
-    invstd = 1.0 / np.sqrt(_as_float64(var, channels, 1.0) + eps)
-    sum_dy = np.empty(channels)
-    sum_dy_xmu = np.empty(channels)
-    kernels.select_kernel("backward_reduce", layout, xv.dtype)(dyv, xv, mean64, sum_dy, sum_dy_xmu)
-    w = _as_float64(weight, channels, 1.0)
-    k_dy = w * invstd
-    if training:
-        m = _values_per_channel(x)
-        k_xmu = -w * invstd**3 * sum_dy_xmu / m
-        k_const = -w * invstd * sum_dy / m
+    xa = _kernel_array(_numpy(x), layout)
+    dya = _kernel_array(_numpy(dy), layout)
+    dx, dxa = _empty_output(x, layout)
+    mean_a, var_a = _numpy(mean), _numpy(var)
+    weight_a = _optional(weight, x.dtype)
+    dweight = np.empty(channels)
+    dbias = np.empty(channels)
+    if x.numel() <= SERIAL_MAX_ELEMENTS:
+        kernels.select_kernel("backward_serial", layout, xa.dtype)(
+            dya, xa, mean_a, var_a, weight_a, eps, training, dxa, dweight, dbias
+        )
     else:
-        k_xmu = np.zeros(channels)
-        k_const = np.zeros(channels)
-    dx = torch.empty_like(x)
-    kernels.select_kernel("backward_apply", layout, xv.dtype)(
-        dyv, xv, mean64, k_dy, k_xmu, k_const, _kernel_view(dx, layout)
-    )
-    dweight = torch.from_numpy(sum_dy_xmu * invstd).to(x.dtype)
-    dbias = torch.from_numpy(sum_dy).to(x.dtype)
-    return dx, dweight, dbias
+        mean64 = mean_a.astype(np.float64)
+        invstd = 1.0 / np.sqrt(var_a.astype(np.float64) + eps)
+        sum_dy_xmu = np.empty(channels)
+        kernels.select_kernel("backward_reduce", layout, xa.dtype)(
+            dya, xa, mean64, dbias, sum_dy_xmu
+        )
+        k_dy = invstd * _float64(weight_a, channels, 1.0)
+        if training:
+            m = _values_per_channel(x)
+            k_xmu = -k_dy * invstd**2 * sum_dy_xmu / m
+            k_const = -k_dy * dbias / m
+        else:
+            k_xmu = np.zeros(channels)
+            k_const = np.zeros(channels)
+        kernels.select_kernel("backward_apply", layout, xa.dtype)(
+            dya, xa, mean64, k_dy, k_xmu, k_const, dxa
+        )
+        np.multiply(sum_dy_xmu, invstd, out=dweight)
+    return dx, torch.from_numpy(dweight).to(x.dtype), torch.from_numpy(dbias).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,8 +348,12 @@ def _composite_grads(dy, x, weight, running_mean, running_var, eps, training):
 
 class _TrainFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, mean, var = _train_forward(x, weight, bias, eps)
+    def forward(
+        ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
+    ):
+        y, mean, var = _train_forward(
+            x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
+        )
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
@@ -271,7 +366,7 @@ class _TrainFn(torch.autograd.Function):
             dx, dw, db = _composite_grads(dy, x, weight, None, None, ctx.eps, True)
         else:
             dx, dw, db = _backward(dy, x, weight, mean, var, ctx.eps, True)
-        return _select_grads(ctx, dx, dw, db) + (None,)
+        return (*_select_grads(ctx, dx, dw, db), None, None, None, None, None)
 
 
 class _EvalFn(torch.autograd.Function):
@@ -311,13 +406,41 @@ def _select_grads(ctx, dx, dw, db, offset=1):
 def _train_forward_op(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _train_forward(x, weight, bias, eps)
+    return _train_forward(x, weight, bias, None, None, None, None, eps)
 
 
 @_train_forward_op.register_fake
 def _(x, weight, bias, eps):
     stats = x.new_empty((x.shape[1],), dtype=torch.float64)
     return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+# torch cannot attach an autograd formula to an op that mutates its arguments, so in graphs the
+# running-average update is an op of its own after the (functional) training forward.
+@torch.library.custom_op(
+    "batchnorm::update_running_stats",
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
+)
+def _update_running_op(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    num_batches_tracked: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: int,
+    momentum: float | None,
+) -> None:
+    factor = _advance_counter(num_batches_tracked, momentum)
+    kernels.update_running(
+        _numpy(running_mean), _numpy(running_var), _numpy(mean), _numpy(var), count, factor
+    )
+    torch.autograd.graph.increment_version(running_mean)
+    torch.autograd.graph.increment_version(running_var)
+
+
+@_update_running_op.register_fake
+def _(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+    return None
 
 
 @torch.library.custom_op("batchnorm::batch_norm_eval", mutates_args=())
@@ -391,30 +514,6 @@ _eval_forward_op.register_autograd(_eval_backward, setup_context=_eval_setup_con
 # --------------------------------------------------------------------------------------------
 # The public op
 # --------------------------------------------------------------------------------------------
-
-
-def _update_running_statistics(
-    running_mean, running_var, mean, var, m, momentum, num_batches_tracked
-):
-    """torch's running-average rule, applied after the batch statistics exist.
-
-    ``running = (1 - momentum) * running + momentum * batch`` with the *unbiased* batch variance
-    (torch 2.13: ``running_var`` folds in ``var * m / (m - 1)``). ``momentum=None`` is the
-    cumulative average: the factor is ``1 / num_batches_tracked`` after the increment.
-    """
-    with torch.no_grad():
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        factor = momentum
-        if factor is None:
-            if torch.compiler.is_compiling():
-                # float64 so that a float64 running_var is not rounded through float32
-                factor = num_batches_tracked.to(torch.float64).reciprocal()
-            else:
-                factor = 1.0 / float(num_batches_tracked)
-        bessel = m / (m - 1)
-        running_mean.copy_(running_mean * (1 - factor) + mean * factor)
-        running_var.copy_(running_var * (1 - factor) + var * (bessel * factor))
 
 
 def batch_norm(
@@ -515,7 +614,9 @@ def _batch_norm(
         eps,
         num_batches_tracked,
     )
-    track = training and running_mean is not None
+    if not training or running_mean is None:
+        num_batches_tracked = None  # counted only when running statistics are updated
+    eps = float(eps)
     if input.numel() == 0:
         # No values, no statistics: normalize nothing and leave every buffer as it was.
         return _native_batch_norm(
@@ -531,37 +632,78 @@ def _batch_norm(
     if backend_for(input) == "torch" or (
         running_mean is not None and (running_mean.requires_grad or running_var.requires_grad)
     ):
-        _warn_fallback_once(input)
-        if not track:
-            return _native_batch_norm(
-                input, running_mean, running_var, weight, bias, training, 0.0, eps
-            )
-        with torch.no_grad():
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-        factor = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
-        return _native_batch_norm(input, running_mean, running_var, weight, bias, True, factor, eps)
-
-    compiling = torch.compiler.is_compiling()
-    if not training:
-        if compiling:
-            return torch.ops.batchnorm.batch_norm_eval(
-                input, running_mean, running_var, weight, bias, float(eps)
-            )
-        return _EvalFn.apply(input, running_mean, running_var, weight, bias, float(eps))
-
-    if compiling:
-        y, mean, var = torch.ops.batchnorm.batch_norm_train(input, weight, bias, float(eps))
-    else:
-        y, mean, var = _TrainFn.apply(input, weight, bias, float(eps))
-    if track:
-        _update_running_statistics(
+        return _fallback(
+            input,
             running_mean,
             running_var,
-            mean,
-            var,
-            _values_per_channel(input),
+            weight,
+            bias,
+            training,
             momentum,
+            eps,
             num_batches_tracked,
         )
-    return y
+    if torch.compiler.is_compiling():
+        if training:
+            y, mean, var = torch.ops.batchnorm.batch_norm_train(input, weight, bias, eps)
+            if running_mean is not None:
+                torch.ops.batchnorm.update_running_stats(
+                    running_mean,
+                    running_var,
+                    num_batches_tracked,
+                    mean,
+                    var,
+                    _values_per_channel(input),
+                    momentum,
+                )
+            return y
+        return torch.ops.batchnorm.batch_norm_eval(
+            input, running_mean, running_var, weight, bias, eps
+        )
+    # autograd.Function costs ~8 us a call, a quarter of torch's whole op on a small batch:
+    # skip it when nothing will be differentiated.
+    needs_graph = torch.is_grad_enabled() and (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+    if training:
+        if needs_graph:
+            return _TrainFn.apply(
+                input,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                num_batches_tracked,
+                momentum,
+                eps,
+            )[0]
+        return _train_forward(
+            input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
+        )[0]
+    if needs_graph:
+        return _EvalFn.apply(input, running_mean, running_var, weight, bias, eps)
+    return _eval_forward(input, running_mean, running_var, weight, bias, eps)
+
+
+def _fallback(
+    input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
+):
+    """torch's native op, with this package's counter and cumulative-average semantics."""
+    _warn_fallback_once(input)
+    if num_batches_tracked is None:
+        return _native_batch_norm(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            0.0 if momentum is None else momentum,
+            eps,
+        )
+    with torch.no_grad():
+        num_batches_tracked.add_(1)
+    factor = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
+    return _native_batch_norm(input, running_mean, running_var, weight, bias, True, factor, eps)

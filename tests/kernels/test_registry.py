@@ -18,7 +18,15 @@ import batchnorm.kernels as kernels
 from batchnorm.kernels import KERNELS, backward, moments, normalize, select_kernel, warmup
 
 SRC = Path(batchnorm.__file__).resolve().parent
-OPS = ["moments", "normalize", "backward_reduce", "backward_apply"]
+OPS = [
+    "moments",
+    "normalize",
+    "backward_reduce",
+    "backward_apply",
+    "train_serial",
+    "eval_serial",
+    "backward_serial",
+]
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])

@@ -32,6 +32,15 @@ from .backward import (
 )
 from .moments import moments_nchw, moments_nhwc
 from .normalize import normalize_nchw, normalize_nhwc
+from .serial import (
+    backward_serial_nchw,
+    backward_serial_nhwc,
+    eval_serial_nchw,
+    eval_serial_nhwc,
+    train_serial_nchw,
+    train_serial_nhwc,
+    update_running,
+)
 
 __all__ = [
     "KERNELS",
@@ -41,15 +50,30 @@ __all__ = [
     "backward_apply_nhwc",
     "backward_reduce_nchw",
     "backward_reduce_nhwc",
+    "backward_serial_nchw",
+    "backward_serial_nhwc",
+    "eval_serial_nchw",
+    "eval_serial_nhwc",
     "moments_nchw",
     "moments_nhwc",
     "normalize_nchw",
     "normalize_nhwc",
     "select_kernel",
+    "train_serial_nchw",
+    "train_serial_nhwc",
+    "update_running",
     "warmup",
 ]
 
-OPS = ("moments", "normalize", "backward_reduce", "backward_apply")
+OPS = (
+    "moments",
+    "normalize",
+    "backward_reduce",
+    "backward_apply",
+    "train_serial",
+    "eval_serial",
+    "backward_serial",
+)
 LAYOUTS = ("nchw", "nhwc")
 DTYPE_NAMES = ("float32", "float64")
 
@@ -71,6 +95,19 @@ KERNELS: dict[tuple[str, str, str], Callable] = {
     ("backward_apply", "nchw", "float64"): backward_apply_nchw,
     ("backward_apply", "nhwc", "float32"): backward_apply_nhwc,
     ("backward_apply", "nhwc", "float64"): backward_apply_nhwc,
+    # Serial fused kernels for small inputs (see serial.py).
+    ("train_serial", "nchw", "float32"): train_serial_nchw,
+    ("train_serial", "nchw", "float64"): train_serial_nchw,
+    ("train_serial", "nhwc", "float32"): train_serial_nhwc,
+    ("train_serial", "nhwc", "float64"): train_serial_nhwc,
+    ("eval_serial", "nchw", "float32"): eval_serial_nchw,
+    ("eval_serial", "nchw", "float64"): eval_serial_nchw,
+    ("eval_serial", "nhwc", "float32"): eval_serial_nhwc,
+    ("eval_serial", "nhwc", "float64"): eval_serial_nhwc,
+    ("backward_serial", "nchw", "float32"): backward_serial_nchw,
+    ("backward_serial", "nchw", "float64"): backward_serial_nchw,
+    ("backward_serial", "nhwc", "float32"): backward_serial_nhwc,
+    ("backward_serial", "nhwc", "float64"): backward_serial_nhwc,
 }
 
 
@@ -85,7 +122,9 @@ def select_kernel(op: str, layout: str, dtype) -> Callable | None:
     """Return the kernel for ``(op, layout, dtype)``, or None when no kernel covers it.
 
     Args:
-        op: One of ``"moments"``, ``"normalize"``, ``"backward_reduce"``, ``"backward_apply"``.
+        op: One of :data:`OPS`: the parallel building blocks ``"moments"``, ``"normalize"``,
+            ``"backward_reduce"``, ``"backward_apply"``, or the serial fused passes for small
+            inputs ``"train_serial"``, ``"eval_serial"``, ``"backward_serial"``.
         layout: ``"nchw"`` or ``"nhwc"``; any other value is "not covered".
         dtype: A NumPy dtype, NumPy scalar type or dtype name (``np.float32``,
             ``np.dtype("float64")``, ``"float32"``). Anything NumPy cannot interpret (for example
@@ -137,7 +176,23 @@ def _run_all(x: np.ndarray, layout: str) -> None:
     n_chan = x.shape[1]
     a, b, c, d = (np.zeros(n_chan) for _ in range(4))
     out = np.empty_like(x)
-    KERNELS["moments", layout, x.dtype.name](x, a, b)
-    KERNELS["normalize", layout, x.dtype.name](x, a, b, c, out)
-    KERNELS["backward_reduce", layout, x.dtype.name](dy, x, a, c, d)
-    KERNELS["backward_apply", layout, x.dtype.name](dy, x, a, b, c, d, out)
+    name = x.dtype.name
+    KERNELS["moments", layout, name](x, a, b)
+    KERNELS["normalize", layout, name](x, a, b, c, out)
+    KERNELS["backward_reduce", layout, name](dy, x, a, c, d)
+    KERNELS["backward_apply", layout, name](dy, x, a, b, c, d, out)
+    # The serial kernels take per-channel tensors in the data's dtype (weight, bias, running
+    # statistics; zero-length when absent) and float64 batch statistics, as the torch layer
+    # passes them; each combination is a separate compiled specialisation.
+    own = np.ones(n_chan, dtype=x.dtype)
+    absent = np.empty(0, dtype=x.dtype)
+    for params, running in ((own, own.copy()), (absent, absent)):
+        KERNELS["train_serial", layout, name](
+            x, params, params, 1e-5, out, a, b, running, running.copy(), 0.1
+        )
+        KERNELS["eval_serial", layout, name](x, own, own, params, params, 1e-5, out)
+        for mean, var, training in ((a, b, True), (own, own, False)):
+            KERNELS["backward_serial", layout, name](
+                dy, x, mean, var, params, 1e-5, training, out, c, d
+            )
+    update_running(own.copy(), own.copy(), a, b, 2, 0.1)

@@ -1,0 +1,266 @@
+r"""Serial, fused kernels for small inputs: one call does a whole forward or backward pass.
+
+Below a few tens of thousands of values, starting threads and calling several kernels costs more
+than the arithmetic (a parallel region alone is several microseconds, torch's whole BatchNorm1d
+on (60, 100) about 30). These kernels do everything one pass needs in one serial call: the
+training forward computes the statistics, normalizes and updates the running averages; the
+backward computes both reductions and applies them. The data of such an input fits in L1/L2,
+so the repeated passes below cost cache reads, not DRAM traffic.
+
+Parallel decomposition:
+    None: one thread. The torch layer routes an input here only below a size threshold
+    (``functional.SERIAL_MAX_ELEMENTS``) measured by the size sweep in ``benchmarks/``.
+
+Numerics:
+    Accumulation and arithmetic are float64 for float32 and float64 input; outputs are rounded
+    to their dtype once, at the store. The variance is two-pass (mean first, then squared
+    deviations about it), so a large mean cannot cancel a small variance.
+
+Race freedom and determinism:
+    Serial; the result depends only on the input.
+
+Memory passes:
+    Training forward 3 reads of ``x`` (sum, squared deviations, normalize) and 1 write of ``y``;
+    evaluation 1 read, 1 write; backward 2 reads of ``dy`` and ``x`` each and 1 write of ``dx``.
+    All but the first read of each array hit the cache at the sizes these kernels serve.
+
+Optional arguments are zero-length arrays: ``weight``/``bias`` of length 0 mean 1 and 0;
+``running_mean``/``running_var`` of length 0 mean "no running statistics to update".
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._config import njit_kernel
+
+__all__ = [
+    "backward_serial_nchw",
+    "backward_serial_nhwc",
+    "eval_serial_nchw",
+    "eval_serial_nhwc",
+    "train_serial_nchw",
+    "train_serial_nhwc",
+    "update_running",
+]
+
+
+@njit_kernel
+def update_running(running_mean, running_var, mean, var, count, factor):
+    r"""torch's running-average update, in place.
+
+    .. math::
+        \hat{\mu} \leftarrow (1 - \alpha)\hat{\mu} + \alpha\mu_B, \qquad
+        \hat{\sigma}^2 \leftarrow (1 - \alpha)\hat{\sigma}^2 + \alpha\,\tfrac{m}{m-1}\sigma_B^2
+
+    Args:
+        running_mean: ``(C,)`` array, updated in place (nothing happens if it has length 0).
+        running_var: ``(C,)`` array, updated in place with the *unbiased* batch variance.
+        mean: Batch means, ``(C,)``.
+        var: Biased batch variances, ``(C,)``.
+        count: Values per channel ``m`` (> 1).
+        factor: :math:`\alpha`, torch's ``momentum`` (or ``1 / num_batches_tracked``).
+    """
+    bessel = count / (count - 1.0)
+    keep = 1.0 - factor
+    for c in range(running_mean.shape[0]):
+        running_mean[c] = keep * running_mean[c] + factor * mean[c]
+        running_var[c] = keep * running_var[c] + factor * bessel * var[c]
+
+
+@njit_kernel
+def _affine(c, invstd, weight, bias):
+    # Explicit float64: under NUMBA_DISABLE_JIT, float * float32 would round to float32.
+    scale = invstd * np.float64(weight[c]) if weight.shape[0] > 0 else invstd
+    shift = np.float64(bias[c]) if bias.shape[0] > 0 else np.float64(0.0)
+    return scale, shift
+
+
+@njit_kernel
+def train_serial_nchw(
+    x, weight, bias, eps, y, mean_out, var_out, running_mean, running_var, factor
+):
+    """Training forward of an ``(N, C, S)`` array: statistics, normalize, running update.
+
+    Args:
+        x: C-contiguous ``(N, C, S)`` float32/float64 data, ``N * S >= 2``.
+        weight: ``(C,)`` scale or length 0.
+        bias: ``(C,)`` shift or length 0.
+        eps: Added to the variance.
+        y: Output, shape and dtype of ``x``; overwritten.
+        mean_out: float64 ``(C,)``; receives the batch means.
+        var_out: float64 ``(C,)``; receives the biased batch variances.
+        running_mean: ``(C,)`` or length 0; updated in place with ``factor``.
+        running_var: ``(C,)`` or length 0; updated in place (unbiased variance).
+        factor: Weight of this batch in the running averages.
+    """
+    n_batch, n_chan, n_spatial = x.shape
+    count = n_batch * n_spatial
+    for c in range(n_chan):
+        # np.float64, not 0.0: under NUMBA_DISABLE_JIT a Python float plus a float32 stays
+        # float32 (NEP 50), and the accumulation must be float64 in both modes.
+        total = np.float64(0.0)
+        for n in range(n_batch):
+            row = x[n, c]
+            for s in range(n_spatial):
+                total += row[s]
+        mu = total / count
+        dev = np.float64(0.0)
+        for n in range(n_batch):
+            row = x[n, c]
+            for s in range(n_spatial):
+                d = row[s] - mu
+                dev += d * d
+        var = dev / count
+        scale, shift = _affine(c, 1.0 / math.sqrt(var + eps), weight, bias)
+        for n in range(n_batch):
+            row = x[n, c]
+            out = y[n, c]
+            for s in range(n_spatial):
+                out[s] = (row[s] - mu) * scale + shift
+        mean_out[c] = mu
+        var_out[c] = var
+    update_running(running_mean, running_var, mean_out, var_out, count, factor)
+
+
+@njit_kernel
+def train_serial_nhwc(
+    x, weight, bias, eps, y, mean_out, var_out, running_mean, running_var, factor
+):
+    """Training forward of a channels-last ``(M, C)`` array; arguments as for the nchw twin."""
+    n_rows, n_chan = x.shape
+    # Inner loops run along the contiguous channel axis, with per-channel accumulators: they
+    # vectorise across channels.
+    for c in range(n_chan):
+        mean_out[c] = 0.0
+        var_out[c] = 0.0
+    for i in range(n_rows):
+        for c in range(n_chan):
+            mean_out[c] += x[i, c]
+    for c in range(n_chan):
+        mean_out[c] /= n_rows
+    for i in range(n_rows):
+        for c in range(n_chan):
+            d = x[i, c] - mean_out[c]
+            var_out[c] += d * d
+    scale = mean_out.copy()
+    shift = mean_out.copy()
+    for c in range(n_chan):
+        var_out[c] /= n_rows
+        scale[c], shift[c] = _affine(c, 1.0 / math.sqrt(var_out[c] + eps), weight, bias)
+    for i in range(n_rows):
+        for c in range(n_chan):
+            y[i, c] = (x[i, c] - mean_out[c]) * scale[c] + shift[c]
+    update_running(running_mean, running_var, mean_out, var_out, n_rows, factor)
+
+
+@njit_kernel
+def eval_serial_nchw(x, running_mean, running_var, weight, bias, eps, y):
+    """Inference forward of an ``(N, C, S)`` array with the given population statistics."""
+    n_batch, n_chan, n_spatial = x.shape
+    for c in range(n_chan):
+        mu = np.float64(running_mean[c])
+        scale, shift = _affine(c, 1.0 / math.sqrt(running_var[c] + eps), weight, bias)
+        for n in range(n_batch):
+            row = x[n, c]
+            out = y[n, c]
+            for s in range(n_spatial):
+                out[s] = (row[s] - mu) * scale + shift
+
+
+@njit_kernel
+def eval_serial_nhwc(x, running_mean, running_var, weight, bias, eps, y):
+    """Inference forward of a channels-last ``(M, C)`` array."""
+    n_rows, n_chan = x.shape
+    mu = running_mean.astype(np.float64)
+    scale = mu.copy()
+    shift = mu.copy()
+    for c in range(n_chan):
+        scale[c], shift[c] = _affine(c, 1.0 / math.sqrt(running_var[c] + eps), weight, bias)
+    for i in range(n_rows):
+        for c in range(n_chan):
+            y[i, c] = (x[i, c] - mu[c]) * scale[c] + shift[c]
+
+
+@njit_kernel
+def _backward_coefficients(c, sum_dy, sum_dy_xmu, invstd, weight, count, training):
+    r"""``dx = k_dy * dy + k_xmu * (x - mean) + k_const`` (see ``reference``'s backward)."""
+    w = np.float64(weight[c]) if weight.shape[0] > 0 else np.float64(1.0)
+    k_dy = w * invstd
+    if training:
+        return k_dy, -k_dy * invstd * invstd * sum_dy_xmu / count, -k_dy * sum_dy / count
+    return k_dy, 0.0, 0.0
+
+
+@njit_kernel
+def backward_serial_nchw(dy, x, mean, var, weight, eps, training, dx, dweight_out, dbias_out):
+    r"""Gradients of either forward for an ``(N, C, S)`` array.
+
+    With :math:`S_1 = \sum\delta` and :math:`S_2 = \sum\delta(x - \mu)`:
+    :math:`d\beta = S_1`, :math:`d\gamma = \sigma^{-1}S_2`, and ``dx`` as in
+    ``functional._backward`` (training) or :math:`\gamma\sigma^{-1}\delta` (evaluation).
+
+    Args:
+        dy: Gradient of the output, C-contiguous, shape of ``x``.
+        x: The forward input.
+        mean: ``(C,)`` means the forward subtracted (batch or running).
+        var: ``(C,)`` variances it divided by (biased batch variance, or running variance).
+        weight: ``(C,)`` or length 0.
+        eps: The forward's epsilon.
+        training: Whether the statistics came from this batch (they then depend on ``x``).
+        dx: Output, shape and dtype of ``x``; overwritten.
+        dweight_out: float64 ``(C,)``; receives :math:`d\gamma`.
+        dbias_out: float64 ``(C,)``; receives :math:`d\beta`.
+    """
+    n_batch, n_chan, n_spatial = x.shape
+    count = n_batch * n_spatial
+    for c in range(n_chan):
+        mu = np.float64(mean[c])
+        sum_dy = np.float64(0.0)
+        sum_dy_xmu = np.float64(0.0)
+        for n in range(n_batch):
+            g = dy[n, c]
+            row = x[n, c]
+            for s in range(n_spatial):
+                sum_dy += g[s]
+                sum_dy_xmu += g[s] * (row[s] - mu)
+        invstd = 1.0 / math.sqrt(var[c] + eps)
+        k_dy, k_xmu, k_const = _backward_coefficients(
+            c, sum_dy, sum_dy_xmu, invstd, weight, count, training
+        )
+        for n in range(n_batch):
+            g = dy[n, c]
+            row = x[n, c]
+            out = dx[n, c]
+            for s in range(n_spatial):
+                out[s] = k_dy * g[s] + k_xmu * (row[s] - mu) + k_const
+        dweight_out[c] = sum_dy_xmu * invstd
+        dbias_out[c] = sum_dy
+
+
+@njit_kernel
+def backward_serial_nhwc(dy, x, mean, var, weight, eps, training, dx, dweight_out, dbias_out):
+    """Gradients of either forward for a channels-last ``(M, C)`` array."""
+    n_rows, n_chan = x.shape
+    mu = mean.astype(np.float64)
+    for c in range(n_chan):
+        dbias_out[c] = 0.0
+        dweight_out[c] = 0.0
+    for i in range(n_rows):
+        for c in range(n_chan):
+            dbias_out[c] += dy[i, c]
+            dweight_out[c] += dy[i, c] * (x[i, c] - mu[c])
+    k_dy = mu.copy()
+    k_xmu = mu.copy()
+    k_const = mu.copy()
+    for c in range(n_chan):
+        invstd = 1.0 / math.sqrt(var[c] + eps)
+        k_dy[c], k_xmu[c], k_const[c] = _backward_coefficients(
+            c, dbias_out[c], dweight_out[c], invstd, weight, n_rows, training
+        )
+        dweight_out[c] *= invstd
+    for i in range(n_rows):
+        for c in range(n_chan):
+            dx[i, c] = k_dy[c] * dy[i, c] + k_xmu[c] * (x[i, c] - mu[c]) + k_const[c]
