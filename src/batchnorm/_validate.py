@@ -20,6 +20,21 @@ __all__ = [
 ]
 
 
+_ALLOWED_PARAM_DTYPES = {
+    torch.float16: (torch.float16, torch.float32),
+    torch.bfloat16: (torch.bfloat16, torch.float32),
+}
+
+
+def _name(where) -> str:
+    """The caller's name for a message: ``where`` itself, or its value if it is a callable.
+
+    Modules pass a bound method so that the name is only formatted when there is an error to
+    report: forward runs on every batch, errors almost never.
+    """
+    return where() if callable(where) else where
+
+
 def _floating_dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -34,57 +49,66 @@ def check_constructor_args(cls_name: str, num_features, eps, momentum) -> None:
     where = f"{cls_name}()"
     if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
         raise TypeError(
-            f"{where}: expected num_features to be a positive int, got {num_features!r}."
+            f"{_name(where)}: expected num_features to be a positive int, got {num_features!r}."
         )
     if num_features < 1:
         raise ValueError(
-            f"{where}: expected num_features to be a positive int, got {num_features!r}."
+            f"{_name(where)}: expected num_features to be a positive int, got {num_features!r}."
         )
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"{where}: expected eps to be a non-negative float, got {eps!r}.")
+    if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
+        raise TypeError(f"{_name(where)}: expected eps to be a non-negative float, got {eps!r}.")
     if not eps >= 0:  # also rejects NaN
-        raise ValueError(f"{where}: expected eps to be a non-negative float, got {eps!r}.")
+        raise ValueError(f"{_name(where)}: expected eps to be a non-negative float, got {eps!r}.")
     if momentum is not None:
         if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-            raise TypeError(f"{where}: expected momentum in [0, 1] or None, got {momentum!r}.")
+            raise TypeError(
+                f"{_name(where)}: expected momentum in [0, 1] or None, got {momentum!r}."
+            )
         if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"{where}: expected momentum in [0, 1] or None, got {momentum!r}.")
+            raise ValueError(
+                f"{_name(where)}: expected momentum in [0, 1] or None, got {momentum!r}."
+            )
 
 
 def check_module_input(
-    where: str,
+    where,
     input,
     num_features: int,
     ranks: tuple[int, ...],
-    shape_hint: str,
+    shape_hint,
     state_dtype: torch.dtype | None,
 ) -> None:
     """Check what only a module knows: the input's rank and its channel count.
 
     Args:
-        where: The caller as the user sees it, e.g. ``"BatchNorm2d(num_features=3)"``.
+        where: The caller as the user sees it, e.g. ``"BatchNorm2d(num_features=3)"``, or a
+            callable returning it (formatted only if there is an error).
         input: The forward argument.
         num_features: The module's channel count.
         ranks: Accepted numbers of dimensions.
-        shape_hint: Human-readable accepted shape(s), e.g. ``"(N, 3, H, W)"``.
+        shape_hint: Human-readable accepted shape(s), e.g. ``"(N, 3, H, W)"``, or a callable
+            returning it.
         state_dtype: Dtype of the module's parameters and buffers (``None`` if it has none).
     """
     if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}.")
+        raise TypeError(
+            f"{_name(where)}: expected a torch.Tensor input, got {type(input).__name__}."
+        )
     if input.dim() not in ranks:
         accepted = " or ".join(f"{r}-D" for r in ranks)
         raise ValueError(
-            f"{where}: expected {accepted} input of shape {shape_hint}, "
+            f"{_name(where)}: expected {accepted} input of shape {_name(shape_hint)}, "
             f"got {input.dim()}-D input of shape {tuple(input.shape)}."
         )
     if input.shape[1] != num_features:
         raise ValueError(
-            f"{where}: expected input with {num_features} channels, shape {shape_hint}, "
-            f"got shape {tuple(input.shape)}."
+            f"{_name(where)}: expected input with {num_features} channels, "
+            f"shape {_name(shape_hint)}, got shape {tuple(input.shape)}."
         )
     if not input.dtype.is_floating_point:
         raise TypeError(
-            f"{where}: expected a floating-point input, got {_floating_dtype_name(input.dtype)}."
+            f"{_name(where)}: expected a floating-point input, "
+            f"got {_floating_dtype_name(input.dtype)}."
         )
     if (
         state_dtype is not None
@@ -92,9 +116,9 @@ def check_module_input(
         and input.dtype != state_dtype
     ):
         raise TypeError(
-            f"{where}: expected input of the layer's dtype {_floating_dtype_name(state_dtype)}, "
-            f"got {_floating_dtype_name(input.dtype)}; cast the input or convert the layer "
-            f"with .to({input.dtype})."
+            f"{_name(where)}: expected input of the layer's dtype "
+            f"{_floating_dtype_name(state_dtype)}, got {_floating_dtype_name(input.dtype)}; "
+            f"cast the input or convert the layer with .to({input.dtype})."
         )
 
 
@@ -121,17 +145,27 @@ def check_batch_norm_args(
             when batch statistics are used.
     """
     if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{where}: expected a torch.Tensor input, got {type(input).__name__}.")
+        raise TypeError(
+            f"{_name(where)}: expected a torch.Tensor input, got {type(input).__name__}."
+        )
     if input.dim() < 2:
         raise ValueError(
-            f"{where}: expected input of shape (N, C, *) with at least 2 dims, "
+            f"{_name(where)}: expected input of shape (N, C, *) with at least 2 dims, "
             f"got shape {tuple(input.shape)}."
         )
     if not input.dtype.is_floating_point:
         raise TypeError(
-            f"{where}: expected a floating-point input, got {_floating_dtype_name(input.dtype)}."
+            f"{_name(where)}: expected a floating-point input, "
+            f"got {_floating_dtype_name(input.dtype)}."
         )
     channels = input.shape[1]
+    dtype = input.dtype
+    device = input.device
+    # torch accepts one mixed-precision combination: a half/bfloat16 input with float32
+    # parameters and statistics. Everything else must share the input's dtype; checking here
+    # keeps torch's own error (raised after the counter moved) from being reached.
+    allowed = _ALLOWED_PARAM_DTYPES.get(dtype, (dtype,))
+    shared_dtype = None
     for name, t in (
         ("running_mean", running_mean),
         ("running_var", running_var),
@@ -142,63 +176,68 @@ def check_batch_norm_args(
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(
-                f"{where}: expected {name} to be a tensor or None, got {type(t).__name__}."
+                f"{_name(where)}: expected {name} to be a tensor or None, got {type(t).__name__}."
             )
-        if tuple(t.shape) != (channels,):
+        if t.shape != (channels,):
             raise ValueError(
-                f"{where}: expected {name} of shape ({channels},) to match the input's "
+                f"{_name(where)}: expected {name} of shape ({channels},) to match the input's "
                 f"{channels} channels, got shape {tuple(t.shape)}."
             )
-        if t.device != input.device:
+        if t.device != device:
             raise ValueError(
-                f"{where}: expected {name} on the input's device {input.device}, got {t.device}."
+                f"{_name(where)}: expected {name} on the input's device {device}, got {t.device}."
             )
-        # torch accepts one mixed-precision combination: a half/bfloat16 input with float32
-        # parameters and statistics. Everything else must share the input's dtype; checking
-        # here keeps torch's own error (raised after the counter moved) from being reached.
-        allowed = (input.dtype,)
-        if input.dtype in (torch.float16, torch.bfloat16):
-            allowed = (input.dtype, torch.float32)
         if t.dtype not in allowed:
             raise TypeError(
-                f"{where}: expected {name} with dtype "
+                f"{_name(where)}: expected {name} with dtype "
                 f"{' or '.join(_floating_dtype_name(d) for d in allowed)} to go with a "
-                f"{_floating_dtype_name(input.dtype)} input, got {_floating_dtype_name(t.dtype)}."
+                f"{_floating_dtype_name(dtype)} input, got {_floating_dtype_name(t.dtype)}."
             )
-    given = [t.dtype for t in (running_mean, running_var, weight, bias) if t is not None]
-    if len(set(given)) > 1:
-        raise TypeError(
-            f"{where}: expected weight, bias, running_mean and running_var to share one dtype, "
-            f"got {', '.join(_floating_dtype_name(d) for d in given)}."
-        )
+        if shared_dtype is None:
+            shared_dtype = t.dtype
+        elif t.dtype != shared_dtype:
+            given = [u.dtype for u in (running_mean, running_var, weight, bias) if u is not None]
+            raise TypeError(
+                f"{_name(where)}: expected weight, bias, running_mean and running_var to share "
+                f"one dtype, got {', '.join(_floating_dtype_name(d) for d in given)}."
+            )
     if (running_mean is None) != (running_var is None):
         raise ValueError(
-            f"{where}: expected running_mean and running_var both given or both None, "
+            f"{_name(where)}: expected running_mean and running_var both given or both None, "
             f"got only {'running_mean' if running_var is None else 'running_var'}."
         )
     if not training and running_mean is None:
         raise ValueError(
-            f"{where}: expected running_mean and running_var in evaluation mode "
+            f"{_name(where)}: expected running_mean and running_var in evaluation mode "
             "(training=False normalizes with them), got None."
         )
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"{where}: expected eps to be a float, got {eps!r}.")
+    if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
+        raise TypeError(f"{_name(where)}: expected eps to be a float, got {eps!r}.")
     if momentum is None:
         if training and running_mean is not None and num_batches_tracked is None:
             raise ValueError(
-                f"{where}: momentum=None (cumulative average) needs num_batches_tracked, got None."
+                f"{_name(where)}: momentum=None (cumulative average) needs "
+                "num_batches_tracked, got None."
             )
-    elif not isinstance(momentum, (numbers.Real, torch.Tensor)) or isinstance(momentum, bool):
-        raise TypeError(f"{where}: expected momentum to be a float or None, got {momentum!r}.")
-    if num_batches_tracked is not None and (
-        not isinstance(num_batches_tracked, torch.Tensor) or num_batches_tracked.numel() != 1
+    elif type(momentum) is not float and (
+        not isinstance(momentum, (numbers.Real, torch.Tensor)) or isinstance(momentum, bool)
     ):
         raise TypeError(
-            f"{where}: expected num_batches_tracked to be a 1-element tensor or None, "
-            f"got {num_batches_tracked!r}."
+            f"{_name(where)}: expected momentum to be a float or None, got {momentum!r}."
         )
+    if num_batches_tracked is not None:
+        if not isinstance(num_batches_tracked, torch.Tensor) or num_batches_tracked.numel() != 1:
+            raise TypeError(
+                f"{_name(where)}: expected num_batches_tracked to be a 1-element tensor or None, "
+                f"got {num_batches_tracked!r}."
+            )
+        if num_batches_tracked.device != device:
+            raise ValueError(
+                f"{_name(where)}: expected num_batches_tracked on the input's device {device}, "
+                f"got {num_batches_tracked.device}."
+            )
     if training and input.numel() > 0 and input.numel() // channels == 1:
         raise ValueError(
-            f"{where}: expected more than 1 value per channel when using batch statistics "
+            f"{_name(where)}: expected more than 1 value per channel when using batch statistics "
             f"(training), got input of shape {tuple(input.shape)}."
         )

@@ -46,13 +46,17 @@ class _BatchNormMixin:
     def _where(self) -> str:
         return f"{type(self).__name__}(num_features={self.num_features})"
 
+    def _shape_text(self) -> str:
+        return self._shape_hint.format(C=self.num_features)
+
     def _check_input_dim(self, input: torch.Tensor) -> None:
+        # Bound methods, not strings: the names are only formatted when there is an error.
         check_module_input(
-            self._where(),
+            self._where,
             input,
             self.num_features,
             self._ranks,
-            self._shape_hint.format(C=self.num_features),
+            self._shape_text,
             self._state_dtype(),
         )
 
@@ -80,7 +84,7 @@ class _BatchNormMixin:
             self.momentum,
             self.eps,
             self.num_batches_tracked if tracking else None,
-            where=self._where(),
+            where=self._where,
         )
 
 
