@@ -103,3 +103,21 @@ def test_running_update_through_numpy_bumps_the_version_counter():
     layer(torch.randn(8, 3))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_parallel_path_keeps_torch_thread_count(threads, monkeypatch):
+    # Numba's OpenMP layer shares torch's runtime; a parallel kernel must not change the
+    # thread count the user gave torch.
+    monkeypatch.setattr(functional, "SERIAL_MAX_ELEMENTS", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        layer = batchnorm.BatchNorm2d(4)
+        x = torch.randn(8, 4, 6, 6, requires_grad=True)
+        layer(x).sum().backward()
+        layer.eval()
+        layer(x)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)

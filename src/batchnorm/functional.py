@@ -17,6 +17,7 @@ and :func:`_backward`, which view tensors as NumPy arrays without copying and ru
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -167,6 +168,24 @@ def _float64(a: np.ndarray, channels: int, fill: float) -> np.ndarray:
     return np.full(channels, fill) if a.shape[0] == 0 else a.astype(np.float64)
 
 
+@contextlib.contextmanager
+def _torch_thread_count():
+    """Run parallel kernels with torch's thread count, and leave torch's count as it was.
+
+    Numba's OpenMP layer runs in the same OpenMP runtime as torch, and starting a parallel
+    region sets that runtime's thread count to Numba's: without this, one large BatchNorm call
+    would silently undo a user's ``torch.set_num_threads(1)`` (measured: a small MLP then ran
+    50x slower next to a busy core).
+    """
+    threads = torch.get_num_threads()
+    kernels.set_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def _values_per_channel(x: torch.Tensor) -> int:
     return x.numel() // x.shape[1]
 
@@ -214,13 +233,14 @@ def _train_forward(x, weight, bias, running_mean, running_var, num_batches_track
         )
     else:
         m2 = np.empty(channels)
-        kernels.select_kernel("moments", layout, xa.dtype)(xa, mean, m2)
         count = _values_per_channel(x)
-        np.divide(m2, count, out=var)
-        invstd = 1.0 / np.sqrt(var + eps)
-        scale = invstd * _float64(weight_a, channels, 1.0)
-        shift = _float64(bias_a, channels, 0.0)
-        kernels.select_kernel("normalize", layout, xa.dtype)(xa, mean, scale, shift, ya)
+        with _torch_thread_count():
+            kernels.select_kernel("moments", layout, xa.dtype)(xa, mean, m2)
+            np.divide(m2, count, out=var)
+            invstd = 1.0 / np.sqrt(var + eps)
+            scale = invstd * _float64(weight_a, channels, 1.0)
+            shift = _float64(bias_a, channels, 0.0)
+            kernels.select_kernel("normalize", layout, xa.dtype)(xa, mean, scale, shift, ya)
         if track:
             kernels.update_running(running_mean_a, running_var_a, mean, var, count, factor)
     if track:
@@ -248,9 +268,10 @@ def _eval_forward(x, running_mean, running_var, weight, bias, eps: float):
     channels = x.shape[1]
     invstd = 1.0 / np.sqrt(running_var_a.astype(np.float64) + eps)
     scale = invstd * _float64(weight_a, channels, 1.0)
-    kernels.select_kernel("normalize", layout, xa.dtype)(
-        xa, running_mean_a.astype(np.float64), scale, _float64(bias_a, channels, 0.0), ya
-    )
+    with _torch_thread_count():
+        kernels.select_kernel("normalize", layout, xa.dtype)(
+            xa, running_mean_a.astype(np.float64), scale, _float64(bias_a, channels, 0.0), ya
+        )
     return y
 
 
@@ -295,9 +316,10 @@ def _backward(dy, x, weight, mean, var, eps: float, training: bool):
         mean64 = mean_a.astype(np.float64)
         invstd = 1.0 / np.sqrt(var_a.astype(np.float64) + eps)
         sum_dy_xmu = np.empty(channels)
-        kernels.select_kernel("backward_reduce", layout, xa.dtype)(
-            dya, xa, mean64, dbias, sum_dy_xmu
-        )
+        with _torch_thread_count():
+            kernels.select_kernel("backward_reduce", layout, xa.dtype)(
+                dya, xa, mean64, dbias, sum_dy_xmu
+            )
         k_dy = invstd * _float64(weight_a, channels, 1.0)
         if training:
             m = _values_per_channel(x)
@@ -306,9 +328,10 @@ def _backward(dy, x, weight, mean, var, eps: float, training: bool):
         else:
             k_xmu = np.zeros(channels)
             k_const = np.zeros(channels)
-        kernels.select_kernel("backward_apply", layout, xa.dtype)(
-            dya, xa, mean64, k_dy, k_xmu, k_const, dxa
-        )
+        with _torch_thread_count():
+            kernels.select_kernel("backward_apply", layout, xa.dtype)(
+                dya, xa, mean64, k_dy, k_xmu, k_const, dxa
+            )
         np.multiply(sum_dy_xmu, invstd, out=dweight)
     return dx, torch.from_numpy(dweight).to(x.dtype), torch.from_numpy(dbias).to(x.dtype)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import numba
 import numpy as np
 
 from .backward import (
@@ -61,6 +62,7 @@ __all__ = [
     "select_kernel",
     "train_serial_nchw",
     "train_serial_nhwc",
+    "set_threads",
     "update_running",
     "warmup",
 ]
@@ -145,6 +147,16 @@ def select_kernel(op: str, layout: str, dtype) -> Callable | None:
     if op not in OPS:
         raise ValueError(f"select_kernel(): expected op in {OPS!r}, got {op!r}.")
     return KERNELS.get((op, layout, _dtype_name(dtype)))
+
+
+def set_threads(n: int) -> int:
+    """Let the parallel kernels use ``n`` threads (capped at Numba's pool size); return the count.
+
+    Numba's thread count is per calling thread and only read when a parallel kernel starts.
+    """
+    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    return n
 
 
 def warmup(dtypes: Iterable[str] = DTYPE_NAMES) -> None:
