@@ -149,3 +149,95 @@ def test_python_m_batchnorm_info_runs_in_a_subprocess():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("batchnorm ")
     assert "device  dtype" in proc.stdout
+
+
+# --- lab --------------------------------------------------------------------------------------
+
+
+def test_lab_list_names_experiments_presets_and_datasets(capsys):
+    assert cli.main(["lab", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "figure1" in out and "claim:" in out
+    for preset in ("tiny", "quick (default)", "paper"):
+        assert f"preset {preset}" in out
+    for dataset in ("mnist1d", "digits", "mnist"):
+        assert f"\n  {dataset}  " in out
+
+
+def test_lab_run_then_plot(tmp_path, capsys):
+    argv = ["lab", "run", "figure1", "--preset", "tiny", "--seeds", "1", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "final test accuracy" in out and out.count("HELD: ") == 2
+    (run_dir,) = (tmp_path / "figure1").iterdir()
+    assert f"wrote {run_dir}/" in out
+    assert cli.main(["lab", "plot", str(run_dir)]) == 0
+    assert f"wrote {run_dir / 'figures' / 'figure1.png'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "bad"),
+    [
+        (["lab", "run", "figure-1"], "unknown experiment 'figure-1'; choose one of: figure1."),
+        (["lab", "run", "figure1", "--preset", "fast"], "invalid choice: 'fast'"),
+        (["lab", "run", "figure1", "--dataset", "cifar"], "invalid choice: 'cifar'"),
+        (["lab", "run", "figure1", "--seeds", "0"], "expected an int >= 1, got '0'."),
+        (
+            ["lab", "run", "figure1", "--resume", "x", "--seeds", "2"],
+            "saved settings), got --seeds.",
+        ),
+        (["lab", "run"], "EXPERIMENT"),
+        (["lab"], "LAB_COMMAND"),
+        (["lab", "plot"], "RUN_DIR"),
+    ],
+    ids=lambda v: "_".join(v) if isinstance(v, list) else None,
+)
+def test_lab_usage_error_exits_2_naming_the_bad_value(argv, bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: batchnorm lab" in err
+    assert bad in err.splitlines()[-1]
+
+
+def test_lab_run_preset_error_lists_valid_presets(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["lab", "run", "figure1", "--preset", "fast"])
+    assert "(choose from 'tiny', 'quick', 'paper')" in capsys.readouterr().err
+
+
+def test_lab_run_experiment_error_suggests_nearest(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["lab", "run", "figure-1"])
+    assert "Did you mean 'figure1'?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["lab", "run", "figure1", "--preset", "tiny", "--dataset", "mnist"],
+            "batchnorm lab run: load_dataset('mnist'): expected data_dir",
+        ),
+        (["lab", "plot", "no/such/run"], "batchnorm lab plot: expected a run directory holding"),
+        (
+            ["lab", "run", "figure1", "--resume"],
+            "batchnorm lab run: resume: expected an incomplete",
+        ),
+    ],
+    ids=["mnist-without-data-dir", "plot-missing-dir", "resume-nothing"],
+)
+def test_lab_failure_exits_1_with_one_error_line(argv, message, tmp_path, capsys):
+    assert cli.main([*argv, *(["--out", str(tmp_path)] if argv[1] == "run" else [])]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith(message)
+
+
+def test_lab_help_is_available_for_every_subcommand(capsys):
+    for argv in (["lab"], ["lab", "list"], ["lab", "run"], ["lab", "plot"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([*argv, "--help"])
+        assert exc.value.code == 0
+        assert "usage: batchnorm lab" in capsys.readouterr().out

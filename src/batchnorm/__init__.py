@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it
 _EXPORTS = {
+    "ActivationMonitor": "monitor",
     "BatchNorm1d": "modules",
     "BatchNorm2d": "modules",
     "BatchNorm3d": "modules",
@@ -24,6 +25,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "ActivationMonitor",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
@@ -37,6 +39,7 @@ assert set(__all__) == {*_EXPORTS, "__version__"}, "__all__ and _EXPORTS must li
 if TYPE_CHECKING:
     from .functional import backend_for, batch_norm
     from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+    from .monitor import ActivationMonitor
     from .tools.convert import convert
 
 

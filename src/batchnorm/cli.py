@@ -4,6 +4,10 @@ Subcommands:
     ``batchnorm info``    versions, thread settings, and which backend serves which input.
     ``batchnorm warmup``  compile (or load from Numba's on-disk cache) every kernel ahead of time.
     ``batchnorm demo``    train a digits MLP with torch.nn's and with our BatchNorm1d; compare.
+    ``batchnorm lab list``              the lab's experiments, presets and datasets.
+    ``batchnorm lab run EXPERIMENT``    run one (``--preset``, ``--dataset``, ``--seeds``,
+                                        ``--out``, ``--resume``); writes a run directory.
+    ``batchnorm lab plot RUN_DIR``      regenerate a run's figures from its saved results.
 
 Exit codes: 0 on success, 2 on a usage error (argparse's convention), 1 when a run fails. A
 failure is reported as one line on stderr, ``batchnorm <command>: <what was expected>, got
@@ -44,11 +48,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args, parser)
     except _USER_ERRORS as err:
-        print(f"batchnorm {args.command}: {err}", file=sys.stderr)
+        print(f"batchnorm {_label(args)}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"batchnorm {args.command}: interrupted.", file=sys.stderr)
+        print(f"batchnorm {_label(args)}: interrupted.", file=sys.stderr)
         return 130
+
+
+def _label(args: argparse.Namespace) -> str:
+    """The command as the user typed it, for error lines: ``demo``, ``lab run``."""
+    sub = getattr(args, "lab_command", None)
+    return f"{args.command} {sub}" if sub else args.command
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
@@ -105,7 +115,163 @@ def _build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_int_at_least(2), default=64, metavar="N", help="default: 64"
     )
     demo.set_defaults(run=_cmd_demo)
+    _add_lab_parser(sub)
     return parser
+
+
+# --- lab --------------------------------------------------------------------------------------
+
+
+def _experiment_name(text: str) -> str:
+    """An argparse ``type`` for an experiment's name; its error lists the valid names."""
+    from .lab.registry import get_experiment
+
+    try:
+        return get_experiment(text).cli_name
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _add_lab_parser(sub: argparse._SubParsersAction) -> None:
+    from .lab.data import DATASETS
+    from .lab.registry import EXPERIMENTS
+
+    names = ", ".join(e.cli_name for e in EXPERIMENTS.values())
+    presets = list(dict.fromkeys(p for e in EXPERIMENTS.values() for p in e.presets))
+    lab = sub.add_parser(
+        "lab",
+        help="experiments that reproduce the paper's claims, with figures",
+        description="Experiments that reproduce claims of Ioffe & Szegedy (2015) on real data "
+        "(offline), with several seeds, saved results and figures.",
+    )
+    lab_sub = lab.add_subparsers(dest="lab_command", metavar="LAB_COMMAND", required=True)
+
+    listing = lab_sub.add_parser(
+        "list",
+        help="the experiments, their presets and the datasets",
+        description="List the experiments (with the claim each tests), their presets and the "
+        "datasets.",
+    )
+    listing.set_defaults(run=_cmd_lab_list)
+
+    run = lab_sub.add_parser(
+        "run",
+        help="run an experiment; writes runs/<experiment>/<timestamp>/",
+        description="Run an experiment for all its seeds and write config.json, metrics.jsonl, "
+        "summary.json, summary.md and figures/*.png to OUT/<experiment>/<timestamp>/. Prints "
+        "whether the paper's claim held. Interrupted runs continue with --resume.",
+    )
+    run.add_argument(
+        "experiment", type=_experiment_name, metavar="EXPERIMENT", help=f"one of: {names}"
+    )
+    run.add_argument(
+        "--preset",
+        choices=presets,
+        default=None,
+        help="tiny: seconds, a smoke test; quick: about a minute; paper: the paper's length "
+        "(default: quick)",
+    )
+    run.add_argument(
+        "--dataset",
+        choices=list(DATASETS),
+        default=None,
+        help="default: the preset's (mnist1d for quick and paper)",
+    )
+    run.add_argument(
+        "--data-dir", default=None, metavar="DIR", help="directory with the MNIST IDX files"
+    )
+    run.add_argument(
+        "--seeds", type=_int_at_least(1), default=None, metavar="N", help="default: the preset's"
+    )
+    run.add_argument("--out", default="runs", metavar="DIR", help="default: runs")
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue an interrupted run (default: the newest incomplete one under --out) "
+        "with its saved settings",
+    )
+    run.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (it is off without a TTY)"
+    )
+    run.set_defaults(run=_cmd_lab_run, subparser=run)
+
+    plot = lab_sub.add_parser(
+        "plot",
+        help="regenerate a run's figures from its saved results",
+        description="Redraw figures/*.png of a run directory from config.json and seeds/*.json "
+        "alone: no training.",
+    )
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a directory written by `lab run`")
+    plot.set_defaults(run=_cmd_lab_plot)
+
+
+def _cmd_lab_list(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .lab.data import DATASETS
+    from .lab.registry import EXPERIMENTS
+
+    print("experiments (batchnorm lab run EXPERIMENT [--preset P]):")
+    for experiment in EXPERIMENTS.values():
+        print(f"  {experiment.cli_name}  {experiment.title}")
+        print(f"    claim: {experiment.claim}")
+        for name, config in experiment.presets.items():
+            default = " (default)" if name == experiment.default_preset else ""
+            print(
+                f"    preset {name}{default}: {config.seeds} seeds x {config.steps} steps "
+                f"on {config.dataset}"
+            )
+    print("datasets (--dataset):")
+    for name, description in DATASETS.items():
+        print(f"  {name}  {description}")
+    return 0
+
+
+def _cmd_lab_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .lab import runner
+
+    progress = False if args.no_progress else None
+    if args.resume is not None:
+        given = [
+            flag
+            for flag, value in (
+                ("--preset", args.preset),
+                ("--dataset", args.dataset),
+                ("--data-dir", args.data_dir),
+                ("--seeds", args.seeds),
+            )
+            if value is not None
+        ]
+        if given:
+            args.subparser.error(
+                "argument --resume: expected no --preset, --dataset, --data-dir or --seeds "
+                f"with it (a resumed run keeps its saved settings), got {' '.join(given)}."
+            )
+        run_dir = args.resume or runner.find_resumable(args.out, args.experiment)
+        spec = runner.load_run(run_dir)
+        if spec.experiment.cli_name != args.experiment:
+            raise ValueError(
+                f"expected a run of {args.experiment!r} to resume, got {str(run_dir)!r}, a run "
+                f"of {spec.experiment.cli_name!r}."
+            )
+        runner.resume_run(run_dir, progress=progress)
+        return 0
+    runner.run_experiment(
+        args.experiment,
+        preset=args.preset,
+        overrides={"dataset": args.dataset, "data_dir": args.data_dir, "seeds": args.seeds},
+        out=args.out,
+        progress=progress,
+    )
+    return 0
+
+
+def _cmd_lab_plot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .lab import runner
+
+    runner.plot_run(args.run_dir)
+    return 0
 
 
 # --- info -------------------------------------------------------------------------------------

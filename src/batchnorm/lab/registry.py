@@ -1,0 +1,99 @@
+"""The lab's experiments, by name: ``EXPERIMENTS`` is the whole list, written out by hand.
+
+Each experiment is a module in :mod:`batchnorm.lab.experiments` that provides the pieces an
+:class:`Experiment` bundles; the runner (:mod:`batchnorm.lab.runner`) drives them. An experiment
+has exactly one name: its module's name, ``snake_case``; the command line spells it in
+kebab-case (``small_batch`` -> ``batchnorm lab run small-batch``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .experiments import figure1
+
+__all__ = ["EXPERIMENTS", "Experiment", "get_experiment"]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One reproducible claim: its configurations and the functions that run and report it.
+
+    Attributes:
+        name: The module's name, ``snake_case``; the key in :data:`EXPERIMENTS`.
+        title: One line for ``batchnorm lab list``.
+        claim: The claim being tested, as the figures and the summary state it.
+        config_type: A frozen dataclass; it must have an int field ``seeds`` (seeds
+            ``0 .. seeds - 1`` are run) and build itself from ``asdict`` output.
+        presets: Preset name -> configuration; ``tiny`` (seconds, for tests), ``quick`` and
+            the experiment's own.
+        default_preset: The preset used when none is named.
+        prepare: ``prepare(config) -> data``: what every seed shares (the dataset), loaded once.
+        steps_per_seed: ``steps_per_seed(config) -> int``, for the progress bar.
+        run_seed: ``run_seed(config, data, seed, *, checkpoint, save_checkpoint, advance)``
+            trains one seed and returns a JSON-serialisable dict. ``checkpoint`` is the last
+            dict given to ``save_checkpoint`` (or ``None``), to continue from; ``advance(n)``
+            reports ``n`` more steps done.
+        metric_rows: ``metric_rows(result) -> list of dicts``: one seed's result as flat
+            per-step rows (JSON-serialisable) for ``metrics.jsonl``.
+        summarize: ``summarize(config, results) -> dict`` (``results``: seed -> result),
+            JSON-serialisable, with a
+            ``"claims"`` list (each with a boolean ``"held"``) and a ``"report"`` list of lines.
+        plot: ``plot(config, results, summary)`` -> dict of figure name -> matplotlib Figure.
+    """
+
+    name: str
+    title: str
+    claim: str
+    config_type: type
+    presets: Mapping[str, Any]
+    default_preset: str
+    prepare: Callable[[Any], Any]
+    steps_per_seed: Callable[[Any], int]
+    run_seed: Callable[..., dict]
+    metric_rows: Callable[[dict], list[dict]]
+    summarize: Callable[[Any, Mapping[int, dict]], dict]
+    plot: Callable[[Any, Mapping[int, dict], dict], dict]
+
+    @property
+    def cli_name(self) -> str:
+        """The name on the command line: the module name in kebab-case."""
+        return self.name.replace("_", "-")
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "figure1": Experiment(
+        name="figure1",
+        title=figure1.TITLE,
+        claim=figure1.CLAIM,
+        config_type=figure1.Figure1Config,
+        presets=figure1.PRESETS,
+        default_preset="quick",
+        prepare=figure1.prepare,
+        steps_per_seed=figure1.steps_per_seed,
+        run_seed=figure1.run_seed,
+        metric_rows=figure1.metric_rows,
+        summarize=figure1.summarize,
+        plot=figure1.plot,
+    ),
+}
+
+
+def get_experiment(name: str) -> Experiment:
+    """Look an experiment up by its command-line (kebab-case) name.
+
+    Raises:
+        ValueError: If there is no such experiment; the message lists the valid names and the
+            nearest one.
+    """
+    by_cli_name = {e.cli_name: e for e in EXPERIMENTS.values()}
+    if name in by_cli_name:
+        return by_cli_name[name]
+    close = difflib.get_close_matches(name, list(by_cli_name), n=1)
+    raise ValueError(
+        f"unknown experiment {name!r}; choose one of: {', '.join(sorted(by_cli_name))}."
+        + (f" Did you mean {close[0]!r}?" if close else "")
+    )

@@ -1,0 +1,480 @@
+"""Run the lab's experiments: seeds, run directories, checkpoints, resume, summaries, figures.
+
+A run of experiment ``name`` lives in ``<out>/<name>/<YYYYmmdd-HHMMSS>/``::
+
+    config.json        what was run: experiment, preset, the full config, versions, machine
+    checkpoints/       seed-<k>.pt while seed k is in progress (removed when it completes)
+    seeds/             seed-<k>.json, everything seed k measured (written when it completes)
+    metrics.jsonl      one JSON object per seed, network and measured step
+    summary.json       the claims, whether each held, the numbers behind them
+    summary.md         the same as the printed report
+    figures/*.png      regenerated from config.json and seeds/ alone by ``batchnorm lab plot``
+
+Every file is written atomically (to a temporary name in the same directory, then renamed), so
+an interrupted run leaves whole files or none. :func:`resume_run` continues an interrupted run:
+completed seeds are read back, a seed in progress restarts from its last checkpoint, and the
+result is the same as an uninterrupted run's. This module and :mod:`batchnorm.cli` are the only
+ones that print.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from .registry import Experiment, get_experiment
+
+__all__ = [
+    "LoadedRun",
+    "find_resumable",
+    "load_run",
+    "make_config",
+    "plot_run",
+    "resume_run",
+    "run_experiment",
+]
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "summary.md"
+METRICS_FILE = "metrics.jsonl"
+
+
+# --- atomic files -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _write_text(path: Path, text: str) -> None:
+    with _atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _write_json(path: Path, data: Any, compact: bool = False) -> None:
+    # allow_nan=False: a NaN would make the file invalid JSON for other readers. Compact for
+    # the bulky per-seed results (traces of every unit), indented for files people read.
+    if compact:
+        text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    else:
+        text = json.dumps(data, indent=1, allow_nan=False)
+    _write_text(path, text + "\n")
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _save_torch(path: Path, obj: Any) -> None:
+    import torch
+
+    with _atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _save_figure(path: Path, figure: Any) -> None:
+    # The lab's figures are matplotlib.figure.Figure objects outside pyplot: nothing to close.
+    with _atomic_path(path) as tmp:
+        figure.savefig(tmp, format=path.suffix.lstrip("."), dpi=figure.dpi)
+
+
+# --- configs ----------------------------------------------------------------------------------
+
+
+def make_config(
+    experiment: Experiment,
+    preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Any:
+    """The configuration of a preset with some fields replaced.
+
+    Args:
+        experiment: From :func:`batchnorm.lab.registry.get_experiment`.
+        preset: A name in ``experiment.presets``; ``None`` means the default preset.
+        overrides: Field name -> value; ``None`` values are ignored (an option not given).
+
+    Raises:
+        ValueError: If the preset or a field name is unknown, or a value is out of range.
+    """
+    preset = experiment.default_preset if preset is None else preset
+    if preset not in experiment.presets:
+        raise ValueError(
+            f"unknown preset {preset!r} of experiment {experiment.cli_name!r}; choose one of: "
+            f"{', '.join(experiment.presets)}."
+        )
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    names = {f.name for f in fields(experiment.config_type)}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise ValueError(
+            f"{experiment.config_type.__name__}: expected fields among {sorted(names)}, got "
+            f"unknown {unknown}."
+        )
+    return replace(experiment.presets[preset], **given)
+
+
+def _config_from_json(experiment: Experiment, data: Mapping[str, Any]) -> Any:
+    names = {f.name for f in fields(experiment.config_type)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(
+            f"{experiment.config_type.__name__}: expected fields among {sorted(names)}, got "
+            f"unknown {unknown} in {CONFIG_FILE}."
+        )
+    return experiment.config_type(**data)
+
+
+def _environment() -> dict[str, Any]:
+    import numba
+    import numpy
+    import torch
+
+    return {
+        "batchnorm": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "numba": numba.__version__,
+        "platform": f"{platform.system()} {platform.machine()}",
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "numba_threads": numba.config.NUMBA_NUM_THREADS,
+    }
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+
+class _Progress:
+    """A tqdm bar over all steps of a run; silent when stdout is not a terminal, under CI, or
+    without tqdm (the ``lab`` extra)."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool | None) -> None:
+        if enabled is None:
+            enabled = sys.stdout.isatty() and not os.environ.get("CI")
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ModuleNotFoundError:
+                return
+            self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", leave=False)
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+# --- running ----------------------------------------------------------------------------------
+
+
+def _new_run_dir(out: Path, name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    parent = out / name
+    parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 1000):
+        candidate = parent / (stamp if k == 1 else f"{stamp}-{k}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise RuntimeError(f"run_experiment(): expected a free run directory in {parent}, got none.")
+
+
+def run_experiment(
+    name: str,
+    *,
+    preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    out: str | Path = "runs",
+    progress: bool | None = None,
+    verbose: bool = True,
+) -> Path:
+    """Run an experiment for all its seeds in a new run directory; print the report.
+
+    Args:
+        name: The experiment's command-line name (see ``batchnorm lab list``).
+        preset: A preset of the experiment; ``None`` means its default.
+        overrides: Config fields to replace, e.g. ``{"seeds": 5, "dataset": "digits"}``;
+            ``None`` values are ignored.
+        out: The directory runs go under (``<out>/<name>/<timestamp>/``).
+        progress: Show a progress bar; ``None``: only on a terminal and not under ``CI``.
+        verbose: Print the header, report and list of files.
+
+    Returns:
+        The run directory.
+
+    Raises:
+        ValueError: If the experiment, preset or a config value is invalid.
+        ModuleNotFoundError, FileNotFoundError: If the dataset's package or files are missing.
+        KeyboardInterrupt: If interrupted; the run directory can then be resumed.
+    """
+    experiment = get_experiment(name)
+    config = make_config(experiment, preset, overrides)
+    run_dir = _new_run_dir(Path(out), experiment.name)
+    _write_json(
+        run_dir / CONFIG_FILE,
+        {
+            "experiment": experiment.name,
+            "preset": experiment.default_preset if preset is None else preset,
+            "config": asdict(config),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "environment": _environment(),
+        },
+    )
+    return _execute(run_dir, experiment, config, progress=progress, verbose=verbose)
+
+
+def find_resumable(out: str | Path, name: str) -> Path:
+    """The newest run directory of experiment ``name`` under ``out`` that is not complete.
+
+    Raises:
+        ValueError: If the experiment is unknown.
+        FileNotFoundError: If there is no incomplete run.
+    """
+    experiment = get_experiment(name)
+    parent = Path(out) / experiment.name
+    candidates = sorted(
+        (d for d in parent.glob("*") if (d / CONFIG_FILE).is_file()),
+        key=lambda d: d.name,
+        reverse=True,
+    )
+    for run_dir in candidates:
+        if not (run_dir / SUMMARY_FILE).is_file():
+            return run_dir
+    raise FileNotFoundError(
+        f"resume: expected an incomplete run of {experiment.cli_name!r} under {str(parent)!r}, "
+        f"got {'none' if not candidates else 'only complete ones'}. Pass the run directory "
+        "explicitly, or start a new run without --resume."
+    )
+
+
+def resume_run(run_dir: str | Path, *, progress: bool | None = None, verbose: bool = True) -> Path:
+    """Continue an interrupted run with the configuration saved in its ``config.json``.
+
+    Completed seeds are read back; a seed in progress continues from its last checkpoint (a
+    seed without one starts over). The finished run is the same as an uninterrupted one.
+
+    Raises:
+        FileNotFoundError: If ``run_dir`` has no ``config.json``.
+        ValueError: If the run is already complete.
+    """
+    run_dir = Path(run_dir)
+    spec = _read_spec(run_dir)
+    if (run_dir / SUMMARY_FILE).is_file():
+        raise ValueError(
+            f"resume: expected an incomplete run, got {str(run_dir)!r}, which is complete. "
+            f"Regenerate its figures with: batchnorm lab plot {run_dir}"
+        )
+    experiment = get_experiment(spec["experiment"].replace("_", "-"))
+    config = _config_from_json(experiment, spec["config"])
+    return _execute(run_dir, experiment, config, progress=progress, verbose=verbose)
+
+
+def _read_spec(run_dir: Path) -> dict:
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"expected a run directory holding {CONFIG_FILE}, got {str(run_dir)!r}"
+            + (", which does not exist." if not run_dir.exists() else " without one.")
+        )
+    return _read_json(path)
+
+
+def _seed_paths(run_dir: Path, seed: int) -> tuple[Path, Path]:
+    return run_dir / "seeds" / f"seed-{seed}.json", run_dir / "checkpoints" / f"seed-{seed}.pt"
+
+
+def _execute(
+    run_dir: Path, experiment: Experiment, config: Any, *, progress: bool | None, verbose: bool
+) -> Path:
+    import torch
+
+    start = time.perf_counter()
+    seeds = list(range(config.seeds))
+    steps = experiment.steps_per_seed(config)
+    if verbose:
+        print(
+            f"{experiment.cli_name}: {experiment.title}\n"
+            f"  dataset {getattr(config, 'dataset', '-')}, {len(seeds)} seeds x {steps} steps"
+            f" -> {run_dir}"
+        )
+    data = experiment.prepare(config)
+
+    results: dict[int, dict] = {}
+    checkpoints: dict[int, dict] = {}
+    done_steps = 0
+    for seed in seeds:
+        result_path, checkpoint_path = _seed_paths(run_dir, seed)
+        if result_path.is_file():
+            results[seed] = _read_json(result_path)
+            done_steps += steps
+        elif checkpoint_path.is_file():
+            checkpoints[seed] = torch.load(checkpoint_path, weights_only=True)
+            done_steps += int(checkpoints[seed]["step"])
+    if verbose and (results or checkpoints):
+        print(
+            f"  resuming: {len(results)} seed(s) complete, "
+            f"{len(checkpoints)} continuing from a checkpoint"
+        )
+
+    bar = _Progress(len(seeds) * steps, done_steps, experiment.cli_name, progress)
+    try:
+        for seed in seeds:
+            if seed in results:
+                continue
+            result_path, checkpoint_path = _seed_paths(run_dir, seed)
+            results[seed] = experiment.run_seed(
+                config,
+                data,
+                seed,
+                checkpoint=checkpoints.get(seed),
+                save_checkpoint=lambda state, p=checkpoint_path: _save_torch(p, state),
+                advance=bar.advance,
+            )
+            _write_json(result_path, results[seed], compact=True)
+            checkpoint_path.unlink(missing_ok=True)
+    except KeyboardInterrupt:
+        bar.close()
+        print(
+            f"interrupted; continue with: batchnorm lab run {experiment.cli_name} "
+            f"--resume {run_dir}",
+            file=sys.stderr,
+        )
+        raise
+    bar.close()
+    with contextlib.suppress(OSError):
+        (run_dir / "checkpoints").rmdir()
+
+    summary = experiment.summarize(config, results)
+    summary["wall_seconds"] = time.perf_counter() - start
+    rows = [row for seed in seeds for row in experiment.metric_rows(results[seed])]
+    with _atomic_path(run_dir / METRICS_FILE) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+    figures = _write_figures(run_dir, experiment, config, results, summary)
+    _write_text(run_dir / REPORT_FILE, "\n".join(summary["report"]) + "\n")
+    # Last: its presence marks the run complete.
+    _write_json(run_dir / SUMMARY_FILE, summary)
+    if verbose:
+        print()
+        print("\n".join(summary["report"]))
+        print()
+        files = [CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, REPORT_FILE, "seeds/"]
+        files += [str(p.relative_to(run_dir)) for p in figures]
+        print(f"wrote {run_dir}/: {', '.join(files)}")
+        print(f"wall time {time.perf_counter() - start:.1f} s")
+    return run_dir
+
+
+def _write_figures(
+    run_dir: Path, experiment: Experiment, config: Any, results: Mapping[int, dict], summary: dict
+) -> list[Path]:
+    paths = []
+    for name, figure in experiment.plot(config, results, summary).items():
+        path = run_dir / "figures" / f"{name}.png"
+        _save_figure(path, figure)
+        paths.append(path)
+    return paths
+
+
+# --- reading runs back ------------------------------------------------------------------------
+
+
+class LoadedRun:
+    """A run directory read back: its experiment, config, completed seeds and summary.
+
+    Attributes:
+        run_dir: The directory.
+        experiment: The :class:`~batchnorm.lab.registry.Experiment`.
+        config: The configuration it ran with.
+        preset: The preset it started from.
+        results: Seed -> result, for the completed seeds.
+        summary: ``summary.json`` if the run is complete, else ``None``.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        spec = _read_spec(run_dir)
+        self.experiment = get_experiment(spec["experiment"].replace("_", "-"))
+        self.config = _config_from_json(self.experiment, spec["config"])
+        self.preset = spec.get("preset")
+        self.results = {}
+        for seed in range(self.config.seeds):
+            path = _seed_paths(run_dir, seed)[0]
+            if path.is_file():
+                self.results[seed] = _read_json(path)
+        summary_path = run_dir / SUMMARY_FILE
+        self.summary = _read_json(summary_path) if summary_path.is_file() else None
+
+    @property
+    def complete(self) -> bool:
+        """Whether every seed finished and the summary was written."""
+        return self.summary is not None
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Read a run directory back (complete or not).
+
+    Raises:
+        FileNotFoundError: If ``run_dir`` has no ``config.json``.
+    """
+    return LoadedRun(Path(run_dir))
+
+
+def plot_run(run_dir: str | Path, *, verbose: bool = True) -> list[Path]:
+    """Regenerate a run's figures from its saved results alone (no training).
+
+    An incomplete run is plotted from its completed seeds.
+
+    Returns:
+        The paths of the figures written.
+
+    Raises:
+        FileNotFoundError: If ``run_dir`` has no ``config.json``.
+        ValueError: If no seed of the run has completed.
+    """
+    run = load_run(run_dir)
+    if not run.results:
+        raise ValueError(
+            f"lab plot: expected at least one completed seed in {str(run.run_dir)!r}, got none "
+            f"yet. Continue the run with: batchnorm lab run {run.experiment.cli_name} "
+            f"--resume {run.run_dir}"
+        )
+    summary = run.summary
+    if summary is None or sorted(run.results) != summary.get("seeds"):
+        summary = run.experiment.summarize(run.config, run.results)
+    paths = _write_figures(run.run_dir, run.experiment, run.config, run.results, summary)
+    if verbose:
+        seeds = len(run.results)
+        note = "" if run.complete else f" (incomplete run: {seeds} of {run.config.seeds} seeds)"
+        for path in paths:
+            print(f"wrote {path}{note}")
+    return paths
