@@ -26,11 +26,17 @@ import torch
 __all__ = [
     "Summary",
     "calibrate_number",
+    "canary",
+    "compare",
+    "contended_summary",
     "copy_bandwidth",
     "format_table",
+    "freeze_gc",
     "interleaved_samples",
+    "loadavg",
     "machine_info",
     "pin_threads",
+    "roofline",
     "summarize",
     "write_json",
 ]
@@ -85,7 +91,11 @@ def _time_runner(run: Runner, number: int) -> float:
 
 
 def calibrate_number(
-    runners: dict[str, Runner], target_s: float, warmup_s: float, min_warmup_calls: int = 3
+    runners: dict[str, Runner],
+    target_s: float,
+    warmup_s: float,
+    min_warmup_calls: int = 3,
+    max_slowest_factor: float = 10.0,
 ) -> tuple[int, dict[str, dict[str, float]]]:
     """Warm every runner up, then pick calls-per-repetition so a repetition lasts ``target_s``.
 
@@ -95,6 +105,11 @@ def calibrate_number(
     descheduled for a whole time slice, which would inflate a median, while the minimum stays
     near the true cost. A shared ``number`` keeps even the fastest implementation's
     repetitions long enough for ``perf_counter`` to resolve.
+
+    ``number`` is capped so that a repetition of the *slowest* runner (its median warm-up call)
+    lasts at most ``max_slowest_factor * target_s``. Without the cap, a 60 us call next to a
+    25 ms one (torch's tiny BatchNorm1d with 2 threads when another job holds a core: its
+    parallel region waits for a scheduler tick) gave ``number`` = 500 and a 110 s case.
 
     Returns:
         ``(number, warm)``: ``number`` >= 1, and per runner the ``min`` and ``median`` of its
@@ -110,20 +125,29 @@ def calibrate_number(
             times[key].append(_time_runner(run, 1))
     warm = {k: {"min": min(v), "median": statistics.median(v)} for k, v in times.items()}
     fastest = max(min(w["min"] for w in warm.values()), 1e-9)
-    number = max(1, min(100_000, math.ceil(target_s / fastest)))
+    slowest = max(max(w["median"] for w in warm.values()), 1e-9)
+    cap = max(1, math.floor(max_slowest_factor * target_s / slowest))
+    number = max(1, min(100_000, cap, math.ceil(target_s / fastest)))
     return number, warm
 
 
 def interleaved_samples(
-    runners: dict[str, Runner], repeats: int, number: int
+    runners: dict[str, Runner], repeats: int, number: int, max_rep_s: float = 1.0
 ) -> dict[str, list[float]]:
     """Time each runner ``repeats`` times, alternating A B A B ... so drift hits every runner.
 
     The garbage collector is collected once before and disabled during the loop (as ``timeit``
     does), so a collection triggered by one runner is not charged to another.
 
+    If one repetition takes longer than ``max_rep_s`` while ``number > 1``, the machine changed
+    under the calibration (typically another job took a core and every short call now waits
+    for a scheduler tick): ``number`` is scaled down for the following repetitions, for every
+    runner alike, so that the case ends in bounded time. Samples stay per-call means. Measured:
+    without this, a case calibrated at 60 us per call ran at 23 ms per call for 110 s.
+
     Returns:
-        Per runner, ``repeats`` per-call times in seconds (each the mean of ``number`` calls).
+        Per runner, ``repeats`` per-call times in seconds (each the mean of the calls of one
+        repetition).
     """
     samples: dict[str, list[float]] = {k: [] for k in runners}
     gc.collect()
@@ -131,12 +155,111 @@ def interleaved_samples(
     gc.disable()
     try:
         for _ in range(repeats):
+            longest = 0.0
             for key, run in runners.items():
-                samples[key].append(_time_runner(run, number))
+                per_call = _time_runner(run, number)
+                samples[key].append(per_call)
+                longest = max(longest, per_call * number)
+            if number > 1 and longest > max_rep_s:
+                number = max(1, math.floor(number * max_rep_s / longest))
     finally:
         if gc_was_enabled:
             gc.enable()
     return samples
+
+
+def compare(
+    runners: dict[str, Runner],
+    repeats: int,
+    target_s: float,
+    warmup_s: float,
+    candidate: str = "batchnorm",
+) -> dict:
+    """Warm up, calibrate and time ``runners`` interleaved; ratios of every other runner to
+    ``candidate``.
+
+    Returns:
+        ``{"number", "warmup_s", "times", "ratio", "paired_ratio"}``: ``times[k]`` is the
+        :class:`Summary` of runner ``k`` as a dict plus its ``samples``; ``ratio[k]`` is
+        ``median(k) / median(candidate)`` (above 1: the candidate is faster) and
+        ``paired_ratio[k]`` the quartiles of the per-repetition ratios.
+    """
+    number, warm = calibrate_number(runners, target_s, warmup_s)
+    samples = interleaved_samples(runners, repeats, number)
+    times = {k: {**summarize(s).to_dict(), "samples": s} for k, s in samples.items()}
+    ratio, paired = {}, {}
+    if candidate in samples:
+        ours = samples[candidate]
+        for k, s in samples.items():
+            if k != candidate:
+                ratio[k] = times[k]["median"] / times[candidate]["median"]
+                paired[k] = summarize([a / b for a, b in zip(s, ours, strict=True)]).to_dict()
+    return {
+        "number": number,
+        "warmup_s": warm,
+        "times": times,
+        "ratio": ratio,
+        "paired_ratio": paired,
+    }
+
+
+def roofline(traffic_bytes: int, bytes_per_s: float, times: dict[str, dict]) -> dict[str, float]:
+    """Fraction of the copy-speed roofline per implementation: ``(bytes / bandwidth) / median``."""
+    return {k: (traffic_bytes / bytes_per_s) / t["median"] for k, t in times.items()}
+
+
+#: A canary above this means the case ran on a contended machine (see :func:`canary`).
+CONTENDED_CANARY_S = 1e-3
+
+_CANARY_X = torch.randn(60, 100)
+
+
+def canary(calls: int = 5) -> float:
+    """Median time of torch's training BatchNorm1d on (60, 100), at the current thread count.
+
+    About 25-50 us on this machine when it is quiet. When another job keeps a core busy, every
+    multi-threaded parallel region waits for the descheduled thread, i.e. for a scheduler tick:
+    the canary then takes 4-50 ms, and so does every short call of ours and of torch's, at any
+    size. Cases record it (``canary_s``, and ``contended`` when above
+    :data:`CONTENDED_CANARY_S`) so that such figures can be told apart and not quoted.
+    """
+    mean = torch.zeros(100)
+    var = torch.ones(100)
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        torch.nn.functional.batch_norm(_CANARY_X, mean, var, training=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def contended_summary(records: list[dict]) -> str:
+    """One line naming the cases whose canary says the machine was contended."""
+    bad = [r["case"]["name"] for r in records if r.get("contended")]
+    if not bad:
+        return "contention: none (canary below 1 ms before and after every case)"
+    return (
+        f"~ = contended: {len(bad)} of {len(records)} cases ran while the canary took > 1 ms "
+        "(another job holds a core; times are scheduler ticks, do not quote them)"
+    )
+
+
+def freeze_gc() -> None:
+    """Move every object alive now to the garbage collector's permanent generation.
+
+    ``interleaved_samples`` and ``bench_modules.bench_case`` call ``gc.collect()``, which walks
+    every tracked object: with torch, Numba and matplotlib imported that took 0.19 s per call
+    here (two per case, more than the timing of a small case). Objects created after the freeze
+    (those of the cases) are still collected; the start-up objects are never garbage anyway.
+    Measured: ``gc.collect()`` 0.19 s before, 2 us after.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+def loadavg() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages, or None where the OS does not report them."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def copy_bandwidth(nbytes: int = 50_000_000, repeats: int = 21) -> dict:

@@ -1,0 +1,206 @@
+"""Smoke tests of ``benchmarks/``: every entry point on tiny cases, the JSON records' structure,
+and that validation marks a deliberately wrong implementation INVALID (and does not time it).
+
+The timings here mean nothing (3 repetitions of microsecond calls); one thread is pinned so that
+tiny parallel calls are not stretched to scheduler time slices on a loaded 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+
+import numba
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not add the root
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import _harness, bench_kernels, bench_modules, bench_sweep, run_all  # noqa: E402
+from benchmarks.cases import make_case, make_kernel_case  # noqa: E402
+
+FAST = {"repeats": 3, "target_s": 0.001, "warmup_s": 0.0, "bandwidth": 1e10}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = (torch.get_num_threads(), numba.get_num_threads())
+    _harness.pin_threads(1)
+    _harness.freeze_gc()  # every case calls gc.collect(): 0.2 s each without this
+    yield
+    gc.unfreeze()
+    torch.set_num_threads(before[0])
+    numba.set_num_threads(before[1])
+
+
+def _timed_record_ok(rec: dict, impls: list[str]) -> None:
+    assert rec["valid"] is True, rec["invalid_reason"]
+    assert set(rec["times"]) == set(impls)
+    for t in rec["times"].values():
+        assert t["q1"] <= t["median"] <= t["q3"] and t["n"] == len(t["samples"]) >= 3
+    assert rec["ratio"]["torch"] > 0 and set(rec["paired_ratio"]["torch"]) >= {"q1", "q3"}
+    assert set(rec["roofline"]) == set(impls)
+    assert rec["case"]["traffic_bytes"] > 0
+
+
+# --------------------------------------------------------------------------- bench_modules
+
+
+def _wrong_module(case, state):
+    """torch.nn with a shifted bias: a plausible-looking, wrong implementation."""
+    return bench_modules._torch_nn(case, {**state, "bias": state["bias"] + 0.5})
+
+
+def test_bench_modules_case_valid_then_wrong_module_invalid():
+    args = argparse.Namespace(repeats=3, target_ms=1.0, warmup_s=0.0, seed=0, verbose=False)
+    case = make_case((6, 3), "fwd_bwd")
+    impls = bench_modules.implementations(compiled=False, stand_in=False)
+    rec = bench_modules.bench_case(case, impls, args)
+    rec["roofline"] = _harness.roofline(case.traffic_bytes, 1e10, rec["times"])
+    _timed_record_ok(rec, ["torch", "batchnorm"])
+
+    bad = bench_modules.bench_case(
+        case, {"torch": impls["torch"], "batchnorm": _wrong_module}, args
+    )
+    assert bad["valid"] is False
+    assert bad["invalid_reason"]["batchnorm"].startswith("output:")
+    assert "batchnorm" not in bad["times"] and "torch" in bad["times"]
+
+
+def test_bench_modules_main_writes_json(tmp_path, capsys):
+    path = tmp_path / "modules.json"
+    argv = ["--shapes", "smoke", "--filter", "6x3", "eval_fwd", "--threads", "1"]
+    argv += ["--repeats", "15", "--target-ms", "0.5", "--warmup-s", "0", "--json", str(path)]
+    assert bench_modules.main(argv) == 0
+    rec = json.loads(path.read_text())
+    assert rec["benchmark"] == "bench_modules" and len(rec["cases"]) == 1
+    assert "torch/ours" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- bench_kernels
+
+
+def _broken_kernels(case, buffers):
+    """Our kernels, then the first output corrupted in place: must be caught before timing."""
+    call, observe = bench_kernels._ours(case, buffers)
+
+    def bad_call() -> None:
+        call()
+        next(iter(observe().values())).add_(0.5)
+
+    return bad_call, observe
+
+
+@pytest.mark.parametrize("op", ["train_fwd", "eval_fwd", "backward"])
+@pytest.mark.parametrize("shape_layout", [((4, 3, 5, 5), "nchw"), ((4, 3, 5, 5), "nhwc")])
+def test_bench_kernels_valid_then_broken_invalid(op, shape_layout):
+    shape, layout = shape_layout
+    case = make_kernel_case(shape, layout, op)
+    good = bench_kernels.run_cases([case], **FAST)
+    (rec,) = good["cases"]
+    _timed_record_ok(rec, ["torch", "batchnorm"])
+    assert (
+        rec["case"]["traffic_bytes"]
+        == {"train_fwd": 3, "eval_fwd": 2, "backward": 5}[op] * 4 * case.numel
+    )
+
+    impls = {"torch": bench_kernels._torch, "batchnorm": _broken_kernels}
+    (bad,) = bench_kernels.run_cases([case], impls, **FAST)["cases"]
+    assert bad["valid"] is False and "batchnorm" in bad["invalid_reason"]
+    assert list(bad["times"]) == ["torch"] and bad["ratio"] == {}
+
+
+def test_bench_kernels_main_writes_json(tmp_path):
+    path = tmp_path / "kernels.json"
+    argv = ["--shapes", "smoke", "--filter", "16x8", "--threads", "1", "--repeats", "15"]
+    argv += ["--target-ms", "0.5", "--warmup-s", "0", "--copy-mb", "2", "--json", str(path)]
+    assert bench_kernels.main(argv) == 0
+    rec = json.loads(path.read_text())
+    assert rec["benchmark"] == "bench_kernels"
+    assert {c["case"]["op"] for c in rec["cases"]} == {"train_fwd", "eval_fwd", "backward"}
+    assert set(rec["machine"]["versions"]) >= {"python", "torch", "numpy", "numba"}
+    assert len(rec["loadavg_start"]) == 3
+
+
+# --------------------------------------------------------------------------- bench_sweep
+
+
+def test_bench_sweep_crossover_plot_and_invalid(tmp_path):
+    impls = bench_modules.implementations(compiled=False, stand_in=False)
+    sec = bench_sweep.run_sweep(["c256-2d"], [1e3, 3e3], ["train_fwd"], impls=impls, **FAST)
+    assert [r["case"]["shape"] for r in sec["cases"]] == [[4, 256], [12, 256]]
+    (cross,) = sec["crossover"]
+    assert cross["family"] == "c256-2d" and cross["mode"] == "train_fwd"
+    assert len(cross["points"]) == 2 and cross["invalid_points"] == []
+    if cross["crossover_numel"] is not None:
+        assert cross["crossover_numel"] in (1024, 3072)
+    png = bench_sweep.plot(sec, tmp_path / "sweep.png", "test")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert "crossover" in bench_sweep.format_report(sec)
+
+    impls["batchnorm"] = _wrong_module
+    bad = bench_sweep.run_sweep(["c256-2d"], [1e3], ["train_fwd"], impls=impls, **FAST)
+    assert bad["crossover"][0]["points"] == [] and bad["crossover"][0]["invalid_points"]
+    assert "no valid point" in bench_sweep.format_report(bad)
+
+
+def test_bench_sweep_main_writes_json_and_png(tmp_path):
+    path = tmp_path / "sweep.json"
+    argv = ["--points", "2", "--max-size", "3e3", "--families", "c256-2d", "--modes", "train_fwd"]
+    argv += ["--threads", "1", "--repeats", "15", "--target-ms", "0.5", "--warmup-s", "0"]
+    argv += ["--copy-mb", "2", "--json", str(path)]
+    assert bench_sweep.main(argv) == 0
+    rec = json.loads(path.read_text())
+    assert rec["benchmark"] == "bench_sweep" and len(rec["cases"]) == 2
+    assert all(len(c["canary_s"]) == 2 and "contended" in c for c in rec["cases"])
+    assert path.with_suffix(".png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_crossover_is_from_the_last_loss():
+    def rec(n, ratio):
+        return {
+            "family": "f",
+            "valid": True,
+            "case": {"shape": [n, 1], "mode": "train_fwd", "traffic_bytes": 12 * n},
+            "ratio": {"torch": ratio},
+            "paired_ratio": {"torch": {"q1": ratio, "q3": ratio}},
+        }
+
+    (c,) = bench_sweep.crossovers([rec(10, 0.5), rec(20, 1.2), rec(40, 0.9), rec(80, 1.5)])
+    assert c["crossover_numel"] == 80 and c["first_win_numel"] == 20
+    (c,) = bench_sweep.crossovers([rec(10, 1.1), rec(20, 0.8)])
+    assert c["crossover_numel"] is None
+
+
+# --------------------------------------------------------------------------- run_all
+
+
+def test_run_all_smoke_suite(tmp_path, capsys):
+    path = tmp_path / "suite.json"
+    assert run_all.main(["--suite", "smoke", "--threads", "1", "--json", str(path)]) == 0
+    rec = json.loads(path.read_text())
+    assert rec["benchmark"] == "run_all" and rec["suite"] == "smoke"
+    assert set(rec["machine"]["versions"]) >= {"python", "torch", "numpy", "numba", "batchnorm"}
+    assert rec["machine"]["cpu_model"] and len(rec["loadavg"]["start"]) == 3
+    sections = rec["sections"]
+    assert set(sections) == {"modules", "threads", "kernels", "sweep"}
+    for name in ("modules", "kernels", "sweep"):
+        assert sections[name]["copy_bandwidth"]["bytes_per_s"] > 0
+        for case in sections[name]["cases"]:
+            _timed_record_ok(case, ["torch", "batchnorm"])
+    threads = sections["threads"]
+    assert threads["reused_from_modules"] == 1 and list(threads["runs"]) == ["2"]
+    assert {r["case"] for r in threads["scaling"]} == {
+        c["case"]["name"] for c in sections["modules"]["cases"]
+    }
+    assert all(set(r["speedup"]) == {"torch", "batchnorm"} for r in threads["scaling"])
+    assert sections["sweep"]["crossover"] and Path(rec["plot"]).read_bytes()[:8] == PNG_MAGIC
+    assert [t["threshold"] for t in rec["targets"]] == [3.0, 2.5, 1.0, 1.0, 0.7]
+    out = capsys.readouterr().out
+    assert "targets of the issue" in out and "thread scaling" in out
