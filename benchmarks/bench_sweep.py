@@ -105,6 +105,8 @@ def crossovers(records: list[dict]) -> list[dict]:
     it equals the smallest size when ours is never slower. ``first_win_numel`` is the smallest
     size with ratio >= 1 at all (a win below the crossover is isolated, often noise). ``ties``
     lists sizes whose paired IQR straddles 1: the ordering there is not resolved on this run.
+    Points measured on a contended machine (``contended``) are left out and listed in
+    ``contended_points``.
     """
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in records:
@@ -112,10 +114,11 @@ def crossovers(records: list[dict]) -> list[dict]:
     out = []
     for (family, mode), recs in groups.items():
         recs = sorted(recs, key=lambda r: r["case"]["traffic_bytes"])
+        # Contended points are scheduler ticks, not code: they do not decide the crossover.
         pts = [
             (r["case"]["shape"], math.prod(r["case"]["shape"]), r["ratio"].get("torch"))
             for r in recs
-            if r["valid"] and "torch" in r["ratio"]
+            if r["valid"] and "torch" in r["ratio"] and not r.get("contended")
         ]
         cross = None
         for shape, numel, ratio in reversed(pts):
@@ -186,7 +189,7 @@ def format_report(section: dict) -> str:
     lines.append("crossover (smallest size from which ours >= torch at every larger point):")
     for c in section["crossover"]:
         if not c["points"]:
-            what = "no valid point"
+            what = "no valid uncontended point"
         elif c["crossover_numel"] is None:
             what = "none in range (ours slower at the largest point)"
         else:
@@ -198,7 +201,7 @@ def format_report(section: dict) -> str:
                 what += f"; an isolated win already at {c['first_win_numel']:.3g}"
         if c.get("contended_points"):
             pts = ", ".join(f"{n:.2g}" for n in c["contended_points"])
-            what += f"; CONTENDED (not trustworthy) at {pts}"
+            what += f"; left out as contended: {pts}"
         if c["ties"]:
             what += f"; ties (paired IQR straddles 1) at {', '.join(f'{n:.2g}' for n in c['ties'])}"
         lines.append(f"  {c['family']:8s} {c['mode']:9s}: {what}")

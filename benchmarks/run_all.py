@@ -160,6 +160,7 @@ def thread_scaling(at: dict[int, dict]) -> list[dict]:
             row["median_s"][impl] = med
             row["speedup"][impl] = med[0] / med[-1]
         row["ratio"] = [r["ratio"].get("torch") for r in recs]
+        row["contended"] = any(r.get("contended") for r in recs)
         rows.append(row)
     return rows
 
@@ -173,7 +174,7 @@ def format_scaling(rows: list[dict]) -> str:
               f"torch/ours @{lo}", f"torch/ours @{hi}"]  # fmt: skip
     body = [
         [
-            r["case"],
+            r["case"] + ("~" if r.get("contended") else ""),
             f"{r['speedup']['torch']:.2f}x",
             f"{r['speedup']['batchnorm']:.2f}x",
             f"{r['ratio'][0]:.2f}",
@@ -181,7 +182,10 @@ def format_scaling(rows: list[dict]) -> str:
         ]
         for r in rows
     ]
-    return _harness.format_table(header, body, "<>>>>")
+    table = _harness.format_table(header, body, "<>>>>")
+    if any(r.get("contended") for r in rows):
+        table += "\n~ = contended at one of the thread counts: do not quote that row"
+    return table
 
 
 _FIRST_CALL_CHILD = r"""

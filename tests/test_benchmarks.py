@@ -147,7 +147,7 @@ def test_bench_sweep_crossover_plot_and_invalid(tmp_path):
     impls["batchnorm"] = _wrong_module
     bad = bench_sweep.run_sweep(["c256-2d"], [1e3], ["train_fwd"], impls=impls, **FAST)
     assert bad["crossover"][0]["points"] == [] and bad["crossover"][0]["invalid_points"]
-    assert "no valid point" in bench_sweep.format_report(bad)
+    assert "no valid uncontended point" in bench_sweep.format_report(bad)
 
 
 def test_bench_sweep_main_writes_json_and_png(tmp_path):
@@ -176,6 +176,10 @@ def test_crossover_is_from_the_last_loss():
     assert c["crossover_numel"] == 80 and c["first_win_numel"] == 20
     (c,) = bench_sweep.crossovers([rec(10, 1.1), rec(20, 0.8)])
     assert c["crossover_numel"] is None
+    # A contended point (scheduler ticks) neither makes nor breaks the crossover.
+    stalled = {**rec(40, 0.2), "contended": True}
+    (c,) = bench_sweep.crossovers([rec(10, 0.5), rec(20, 1.2), stalled, rec(80, 1.5)])
+    assert c["crossover_numel"] == 20 and c["contended_points"] == [40]
 
 
 # --------------------------------------------------------------------------- run_all
