@@ -16,6 +16,8 @@ from batchnorm.kernels import (
 )
 from conftest import SHAPES, TOL, shape_id
 
+from .layouts import from_kernel_layout, to_kernel_layout
+
 REDUCE = {"nchw": backward_reduce_nchw, "nhwc": backward_reduce_nhwc}
 APPLY = {"nchw": backward_apply_nchw, "nhwc": backward_apply_nhwc}
 DTYPES = [np.float32, np.float64]
@@ -36,23 +38,6 @@ KERNEL_SHAPES = SHAPES + [
     (5000, 7),
     (600, 300),
 ]
-
-
-def to_kernel_layout(x: np.ndarray, layout: str) -> np.ndarray:
-    """``(N, C, *)`` -> C-contiguous ``(N, C, S)`` for nchw or ``(N * S, C)`` for nhwc."""
-    n, c = x.shape[:2]
-    x3 = x.reshape(n, c, -1)
-    if layout == "nchw":
-        return np.ascontiguousarray(x3)
-    return np.ascontiguousarray(x3.transpose(0, 2, 1)).reshape(-1, c)
-
-
-def from_kernel_layout(y: np.ndarray, shape: tuple[int, ...], layout: str) -> np.ndarray:
-    """Inverse of :func:`to_kernel_layout`."""
-    n, c = shape[:2]
-    if layout == "nchw":
-        return y.reshape(shape)
-    return y.reshape(n, -1, c).transpose(0, 2, 1).reshape(shape)
 
 
 def run_reduce(dy, x, mean, layout):

@@ -10,6 +10,8 @@ from batchnorm import reference
 from batchnorm.kernels import moments_nchw, moments_nhwc
 from conftest import SHAPES, shape_id
 
+from .layouts import to_kernel_layout
+
 KERNELS = {"nchw": moments_nchw, "nhwc": moments_nhwc}
 DTYPES = [np.float32, np.float64]
 # The outputs are float64 computed in float64 from the input's exact values, so both input
@@ -29,15 +31,6 @@ KERNEL_SHAPES = SHAPES + [
     (5000, 7),
     (600, 300),
 ]
-
-
-def to_kernel_layout(x: np.ndarray, layout: str) -> np.ndarray:
-    """``(N, C, *)`` -> C-contiguous ``(N, C, S)`` for nchw or ``(N * S, C)`` for nhwc."""
-    n, c = x.shape[:2]
-    x3 = x.reshape(n, c, -1)
-    if layout == "nchw":
-        return np.ascontiguousarray(x3)
-    return np.ascontiguousarray(x3.transpose(0, 2, 1)).reshape(-1, c)
 
 
 def run_moments(x: np.ndarray, layout: str) -> tuple[np.ndarray, np.ndarray, int]:

@@ -11,6 +11,8 @@ from batchnorm import reference
 from batchnorm.kernels import normalize_nchw, normalize_nhwc
 from conftest import SHAPES, TOL, shape_id
 
+from .layouts import from_kernel_layout, to_kernel_layout
+
 KERNELS = {"nchw": normalize_nchw, "nhwc": normalize_nhwc}
 DTYPES = [np.float32, np.float64]
 # y has x's dtype: float64 output is held to the float64 row of the table; float32 output has
@@ -29,23 +31,6 @@ KERNEL_SHAPES = SHAPES + [
     (5000, 1, 1),
     (5000, 7),
 ]
-
-
-def to_kernel_layout(x: np.ndarray, layout: str) -> np.ndarray:
-    """``(N, C, *)`` -> C-contiguous ``(N, C, S)`` for nchw or ``(N * S, C)`` for nhwc."""
-    n, c = x.shape[:2]
-    x3 = x.reshape(n, c, -1)
-    if layout == "nchw":
-        return np.ascontiguousarray(x3)
-    return np.ascontiguousarray(x3.transpose(0, 2, 1)).reshape(-1, c)
-
-
-def from_kernel_layout(y: np.ndarray, shape: tuple[int, ...], layout: str) -> np.ndarray:
-    """Inverse of :func:`to_kernel_layout`."""
-    n, c = shape[:2]
-    if layout == "nchw":
-        return y.reshape(shape)
-    return y.reshape(n, -1, c).transpose(0, 2, 1).reshape(shape)
 
 
 def run_normalize(x, mean, scale, shift, layout):

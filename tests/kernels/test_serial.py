@@ -18,7 +18,7 @@ from batchnorm.kernels import (
 )
 from conftest import SHAPES, TOL, shape_id
 
-from .test_backward import from_kernel_layout, to_kernel_layout
+from .layouts import from_kernel_layout, to_kernel_layout
 
 TRAIN = {"nchw": train_serial_nchw, "nhwc": train_serial_nhwc}
 EVAL = {"nchw": eval_serial_nchw, "nhwc": eval_serial_nhwc}
