@@ -214,6 +214,35 @@ CONTENDED_CANARY_S = 1e-3
 _CANARY_X = torch.randn(60, 100)
 
 
+def progress_line(position: str, rec: dict) -> str:
+    """One stderr line per finished case: ``[k/n] name: torch/ours 1.23`` or ``INVALID: why``."""
+    msg = (
+        f"torch/ours {rec['ratio']['torch']:.2f}"
+        if rec["valid"] and "torch" in rec["ratio"]
+        else f"INVALID: {rec['invalid_reason'].get('batchnorm')}"
+    )
+    return f"[{position}] {rec['case']['name']}: {msg}"
+
+
+def attach_roofline(
+    records: list[dict], bandwidth: float | None, bw_start: dict | None, bw_kwargs: dict
+) -> tuple[float, dict]:
+    """Give every record its roofline fractions, measuring the end bandwidth if none was given.
+
+    The faster of the start and end copy measurements is the roofline (a slower one was
+    disturbed). Returns ``(bytes_per_s, {"start": ..., "end": ...})``; the dict is empty when
+    ``bandwidth`` was given by the caller.
+    """
+    measured = {}
+    if bandwidth is None:
+        bw_end = copy_bandwidth(**bw_kwargs)
+        bandwidth = max(bw_start["bytes_per_s"], bw_end["bytes_per_s"])
+        measured = {"start": bw_start, "end": bw_end}
+    for rec in records:
+        rec["roofline"] = roofline(rec["case"]["traffic_bytes"], bandwidth, rec["times"])
+    return bandwidth, measured
+
+
 def canary(calls: int = 5) -> float:
     """Median time of torch's training BatchNorm1d on (60, 100), at the current thread count.
 

@@ -371,19 +371,8 @@ def run_cases(
             verbose=verbose,
         )
         records.append(rec)
-        msg = (
-            f"torch/ours {rec['ratio']['torch']:.2f}"
-            if rec["valid"] and "torch" in rec["ratio"]
-            else f"INVALID: {rec['invalid_reason'].get('batchnorm')}"
-        )
-        print(f"[{i}/{len(cases)}] {case.name}: {msg}", file=sys.stderr, flush=True)
-    bw = {}
-    if bandwidth is None:
-        bw_end = _harness.copy_bandwidth(**bw_kwargs)
-        bandwidth = max(bw_start["bytes_per_s"], bw_end["bytes_per_s"])
-        bw = {"start": bw_start, "end": bw_end}
-    for rec in records:
-        rec["roofline"] = _harness.roofline(rec["case"]["traffic_bytes"], bandwidth, rec["times"])
+        print(_harness.progress_line(f"{i}/{len(cases)}", rec), file=sys.stderr, flush=True)
+    bandwidth, bw = _harness.attach_roofline(records, bandwidth, bw_start, bw_kwargs)
     geo: dict[str, list[float]] = {}
     for r in records:
         if r["valid"] and "torch" in r["ratio"]:

@@ -73,19 +73,8 @@ def run_sweep(
         rec["wall_s"] = time.perf_counter() - t_case
         rec["family"] = family
         records[i] = rec
-        msg = (
-            f"torch/ours {rec['ratio']['torch']:.2f}"
-            if rec["valid"] and "torch" in rec["ratio"]
-            else f"INVALID: {rec['invalid_reason'].get('batchnorm')}"
-        )
-        print(f"[{k}/{len(pairs)}] {case.name}: {msg}", file=sys.stderr, flush=True)
-    bw = {}
-    if bandwidth is None:
-        bw_end = _harness.copy_bandwidth(**bw_kwargs)
-        bandwidth = max(bw_start["bytes_per_s"], bw_end["bytes_per_s"])
-        bw = {"start": bw_start, "end": bw_end}
-    for rec in records:
-        rec["roofline"] = _harness.roofline(rec["case"]["traffic_bytes"], bandwidth, rec["times"])
+        print(_harness.progress_line(f"{k}/{len(pairs)}", rec), file=sys.stderr, flush=True)
+    bandwidth, bw = _harness.attach_roofline(records, bandwidth, bw_start, bw_kwargs)
     return {
         "families": list(families),
         "family_memory_format": {f: SWEEP_FAMILIES[f][1] for f in families},
