@@ -48,8 +48,25 @@ _KIND_BY_NDIM = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "Batch
 _SHORT_FORMAT = {"contiguous": "nc", "channels_last": "cl"}
 
 
+class _TensorSpec:
+    """What both case kinds derive from their ``shape`` and ``dtype`` fields."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def num_features(self) -> int:
+        """Channel count ``C``."""
+        return self.shape[1]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype as a ``torch.dtype``."""
+        return getattr(torch, self.dtype)
+
+
 @dataclass(frozen=True)
-class Case:
+class Case(_TensorSpec):
     """One benchmark case.
 
     Attributes:
@@ -69,16 +86,6 @@ class Case:
     dtype: str
     memory_format: str
     mode: str
-
-    @property
-    def num_features(self) -> int:
-        """Channel count ``C``."""
-        return self.shape[1]
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        """The dtype as a ``torch.dtype``."""
-        return getattr(torch, self.dtype)
 
     @property
     def torch_memory_format(self) -> torch.memory_format:
@@ -186,7 +193,7 @@ KERNEL_TRAFFIC = {"train_fwd": (2, 1), "eval_fwd": (1, 1), "backward": (4, 1)}
 
 
 @dataclass(frozen=True)
-class KernelCase:
+class KernelCase(_TensorSpec):
     """One kernel-level case: a kernel sequence on one shape in one kernel layout.
 
     Attributes:
@@ -203,16 +210,6 @@ class KernelCase:
     layout: str
     dtype: str
     op: str
-
-    @property
-    def num_features(self) -> int:
-        """Channel count ``C``."""
-        return self.shape[1]
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        """The dtype as a ``torch.dtype``."""
-        return getattr(torch, self.dtype)
 
     @property
     def torch_memory_format(self) -> torch.memory_format:
