@@ -19,6 +19,8 @@ _EXPORTS = {
     "BatchNorm1d": "modules",
     "BatchNorm2d": "modules",
     "BatchNorm3d": "modules",
+    "NonFiniteStatisticsError": "_validate",
+    "NonFiniteStatisticsWarning": "_validate",
     "backend_for": "functional",
     "batch_norm": "functional",
     "convert": "tools.convert",
@@ -29,6 +31,8 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "NonFiniteStatisticsError",
+    "NonFiniteStatisticsWarning",
     "__version__",
     "backend_for",
     "batch_norm",
@@ -37,6 +41,7 @@ __all__ = [
 assert set(__all__) == {*_EXPORTS, "__version__"}, "__all__ and _EXPORTS must list the same names"
 
 if TYPE_CHECKING:
+    from ._validate import NonFiniteStatisticsError, NonFiniteStatisticsWarning
     from .functional import backend_for, batch_norm
     from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
     from .monitor import ActivationMonitor

@@ -34,6 +34,17 @@ between the two in both directions.
     changes no buffer. A batch with no values (``N == 0``) changes nothing either (torch's
     module would still count it in ``num_batches_tracked``).
 
+    Non-finite batches: a training batch whose mean or unbiased variance is NaN or infinite in
+    any channel (or too large for the buffers' dtype) is never folded into the running
+    statistics, where it would stay forever (torch keeps it: pytorch#88474; it happens, for
+    example, when a float16 forward overflows and the loss scaler skips the step). With
+    ``nonfinite="skip"`` (the default) the buffers and ``num_batches_tracked`` stay as they
+    were, ``nonfinite_batches_skipped`` counts the batch (eager mode; not inside
+    ``torch.compile`` graphs) and a :class:`batchnorm.NonFiniteStatisticsWarning` is issued.
+    With ``nonfinite="raise"`` a :class:`batchnorm.NonFiniteStatisticsError` is raised instead,
+    equally before any change. The policy is the attribute ``nonfinite``; layers converted from
+    torch.nn by :func:`batchnorm.convert` start with ``"skip"``.
+
     Dtypes: CPU float32/float64 inputs run on the Numba kernels with float64 statistics and
     arithmetic, rounded once to the input dtype; other devices and dtypes fall back to torch's
     native op (see :func:`batchnorm.backend_for`). ``weight`` starts at 1 and ``bias`` at 0.
@@ -48,10 +59,13 @@ between the two in both directions.
         device: Device of parameters and buffers.
         dtype: Dtype of parameters and buffers.
         bias: With ``affine``, also learn ``bias`` (torch 2.13's keyword).
+        nonfinite: ``"skip"`` or ``"raise"``: what a training batch with non-finite statistics
+            does (see above).
 
     Raises:
         TypeError: ``num_features`` not an int.
-        ValueError: ``num_features < 1``, ``eps < 0``, ``momentum`` outside ``[0, 1]``.
+        ValueError: ``num_features < 1``, ``eps < 0``, ``momentum`` outside ``[0, 1]``, or
+            ``nonfinite`` not ``"skip"``/``"raise"``.
 
     Shape:
         - Input: {shape}

@@ -14,10 +14,36 @@ import numbers
 import torch
 
 __all__ = [
+    "NONFINITE_POLICIES",
+    "NonFiniteStatisticsError",
+    "NonFiniteStatisticsWarning",
     "check_batch_norm_args",
     "check_constructor_args",
     "check_module_input",
+    "check_nonfinite_policy",
 ]
+
+# What to do with a training batch whose statistics are NaN or infinite (in the dtype of the
+# running buffers): leave the running statistics as they were and warn, or raise. There is
+# deliberately no "fold it in" choice: a NaN in a running average never leaves it (pytorch#88474).
+NONFINITE_POLICIES = ("skip", "raise")
+
+
+class NonFiniteStatisticsError(FloatingPointError):
+    """A training batch had NaN or infinite statistics and the policy was ``"raise"``.
+
+    Raised before any state changed: running statistics and ``num_batches_tracked`` are as they
+    were before the call.
+    """
+
+
+class NonFiniteStatisticsWarning(RuntimeWarning):
+    """A training batch had NaN or infinite statistics and was left out of the running ones.
+
+    Turn it into an error with ``warnings.simplefilter("error", NonFiniteStatisticsWarning)``,
+    or silence it with ``"ignore"``; modules also count such batches in
+    ``nonfinite_batches_skipped``.
+    """
 
 
 _ALLOWED_PARAM_DTYPES = {
@@ -37,6 +63,19 @@ def _name(where) -> str:
 
 def _floating_dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+def check_nonfinite_policy(where, nonfinite) -> None:
+    """Reject a policy for non-finite batch statistics that is not one of NONFINITE_POLICIES.
+
+    Raises:
+        ValueError: ``nonfinite`` is not ``"skip"`` or ``"raise"``.
+    """
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"{_name(where)}: expected nonfinite to be one of "
+            f"{', '.join(map(repr, NONFINITE_POLICIES))}, got {nonfinite!r}."
+        )
 
 
 def check_constructor_args(cls_name: str, num_features, eps, momentum) -> None:

@@ -19,12 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from . import kernels
-from ._validate import check_batch_norm_args
+from ._validate import (
+    NonFiniteStatisticsError,
+    NonFiniteStatisticsWarning,
+    _name,
+    check_batch_norm_args,
+    check_nonfinite_policy,
+)
 
 __all__ = ["batch_norm", "backend_for"]
 
@@ -123,6 +131,8 @@ def _native_batch_norm(input, running_mean, running_var, weight, bias, training,
 SERIAL_MAX_ELEMENTS = 1 << 15
 
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+# Largest finite value of each kernel dtype: batch statistics beyond it would be stored as Inf.
+_LIMIT = {np.dtype(t): float(np.finfo(t).max) for t in (np.float32, np.float64)}
 # Zero-length arrays stand for an absent weight, bias or running statistic in the kernels.
 _ABSENT = {torch.float32: np.empty(0, np.float32), torch.float64: np.empty(0, np.float64)}
 
@@ -206,23 +216,71 @@ def _values_per_channel(x: torch.Tensor) -> int:
     return x.numel() // x.shape[1]
 
 
-def _advance_counter(num_batches_tracked: torch.Tensor | None, momentum: float | None) -> float:
-    """Count this training batch and return the weight of its statistics in the averages.
+def _batch_weight(num_batches_tracked: torch.Tensor | None, momentum: float | None) -> float:
+    """The weight of this training batch's statistics in the running averages.
 
-    ``momentum=None`` is torch's cumulative average: ``1 / num_batches_tracked`` after the
-    increment.
+    ``momentum=None`` is torch's cumulative average: ``1 / num_batches_tracked``, counting this
+    batch (the counter itself is advanced only once the update has happened).
     """
+    if momentum is None and num_batches_tracked is not None:
+        return 1.0 / (float(_numpy(num_batches_tracked)) + 1.0)
+    return float(momentum)
+
+
+def _count_batch(num_batches_tracked: torch.Tensor | None) -> None:
     if num_batches_tracked is not None:
         counter = _numpy(num_batches_tracked)
         counter += 1
         torch.autograd.graph.increment_version(num_batches_tracked)
-        if momentum is None:
-            return 1.0 / float(counter)
-    return float(momentum)
 
 
-def _train_forward(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps):
+class _Guard(NamedTuple):
+    """What to do with a training batch whose statistics are not finite, and who asked.
+
+    Attributes:
+        nonfinite: ``"skip"`` (leave the running statistics alone and warn) or ``"raise"``.
+        where: The caller's name for messages (a string, or a callable that returns it).
+        on_skip: Called after a skipped batch (modules count them), or ``None``.
+    """
+
+    nonfinite: str = "skip"
+    where: object = "batch_norm()"
+    on_skip: Callable[[], None] | None = None
+
+
+def _reject_batch(guard: _Guard, mean, var) -> None:
+    """Report a batch left out of the running statistics: raise, or warn and count."""
+    mean = np.asarray(mean, dtype=np.float64)
+    var = np.asarray(var, dtype=np.float64)
+    bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var)))
+    shown = ", ".join(map(str, bad[:8])) + (", ..." if bad.size > 8 else "")
+    what = (
+        f"the batch's mean or variance is NaN or infinite (in channels {shown})"
+        if bad.size
+        else "the batch's variance is too large for the running statistics' dtype"
+    )
+    if guard.nonfinite == "raise":
+        raise NonFiniteStatisticsError(
+            f"{_name(guard.where)}: expected finite batch statistics, but {what}; the running "
+            "statistics and num_batches_tracked were left unchanged."
+        )
+    warnings.warn(
+        NonFiniteStatisticsWarning(
+            f"{_name(guard.where)}: {what}; this batch was left out of the running statistics "
+            "(and not counted in num_batches_tracked). Pass nonfinite='raise' to stop instead."
+        ),
+        stacklevel=2,
+    )
+    if guard.on_skip is not None:
+        guard.on_skip()
+
+
+def _train_forward(
+    x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, guard=None
+):
     """Algorithm 1 on the kernels, plus the running-average update when buffers are given.
+
+    A batch with non-finite statistics updates nothing and is handled by ``guard``.
 
     Returns:
         ``(y, mean, var)``: the output and the batch mean and *biased* variance (float64,
@@ -238,14 +296,15 @@ def _train_forward(x, weight, bias, running_mean, running_var, num_batches_track
     bias_a = _optional(bias, x.dtype)
     track = running_mean is not None
     if track:
-        factor = _advance_counter(num_batches_tracked, momentum)
+        factor = _batch_weight(num_batches_tracked, momentum)
         running_mean_a, running_var_a = _numpy(running_mean), _numpy(running_var)
     else:
         factor = 0.0
         running_mean_a = running_var_a = _ABSENT[x.dtype]
+    limit = _LIMIT[xa.dtype]
     if x.numel() <= SERIAL_MAX_ELEMENTS:
-        _kernel("train_serial", layout, xa.dtype)(
-            xa, weight_a, bias_a, eps, ya, mean, var, running_mean_a, running_var_a, factor
+        updated = _kernel("train_serial", layout, xa.dtype)(
+            xa, weight_a, bias_a, eps, ya, mean, var, running_mean_a, running_var_a, factor, limit
         )
     else:
         m2 = np.empty(channels)
@@ -257,9 +316,13 @@ def _train_forward(x, weight, bias, running_mean, running_var, num_batches_track
             scale = invstd * _float64(weight_a, channels, 1.0)
             shift = _float64(bias_a, channels, 0.0)
             _kernel("normalize", layout, xa.dtype)(xa, mean, scale, shift, ya)
-        if track:
-            kernels.update_running(running_mean_a, running_var_a, mean, var, count, factor)
-    if track:
+        updated = not track or kernels.update_running(
+            running_mean_a, running_var_a, mean, var, count, factor, limit
+        )
+    if not updated:
+        _reject_batch(guard or _Guard(), mean, var)
+    elif track:
+        _count_batch(num_batches_tracked)
         # The buffers were written through NumPy, which autograd cannot see: tell it, so that a
         # graph that saved them (an evaluation-mode forward) refuses to backpropagate stale
         # values, exactly as after an in-place torch op.
@@ -384,10 +447,10 @@ def _composite_grads(dy, x, weight, running_mean, running_var, eps, training):
 class _TrainFn(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
+        ctx, x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, guard
     ):
         y, mean, var = _train_forward(
-            x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
+            x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, guard
         )
         ctx.save_for_backward(x, weight, mean, var)
         ctx.eps = eps
@@ -401,7 +464,7 @@ class _TrainFn(torch.autograd.Function):
             dx, dw, db = _composite_grads(dy, x, weight, None, None, ctx.eps, True)
         else:
             dx, dw, db = _backward(dy, x, weight, mean, var, ctx.eps, True)
-        return (*_select_grads(ctx, dx, dw, db), None, None, None, None, None)
+        return (*_select_grads(ctx, dx, dw, db), None, None, None, None, None, None)
 
 
 class _EvalFn(torch.autograd.Function):
@@ -464,17 +527,30 @@ def _update_running_op(
     var: torch.Tensor,
     count: int,
     momentum: float | None,
+    nonfinite: str,
+    where: str,
 ) -> None:
-    factor = _advance_counter(num_batches_tracked, momentum)
-    kernels.update_running(
-        _numpy(running_mean), _numpy(running_var), _numpy(mean), _numpy(var), count, factor
+    running_mean_a = _numpy(running_mean)
+    updated = kernels.update_running(
+        running_mean_a,
+        _numpy(running_var),
+        _numpy(mean),
+        _numpy(var),
+        count,
+        _batch_weight(num_batches_tracked, momentum),
+        _LIMIT[running_mean_a.dtype],
     )
+    if not updated:
+        # In a graph there is no module to count the batch; the warning (or error) remains.
+        _reject_batch(_Guard(nonfinite, where), mean, var)
+        return
+    _count_batch(num_batches_tracked)
     torch.autograd.graph.increment_version(running_mean)
     torch.autograd.graph.increment_version(running_var)
 
 
 @_update_running_op.register_fake
-def _(running_mean, running_var, num_batches_tracked, mean, var, count, momentum):
+def _(running_mean, running_var, num_batches_tracked, mean, var, count, momentum, nonfinite, where):
     return None
 
 
@@ -562,6 +638,7 @@ def batch_norm(
     eps: float = 1e-5,
     *,
     num_batches_tracked: torch.Tensor | None = None,
+    nonfinite: str = "skip",
 ) -> torch.Tensor:
     r"""Batch Normalization, a drop-in for :func:`torch.nn.functional.batch_norm`.
 
@@ -580,6 +657,14 @@ def batch_norm(
     tensor is given it is incremented by one per training call. Nothing is mutated unless every
     check passed, and a batch with no values (``N == 0``) changes nothing.
 
+    Non-finite batches: a training batch whose mean or unbiased variance is NaN or infinite in
+    any channel (or too large for the buffers' dtype) is never folded into the running
+    statistics, where it would stay forever (torch keeps it: pytorch#88474). With
+    ``nonfinite="skip"`` the buffers and ``num_batches_tracked`` stay as they were and a
+    :class:`~batchnorm.NonFiniteStatisticsWarning` is issued; the output is still returned
+    (NaN where the input was). With ``nonfinite="raise"``, a
+    :class:`~batchnorm.NonFiniteStatisticsError` is raised instead, equally without any change.
+
     Dtypes: CPU float32/float64 inputs are computed by the Numba kernels with float64
     statistics and arithmetic, rounded once to the input dtype. Other devices and dtypes
     (float16, bfloat16) and inputs that are neither contiguous nor channels-last are passed to
@@ -595,6 +680,8 @@ def batch_norm(
         momentum: Weight of the new batch in the running averages, or ``None``.
         eps: Added to the variance before the square root.
         num_batches_tracked: 0-dim long tensor counting training calls, or ``None``.
+        nonfinite: ``"skip"`` or ``"raise"``: what a training batch with non-finite statistics
+            does (see above).
 
     Returns:
         Tensor of the shape, dtype and memory format of ``input``.
@@ -602,8 +689,10 @@ def batch_norm(
     Raises:
         TypeError: Non-floating input, or float32/float64 input with parameters or running
             statistics of another dtype.
-        ValueError: Wrong shapes, evaluation without running statistics, or a single value per
-            channel in training.
+        ValueError: Wrong shapes, evaluation without running statistics, a single value per
+            channel in training, or an unknown ``nonfinite`` policy.
+        NonFiniteStatisticsError: ``nonfinite="raise"`` and the batch's statistics are not
+            finite.
 
     Example:
         >>> x = torch.tensor([[1.0, 10.0], [3.0, 30.0]])
@@ -622,6 +711,7 @@ def batch_norm(
         eps,
         num_batches_tracked,
         where="batch_norm()",
+        nonfinite=nonfinite,
     )
 
 
@@ -636,7 +726,10 @@ def _batch_norm(
     eps,
     num_batches_tracked,
     where,
+    nonfinite="skip",
+    on_skip=None,
 ):
+    check_nonfinite_policy(where, nonfinite)
     check_batch_norm_args(
         where,
         input,
@@ -677,6 +770,7 @@ def _batch_norm(
             momentum,
             eps,
             num_batches_tracked,
+            _Guard(nonfinite, where, on_skip),
         )
     if torch.compiler.is_compiling():
         if training:
@@ -690,6 +784,8 @@ def _batch_norm(
                     var,
                     _values_per_channel(input),
                     momentum,
+                    nonfinite,
+                    _name(where),
                 )
             return y
         return torch.ops.batchnorm.batch_norm_eval(
@@ -703,6 +799,7 @@ def _batch_norm(
         or (bias is not None and bias.requires_grad)
     )
     if training:
+        guard = _Guard(nonfinite, where, on_skip)
         if needs_graph:
             return _TrainFn.apply(
                 input,
@@ -713,9 +810,18 @@ def _batch_norm(
                 num_batches_tracked,
                 momentum,
                 eps,
+                guard,
             )[0]
         return _train_forward(
-            input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps
+            input,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            momentum,
+            eps,
+            guard,
         )[0]
     if needs_graph:
         return _EvalFn.apply(input, running_mean, running_var, weight, bias, eps)
@@ -723,22 +829,37 @@ def _batch_norm(
 
 
 def _fallback(
-    input, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked
+    input,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training,
+    momentum,
+    eps,
+    num_batches_tracked,
+    guard,
 ):
-    """torch's native op, with this package's counter and cumulative-average semantics."""
+    """torch's native op, with this package's counter, cumulative average and non-finite guard."""
     _warn_fallback_once(input)
-    if num_batches_tracked is None:
+    if not training or running_mean is None:
         return _native_batch_norm(
-            input,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            training,
-            0.0 if momentum is None else momentum,
-            eps,
+            input, running_mean, running_var, weight, bias, training, 0.0, eps
         )
+    # torch's op folds the batch straight into the buffers. Let it write into fresh ones with
+    # momentum 1 instead: they then hold exactly the batch's mean and unbiased variance, in the
+    # buffers' dtype, to be checked before anything the caller owns is touched.
+    batch_mean = torch.zeros_like(running_mean, requires_grad=False)
+    batch_var = torch.zeros_like(running_var, requires_grad=False)
+    output = _native_batch_norm(input, batch_mean, batch_var, weight, bias, True, 1.0, eps)
+    if not bool(torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()):
+        _reject_batch(guard, batch_mean.double().cpu().numpy(), batch_var.double().cpu().numpy())
+        return output
     with torch.no_grad():
-        num_batches_tracked.add_(1)
-    factor = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
-    return _native_batch_norm(input, running_mean, running_var, weight, bias, True, factor, eps)
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        factor = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
+        # torch's own update rule and order of operations.
+        running_mean.mul_(1.0 - factor).add_(batch_mean, alpha=factor)
+        running_var.mul_(1.0 - factor).add_(batch_var, alpha=factor)
+    return output

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _docs
-from ._validate import check_constructor_args, check_module_input
+from ._validate import check_constructor_args, check_module_input, check_nonfinite_policy
 from .functional import _batch_norm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -25,6 +25,11 @@ class _BatchNormMixin:
 
     _ranks: tuple[int, ...]
     _shape_hint: str
+
+    # Class-level defaults, so that a torch.nn layer switched to our class by convert() (which
+    # changes __class__ and runs no constructor) has them too.
+    nonfinite: str = "skip"
+    nonfinite_batches_skipped: int = 0
 
     def __init__(
         self,
@@ -37,11 +42,24 @@ class _BatchNormMixin:
         dtype=None,
         *,
         bias: bool = True,
+        nonfinite: str = "skip",
     ) -> None:
         check_constructor_args(type(self).__name__, num_features, eps, momentum)
+        check_nonfinite_policy(f"{type(self).__name__}()", nonfinite)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
         )
+        if nonfinite != type(self).nonfinite:
+            self.nonfinite = nonfinite
+
+    def _count_skipped_batch(self) -> None:
+        self.nonfinite_batches_skipped += 1
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.nonfinite != _BatchNormMixin.nonfinite:
+            text += f", nonfinite={self.nonfinite!r}"
+        return text
 
     def _where(self) -> str:
         return f"{type(self).__name__}(num_features={self.num_features})"
@@ -85,6 +103,8 @@ class _BatchNormMixin:
             self.eps,
             self.num_batches_tracked if tracking else None,
             where=self._where,
+            nonfinite=self.nonfinite,
+            on_skip=self._count_skipped_batch,
         )
 
 

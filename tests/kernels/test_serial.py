@@ -30,6 +30,11 @@ EPS = 1e-5
 SERIAL_SHAPES = SHAPES + [(1, 4, 5), (40, 1, 7), (300, 6)]
 
 
+def limit(a: np.ndarray) -> float:
+    """The largest finite value of ``a``'s dtype: the kernels' bound for storable statistics."""
+    return float(np.finfo(a.dtype).max)
+
+
 def make(shape, dtype, seed, affine):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal(shape) * 3.0 - 1.0).astype(dtype)
@@ -68,7 +73,7 @@ def test_train_serial_matches_reference_with_running_update(shape, dtype, layout
     y = np.full_like(xk, np.nan)
     mean = np.full(c, np.nan)
     var = np.full(c, np.nan)
-    TRAIN[layout](xk, weight, bias, EPS, y, mean, var, running_mean, running_var, 0.3)
+    TRAIN[layout](xk, weight, bias, EPS, y, mean, var, running_mean, running_var, 0.3, limit(xk))
     np.testing.assert_allclose(from_kernel_layout(y, shape, layout), want_y, **NP_TOL[dtype])
     np.testing.assert_allclose(mean, want_mean, **F64_TOL)
     np.testing.assert_allclose(var, want_var, **F64_TOL)
@@ -83,7 +88,7 @@ def test_train_serial_without_running_statistics_leaves_nothing_else(layout):
     y = np.empty_like(xk)
     mean, var = np.empty(3), np.empty(3)
     absent = np.empty(0)
-    TRAIN[layout](xk, weight, bias, EPS, y, mean, var, absent, absent.copy(), 0.1)
+    TRAIN[layout](xk, weight, bias, EPS, y, mean, var, absent, absent.copy(), 0.1, limit(xk))
     want_y, _, _ = reference.batch_norm_train(x, weight, bias, EPS)
     np.testing.assert_allclose(from_kernel_layout(y, x.shape, layout), want_y, **F64_TOL)
 
@@ -97,7 +102,9 @@ def test_train_serial_is_accurate_for_large_mean_small_spread(layout, dtype):
     xk = to_kernel_layout(x, layout)
     mean, var = np.empty(2), np.empty(2)
     absent = np.empty(0, dtype)
-    TRAIN[layout](xk, absent, absent, EPS, np.empty_like(xk), mean, var, absent, absent, 0.1)
+    TRAIN[layout](
+        xk, absent, absent, EPS, np.empty_like(xk), mean, var, absent, absent, 0.1, limit(xk)
+    )
     np.testing.assert_allclose(mean, want_mean, rtol=1e-14)
     # Two-pass in float64 over the exact float32 values: the variance keeps ~12 digits even
     # though the mean is 1e6 standard deviations away from zero.
@@ -112,7 +119,7 @@ def test_train_serial_nan_poisons_only_its_channel(layout):
     y = np.empty_like(xk)
     mean, var = np.empty(3), np.empty(3)
     absent = np.empty(0, np.float32)
-    TRAIN[layout](xk, weight, bias, EPS, y, mean, var, absent, absent, 0.1)
+    TRAIN[layout](xk, weight, bias, EPS, y, mean, var, absent, absent, 0.1, limit(xk))
     y = from_kernel_layout(y, x.shape, layout)
     assert np.isnan(mean[1]) and np.isnan(var[1]) and np.isnan(y[:, 1]).all()
     assert np.isfinite(mean[[0, 2]]).all() and np.isfinite(y[:, [0, 2]]).all()
@@ -171,6 +178,83 @@ def test_update_running_matches_reference_closed_form():
     running_mean, running_var = rng.standard_normal(4), rng.uniform(0.5, 2.0, 4)
     mean, var = rng.standard_normal(4), rng.uniform(0.5, 2.0, 4)
     want = reference.update_running_statistics(running_mean, running_var, mean, var, 7, 0.25)
-    update_running(running_mean, running_var, mean, var, 7, 0.25)
+    assert update_running(running_mean, running_var, mean, var, 7, 0.25, limit(mean))
     np.testing.assert_allclose(running_mean, want[0], **F64_TOL)
     np.testing.assert_allclose(running_var, want[1], **F64_TOL)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["nan_mean", "inf_mean", "nan_var", "inf_var", "var_beyond_float32"],
+)
+def test_update_running_leaves_buffers_untouched_for_nonfinite_batch(bad):
+    rng = np.random.default_rng(11)
+    running_mean = rng.standard_normal(3).astype(np.float32)
+    running_var = rng.uniform(0.5, 2.0, 3).astype(np.float32)
+    before = running_mean.copy(), running_var.copy()
+    mean, var = rng.standard_normal(3), rng.uniform(0.5, 2.0, 3)
+    if bad == "nan_mean":
+        mean[1] = np.nan
+    elif bad == "inf_mean":
+        mean[2] = -np.inf
+    elif bad == "nan_var":
+        var[0] = np.nan
+    elif bad == "inf_var":
+        var[1] = np.inf
+    else:
+        # Finite in float64, but its unbiased value would be stored as Inf in float32.
+        var[1] = float(np.finfo(np.float32).max)
+    assert not update_running(running_mean, running_var, mean, var, 4, 0.5, limit(running_mean))
+    np.testing.assert_array_equal(running_mean, before[0])
+    np.testing.assert_array_equal(running_var, before[1])
+
+
+def test_update_running_accepts_large_but_storable_statistics():
+    running_mean, running_var = np.zeros(2, np.float32), np.ones(2, np.float32)
+    big = float(np.finfo(np.float32).max) / 4
+    assert update_running(
+        running_mean,
+        running_var,
+        np.array([big, 0.0]),
+        np.array([1.0, big]),
+        4,
+        1.0,
+        limit(running_mean),
+    )
+    np.testing.assert_allclose(running_mean, [big, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(running_var, [4 / 3, big * 4 / 3], rtol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_train_serial_skips_running_update_for_nonfinite_batch(layout):
+    x, _, weight, bias = make((5, 3, 4), np.float32, 12, True)
+    x[1, 2, 0] = np.inf
+    xk = to_kernel_layout(x, layout)
+    y = np.empty_like(xk)
+    mean, var = np.empty(3), np.empty(3)
+    running_mean, running_var = np.zeros(3, np.float32), np.ones(3, np.float32)
+    updated = TRAIN[layout](
+        xk, weight, bias, EPS, y, mean, var, running_mean, running_var, 0.1, limit(xk)
+    )
+    assert updated is False or updated == 0
+    np.testing.assert_array_equal(running_mean, np.zeros(3, np.float32))
+    np.testing.assert_array_equal(running_var, np.ones(3, np.float32))
+    # The output is still computed: the clean channels normalized as usual.
+    want_y, _, _ = reference.batch_norm_train(x[:, :2], weight[:2], bias[:2], EPS)
+    got = from_kernel_layout(y, x.shape, layout)
+    np.testing.assert_allclose(got[:, :2], want_y, **NP_TOL[np.float32])
+    x[1, 2, 0] = 0.0
+    assert TRAIN[layout](
+        to_kernel_layout(x, layout),
+        weight,
+        bias,
+        EPS,
+        y,
+        mean,
+        var,
+        running_mean,
+        running_var,
+        0.1,
+        limit(xk),
+    )
+    assert not np.array_equal(running_mean, np.zeros(3, np.float32))

@@ -200,11 +200,11 @@ def _run_all(x: np.ndarray, layout: str) -> None:
     absent = np.empty(0, dtype=x.dtype)
     for params, running in ((own, own.copy()), (absent, absent)):
         KERNELS["train_serial", layout, name](
-            x, params, params, 1e-5, out, a, b, running, running.copy(), 0.1
+            x, params, params, 1e-5, out, a, b, running, running.copy(), 0.1, 1e38
         )
         KERNELS["eval_serial", layout, name](x, own, own, params, params, 1e-5, out)
         for mean, var, training in ((a, b, True), (own, own, False)):
             KERNELS["backward_serial", layout, name](
                 dy, x, mean, var, params, 1e-5, training, out, c, d
             )
-    update_running(own.copy(), own.copy(), a, b, 2, 0.1)
+    update_running(own.copy(), own.copy(), a, b, 2, 0.1, 1e38)

@@ -48,12 +48,16 @@ __all__ = [
 
 
 @njit_kernel
-def update_running(running_mean, running_var, mean, var, count, factor):
-    r"""torch's running-average update, in place.
+def update_running(running_mean, running_var, mean, var, count, factor, limit):
+    r"""torch's running-average update, in place, unless the batch's statistics are not finite.
 
     .. math::
         \hat{\mu} \leftarrow (1 - \alpha)\hat{\mu} + \alpha\mu_B, \qquad
         \hat{\sigma}^2 \leftarrow (1 - \alpha)\hat{\sigma}^2 + \alpha\,\tfrac{m}{m-1}\sigma_B^2
+
+    A batch whose mean or unbiased variance is NaN, infinite, or beyond ``limit`` (so that it
+    would become infinite when stored) in any channel is left out entirely: nothing is written
+    and ``False`` is returned. One NaN folded into a running average would stay there forever.
 
     Args:
         running_mean: ``(C,)`` array, updated in place (nothing happens if it has length 0).
@@ -62,12 +66,21 @@ def update_running(running_mean, running_var, mean, var, count, factor):
         var: Biased batch variances, ``(C,)``.
         count: Values per channel ``m`` (> 1).
         factor: :math:`\alpha`, torch's ``momentum`` (or ``1 / num_batches_tracked``).
+        limit: The largest finite value of the running buffers' dtype.
+
+    Returns:
+        ``True`` if the buffers were updated (always, when they have length 0).
     """
     bessel = count / (count - 1.0)
+    for c in range(running_mean.shape[0]):
+        # Written so that NaN fails the comparison.
+        if not (abs(mean[c]) <= limit and bessel * var[c] <= limit):
+            return False
     keep = 1.0 - factor
     for c in range(running_mean.shape[0]):
         running_mean[c] = keep * running_mean[c] + factor * mean[c]
         running_var[c] = keep * running_var[c] + factor * bessel * var[c]
+    return True
 
 
 @njit_kernel
@@ -80,7 +93,7 @@ def _affine(c, invstd, weight, bias):
 
 @njit_kernel
 def train_serial_nchw(
-    x, weight, bias, eps, y, mean_out, var_out, running_mean, running_var, factor
+    x, weight, bias, eps, y, mean_out, var_out, running_mean, running_var, factor, limit
 ):
     """Training forward of an ``(N, C, S)`` array: statistics, normalize, running update.
 
@@ -95,6 +108,11 @@ def train_serial_nchw(
         running_mean: ``(C,)`` or length 0; updated in place with ``factor``.
         running_var: ``(C,)`` or length 0; updated in place (unbiased variance).
         factor: Weight of this batch in the running averages.
+        limit: Largest finite value of the running buffers' dtype (see :func:`update_running`).
+
+    Returns:
+        ``False`` if running statistics were given but left unchanged because the batch's
+        statistics are not finite; ``True`` otherwise.
     """
     n_batch, n_chan, n_spatial = x.shape
     count = n_batch * n_spatial
@@ -122,12 +140,12 @@ def train_serial_nchw(
                 out[s] = (row[s] - mu) * scale + shift
         mean_out[c] = mu
         var_out[c] = var
-    update_running(running_mean, running_var, mean_out, var_out, count, factor)
+    return update_running(running_mean, running_var, mean_out, var_out, count, factor, limit)
 
 
 @njit_kernel
 def train_serial_nhwc(
-    x, weight, bias, eps, y, mean_out, var_out, running_mean, running_var, factor
+    x, weight, bias, eps, y, mean_out, var_out, running_mean, running_var, factor, limit
 ):
     """Training forward of a channels-last ``(M, C)`` array; arguments as for the nchw twin."""
     n_rows, n_chan = x.shape
@@ -153,7 +171,7 @@ def train_serial_nhwc(
     for i in range(n_rows):
         for c in range(n_chan):
             y[i, c] = (x[i, c] - mean_out[c]) * scale[c] + shift[c]
-    update_running(running_mean, running_var, mean_out, var_out, n_rows, factor)
+    return update_running(running_mean, running_var, mean_out, var_out, n_rows, factor, limit)
 
 
 @njit_kernel
