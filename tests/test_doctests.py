@@ -13,6 +13,8 @@ MODULES = [
     "batchnorm.functional",
     "batchnorm.modules",
     "batchnorm.tools.convert",
+    "batchnorm.frozen",
+    "batchnorm.tools.freeze",
 ]
 
 

@@ -19,11 +19,16 @@ _EXPORTS = {
     "BatchNorm1d": "modules",
     "BatchNorm2d": "modules",
     "BatchNorm3d": "modules",
+    "FrozenBatchNorm1d": "frozen",
+    "FrozenBatchNorm2d": "frozen",
+    "FrozenBatchNorm3d": "frozen",
     "NonFiniteStatisticsError": "_validate",
     "NonFiniteStatisticsWarning": "_validate",
     "backend_for": "functional",
     "batch_norm": "functional",
     "convert": "tools.convert",
+    "freeze": "tools.freeze",
+    "unfreeze": "tools.freeze",
 }
 
 __all__ = [
@@ -31,21 +36,28 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "FrozenBatchNorm1d",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNorm3d",
     "NonFiniteStatisticsError",
     "NonFiniteStatisticsWarning",
     "__version__",
     "backend_for",
     "batch_norm",
     "convert",
+    "freeze",
+    "unfreeze",
 ]
 assert set(__all__) == {*_EXPORTS, "__version__"}, "__all__ and _EXPORTS must list the same names"
 
 if TYPE_CHECKING:
     from ._validate import NonFiniteStatisticsError, NonFiniteStatisticsWarning
+    from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
     from .functional import backend_for, batch_norm
     from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
     from .monitor import ActivationMonitor
     from .tools.convert import convert
+    from .tools.freeze import freeze, unfreeze
 
 
 def __getattr__(name: str):
