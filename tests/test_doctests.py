@@ -15,6 +15,7 @@ MODULES = [
     "batchnorm.tools.convert",
     "batchnorm.frozen",
     "batchnorm.tools.freeze",
+    "batchnorm.tools.fold",
 ]
 
 

@@ -26,7 +26,9 @@ _EXPORTS = {
     "NonFiniteStatisticsWarning": "_validate",
     "backend_for": "functional",
     "batch_norm": "functional",
+    "check_fold": "tools.fold",
     "convert": "tools.convert",
+    "fold": "tools.fold",
     "freeze": "tools.freeze",
     "unfreeze": "tools.freeze",
 }
@@ -44,7 +46,9 @@ __all__ = [
     "__version__",
     "backend_for",
     "batch_norm",
+    "check_fold",
     "convert",
+    "fold",
     "freeze",
     "unfreeze",
 ]
@@ -57,6 +61,7 @@ if TYPE_CHECKING:
     from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
     from .monitor import ActivationMonitor
     from .tools.convert import convert
+    from .tools.fold import check_fold, fold
     from .tools.freeze import freeze, unfreeze
 
 

@@ -1,6 +1,13 @@
-"""Tools that work on whole models: conversion between implementations, freezing."""
+"""Tools that work on whole models; their public names are exported by ``batchnorm`` itself.
 
-from .convert import convert
-from .freeze import freeze, unfreeze
+- :mod:`.convert`: switch BatchNorm layers between torch.nn's classes and ours.
+- :mod:`.freeze`: freeze BatchNorm layers into fixed affine transforms, and back.
+- :mod:`.fold`: fold BatchNorm into the Conv/Linear layer before it, for inference.
+- :mod:`.population`: recompute running statistics exactly over a dataset.
 
-__all__ = ["convert", "freeze", "unfreeze"]
+Nothing is re-exported here: a function named like its submodule (``fold`` in ``fold.py``)
+would shadow the submodule as an attribute of this package, and ``import
+batchnorm.tools.fold as m`` would then give the function.
+"""
+
+__all__: list[str] = []
