@@ -16,6 +16,7 @@ MODULES = [
     "batchnorm.frozen",
     "batchnorm.tools.freeze",
     "batchnorm.tools.fold",
+    "batchnorm.tools.population",
 ]
 
 

@@ -22,6 +22,7 @@ _EXPORTS = {
     "FrozenBatchNorm1d": "frozen",
     "FrozenBatchNorm2d": "frozen",
     "FrozenBatchNorm3d": "frozen",
+    "LayerStatistics": "tools.population",
     "NonFiniteStatisticsError": "_validate",
     "NonFiniteStatisticsWarning": "_validate",
     "backend_for": "functional",
@@ -30,6 +31,7 @@ _EXPORTS = {
     "convert": "tools.convert",
     "fold": "tools.fold",
     "freeze": "tools.freeze",
+    "recompute_statistics": "tools.population",
     "unfreeze": "tools.freeze",
 }
 
@@ -41,6 +43,7 @@ __all__ = [
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "LayerStatistics",
     "NonFiniteStatisticsError",
     "NonFiniteStatisticsWarning",
     "__version__",
@@ -50,6 +53,7 @@ __all__ = [
     "convert",
     "fold",
     "freeze",
+    "recompute_statistics",
     "unfreeze",
 ]
 assert set(__all__) == {*_EXPORTS, "__version__"}, "__all__ and _EXPORTS must list the same names"
@@ -63,6 +67,7 @@ if TYPE_CHECKING:
     from .tools.convert import convert
     from .tools.fold import check_fold, fold
     from .tools.freeze import freeze, unfreeze
+    from .tools.population import LayerStatistics, recompute_statistics
 
 
 def __getattr__(name: str):
