@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from batchnorm import _demo, cli
+from batchnorm.lab.registry import EXPERIMENTS
 
 TINY = ["--epochs", "1", "--batch-size", "128"]
 
@@ -178,7 +179,12 @@ def test_lab_run_then_plot(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "bad"),
     [
-        (["lab", "run", "figure-1"], "unknown experiment 'figure-1'; choose one of: figure1."),
+        (
+            ["lab", "run", "figure-1"],
+            "unknown experiment 'figure-1'; choose one of: "
+            + ", ".join(sorted(e.cli_name for e in EXPERIMENTS.values()))
+            + ".",
+        ),
         (["lab", "run", "figure1", "--preset", "fast"], "invalid choice: 'fast'"),
         (["lab", "run", "figure1", "--dataset", "cifar"], "invalid choice: 'cifar'"),
         (["lab", "run", "figure1", "--seeds", "0"], "expected an int >= 1, got '0'."),
@@ -204,7 +210,19 @@ def test_lab_usage_error_exits_2_naming_the_bad_value(argv, bad, capsys):
 def test_lab_run_preset_error_lists_valid_presets(capsys):
     with pytest.raises(SystemExit):
         cli.main(["lab", "run", "figure1", "--preset", "fast"])
-    assert "(choose from 'tiny', 'quick', 'paper')" in capsys.readouterr().err
+    presets = dict.fromkeys(p for e in EXPERIMENTS.values() for p in e.presets)
+    assert {"tiny", "quick", "paper"} <= set(presets)
+    assert f"(choose from {', '.join(map(repr, presets))})" in capsys.readouterr().err
+
+
+def test_lab_run_rejects_a_preset_of_another_experiment(capsys):
+    assert "long" not in EXPERIMENTS["figure1"].presets
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["lab", "run", "figure1", "--preset", "long"])
+    assert exc.value.code == 2
+    assert "expected one of tiny, quick, paper for 'figure1', got 'long'" in (
+        capsys.readouterr().err
+    )
 
 
 def test_lab_run_experiment_error_suggests_nearest(capsys):

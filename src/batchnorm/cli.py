@@ -230,6 +230,7 @@ def _cmd_lab_list(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 
 def _cmd_lab_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .lab import runner
+    from .lab.registry import get_experiment
 
     progress = False if args.no_progress else None
     if args.resume is not None:
@@ -257,6 +258,13 @@ def _cmd_lab_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             )
         runner.resume_run(run_dir, progress=progress)
         return 0
+    # --preset's choices are every experiment's presets; one experiment's is a usage error.
+    presets = get_experiment(args.experiment).presets
+    if args.preset is not None and args.preset not in presets:
+        args.subparser.error(
+            f"argument --preset: expected one of {', '.join(presets)} for "
+            f"{args.experiment!r}, got {args.preset!r}."
+        )
     runner.run_experiment(
         args.experiment,
         preset=args.preset,

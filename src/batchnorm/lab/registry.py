@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .experiments import figure1
+from .experiments import figure1, population
 
 __all__ = ["EXPERIMENTS", "Experiment", "get_experiment"]
 
@@ -78,6 +78,20 @@ EXPERIMENTS: dict[str, Experiment] = {
         metric_rows=figure1.metric_rows,
         summarize=figure1.summarize,
         plot=figure1.plot,
+    ),
+    "population": Experiment(
+        name="population",
+        title=population.TITLE,
+        claim=population.CLAIM,
+        config_type=population.PopulationConfig,
+        presets=population.PRESETS,
+        default_preset="quick",
+        prepare=population.prepare,
+        steps_per_seed=population.steps_per_seed,
+        run_seed=population.run_seed,
+        metric_rows=population.metric_rows,
+        summarize=population.summarize,
+        plot=population.plot,
     ),
 }
 
