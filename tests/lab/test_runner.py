@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import struct
 
 import pytest
@@ -177,9 +178,11 @@ def test_make_config_overrides_and_errors():
 
 
 def test_get_experiment_suggests_the_nearest_name():
+    names = ", ".join(sorted(e.cli_name for e in registry.EXPERIMENTS.values()))
+    assert names.startswith("figure1, ")
     with pytest.raises(
         ValueError,
-        match=r"unknown experiment 'figure-1'; choose one of: figure1\."
-        r" Did you mean 'figure1'\?",
+        match=re.escape(f"unknown experiment 'figure-1'; choose one of: {names}.")
+        + r" Did you mean 'figure1'\?",
     ):
         registry.get_experiment("figure-1")
