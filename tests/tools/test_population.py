@@ -589,7 +589,7 @@ def test_recompute_statistics_rejects_uninitialized_lazy_layer():
         (
             dict(method="mean"),
             ValueError,
-            r"^recompute_statistics\(\): expected method='pooled' or 'paper', got 'mean'\.$",
+            r"^recompute_statistics\(\): expected method='pooled', 'paper' or 'sequential', got 'mean'\.$",
         ),
         (dict(nonfinite="ignore"), ValueError, r"expected nonfinite to be one of"),
         (dict(max_batches=0), ValueError, r"expected max_batches to be a positive int"),
@@ -642,6 +642,108 @@ def test_recompute_statistics_rejects_wrong_types(model, data, match):
         recompute_statistics(_model() if model is None else model, data, progress=False)
 
 
+# --- method="sequential": the statistics the inference network computes --------------------
+
+
+def _pooled(x: torch.Tensor):
+    """Mean and unbiased variance per channel (axis 1) of ``x``, in float64."""
+    dims = [0, *range(2, x.dim())]
+    return x.double().mean(dim=dims), x.double().var(dim=dims, unbiased=True)
+
+
+def _eval_bn(x, mean, var, bn):
+    """An evaluation-mode BatchNorm computed by hand (no library code)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    scale = bn.weight.double() / torch.sqrt(var + bn.eps)
+    return (x - mean.reshape(shape)) * scale.reshape(shape) + bn.bias.double().reshape(shape)
+
+
+@pytest.mark.parametrize("impl", ["torch", "ours"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_recompute_statistics_sequential_matches_inference_network_inputs(impl, kind, mode):
+    """Layer 2's statistics are those of its input when layer 1 normalises with its new
+    (exact) statistics, computed here by hand from the concatenated data."""
+    model = _model(kind, impl).train(mode == "train")
+    batches = _batches((7, 16, 3), kind)
+    flags = _flags(model)
+    stats = _run(model, batches, method="sequential")
+    x = torch.cat(batches)
+    with torch.no_grad():
+        h1 = model[0](x)
+        mean1, var1 = _pooled(h1)
+        h2 = model[3](torch.relu(_eval_bn(h1, mean1, var1, model[1])))
+        mean2, var2 = _pooled(h2)
+    for name, mean, var in (("1", mean1, var1), ("4", mean2, var2)):
+        torch.testing.assert_close(model.get_submodule(name).running_mean, mean, **TIGHT)
+        torch.testing.assert_close(model.get_submodule(name).running_var, var, **TIGHT)
+        np.testing.assert_allclose(stats[name].var_unbiased, var.numpy(), **TIGHT)
+        assert stats[name].batches == 3 and int(model.get_submodule(name).num_batches_tracked) == 3
+    assert _flags(model) == flags
+    _assert_no_hooks(model)
+
+
+def test_recompute_statistics_sequential_differs_from_pooled_past_the_first_layer():
+    """The point of the method: pooled's deeper inputs were normalised batch by batch."""
+    batches = _batches((7, 16, 3))
+    pooled = _run(_model(), batches, method="pooled")
+    sequential = _run(_model(), batches, method="sequential")
+    np.testing.assert_allclose(sequential["1"].var_unbiased, pooled["1"].var_unbiased, **TIGHT)
+    assert not np.allclose(sequential["4"].var_unbiased, pooled["4"].var_unbiased, rtol=1e-6)
+
+
+def test_recompute_statistics_sequential_follows_call_order_not_registration_order():
+    """Registered second, called first: layer 'late' must be measured before 'early'."""
+
+    class Swapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.second = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+            self.first = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+
+        def forward(self, x):
+            return self.second(torch.relu(self.first(x)))
+
+    model = _randomize(Swapped().double(), seed=3).eval()
+    batches = _batches((7, 16, 3))
+    _run(model, batches, method="sequential")
+    x = torch.cat(batches)
+    with torch.no_grad():
+        h1 = model.first[0](x)
+        mean1, var1 = _pooled(h1)
+        h2 = model.second[0](torch.relu(_eval_bn(h1, mean1, var1, model.first[1])))
+        mean2, var2 = _pooled(h2)
+    torch.testing.assert_close(model.second[1].running_var, var2, **TIGHT)
+    torch.testing.assert_close(model.second[1].running_mean, mean2, **TIGHT)
+
+
+def test_recompute_statistics_sequential_refuses_one_shot_iterator_without_change():
+    model = _model()
+    before = snapshot_state(model)
+    with pytest.raises(TypeError, match=r"method='sequential'.*one-shot iterator"):
+        _run(model, iter(_batches((4, 5))), method="sequential")
+    assert_state_unchanged(model, before)
+
+
+def test_recompute_statistics_sequential_failure_in_a_later_pass_restores_everything():
+    model = _model().train()
+    before, flags = snapshot_state(model), _flags(model)
+    batches = _batches((4, 5, 6))
+    calls = []
+
+    def forward(m, batch):
+        calls.append(1)
+        if len(calls) > len(batches):  # the second pass, after pass 1 wrote its results
+            raise RuntimeError("boom in pass 2")
+        m(batch)
+
+    with pytest.raises(RuntimeError, match="boom in pass 2"):
+        _run(model, batches, method="sequential", forward=forward)
+    assert_state_unchanged(model, before)
+    assert _flags(model) == flags
+    _assert_no_hooks(model)
+
+
 # --- distributed: 2 gloo processes on CPU ----------------------------------------------------
 
 _SIZES = (5, 3, 7, 2, 4, 6)
@@ -684,7 +786,7 @@ def _distributed_case(rank, case):
     mine = [batches[i] for i in shards[rank]]
     model = _sync_model() if case == "syncbn" else _model()
     before, flags = snapshot_state(model), _flags(model)
-    method = "paper" if case == "paper" else "pooled"
+    method = case if case in ("paper", "sequential") else "pooled"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -705,7 +807,16 @@ def _distributed_worker(rank, world_size, cases):
     return {case: _distributed_case(rank, case) for case in cases}
 
 
-_CASES = ("uneven", "empty_rank", "paper", "syncbn", "nonfinite", "failure", "nothing")
+_CASES = (
+    "uneven",
+    "empty_rank",
+    "paper",
+    "sequential",
+    "syncbn",
+    "nonfinite",
+    "failure",
+    "nothing",
+)
 
 
 @pytest.fixture(scope="module")
@@ -751,8 +862,9 @@ def test_recompute_statistics_two_ranks_pooled_equals_single_pass_over_union(two
 
 
 @pytest.mark.distributed
-def test_recompute_statistics_two_ranks_paper_equals_single_pass_over_union(two_ranks):
-    _assert_ranks_agree_with(two_ranks, "paper", _single_process(method="paper"))
+@pytest.mark.parametrize("method", ["paper", "sequential"])
+def test_recompute_statistics_two_ranks_method_equals_single_process_over_union(two_ranks, method):
+    _assert_ranks_agree_with(two_ranks, method, _single_process(method=method))
 
 
 @pytest.mark.distributed

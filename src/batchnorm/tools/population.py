@@ -22,7 +22,7 @@ import logging
 import numbers
 import types
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +38,7 @@ __all__ = ["LayerStatistics", "recompute_statistics"]
 logger = logging.getLogger(__name__)
 
 _WHERE = "recompute_statistics()"
-_METHODS = ("pooled", "paper")
+_METHODS = ("pooled", "paper", "sequential")
 # Per-process header of the one collective: [this process failed, batches it drew].
 _HEADER = 2
 # Per-layer block of the collective: [batches, skipped, count] then two (C,) vectors.
@@ -142,12 +142,15 @@ class _Pass:
         self.nonfinite = nonfinite
         self.batch_index = 0
         self.batches_drawn = 0
+        # Layer name -> position of its first call in the pass: the order layers run in.
+        self.first_call: dict[str, int] = {}
 
 
 def _make_hook(acc: _Accumulator, state: _Pass):
     # A forward hook, not a pre-hook: it runs only once the layer has accepted the input, so a
     # malformed batch fails with the layer's own error message and contributes nothing.
     def hook(module, args, kwargs, output):
+        state.first_call.setdefault(acc.name, len(state.first_call))
         x = args[0] if args else kwargs["input"]
         count = x.numel() // x.shape[1]
         if count == 0:
@@ -173,7 +176,9 @@ def _check_arguments(model, data, method, max_batches, nonfinite, forward, devic
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{_WHERE}: expected a torch.nn.Module, got {type(model).__name__}.")
     if method not in _METHODS:
-        raise ValueError(f"{_WHERE}: expected method='pooled' or 'paper', got {method!r}.")
+        raise ValueError(
+            f"{_WHERE}: expected method='pooled', 'paper' or 'sequential', got {method!r}."
+        )
     check_nonfinite_policy(_WHERE, nonfinite)
     if max_batches is not None:
         if isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral):
@@ -346,11 +351,28 @@ def recompute_statistics(
     which for equal batch sizes is Alg. 2's :math:`\frac{m}{m-1}\mathrm{E}_B[\sigma_B^2]`
     (:func:`batchnorm.reference.population_statistics` with ``method="paper"``).
 
-    Pooled is preferable: a small last batch counts for its size, not as much as a full one,
-    and the spread between batch means is part of the variance. The paper's form, like
-    ``torch.optim.swa_utils.update_bn`` (a cumulative average with ``momentum=None``), weights
-    every batch equally whatever its size, and it averages within-batch variances only, which
-    misses the between-batch spread when batches are not random samples (e.g. unshuffled data).
+    ``method="sequential"``: the statistics each layer's input has *in the inference
+    network*. In the two methods above, as in training, every BatchNorm layer normalises each
+    batch with that batch's own statistics, so a deeper layer sees inputs whose batch means and
+    scales were just normalised away by the layers before it; at inference those layers use
+    fixed statistics instead, and the deeper layer's input spreads more. Sequential makes one
+    pass per layer, in the order the layers run: the first pass is ``"pooled"`` (exact for the
+    first layer), and each further pass recomputes one layer, pooled, with every other
+    BatchNorm layer in evaluation mode, the ones before it on their new statistics. It costs
+    one pass over ``data`` per BatchNorm layer (use ``max_batches`` on deep networks) and needs
+    ``data`` that can be iterated repeatedly.
+
+    Which to use, measured (the lab's ``population`` experiment: a 3x100 ReLU MLP on
+    MNIST-1D, 5 seeds): for the first layer pooled and sequential are identical; for the deeper
+    layers pooled's variances came out 1-2.5 % below sequential's and paper's within 0.8 %, and
+    the final test losses ranked sequential 1.126, paper 1.127, running averages 1.128, pooled
+    1.139 (test accuracy tied). So: ``"sequential"`` when the statistics should match what
+    inference computes and a pass per layer is affordable; ``"paper"`` as the one-pass
+    estimator (the same as ``torch.optim.swa_utils.update_bn`` on equal batches);
+    ``"pooled"`` for the exact statistics of the training-mode network's inputs, which are
+    independent of batch order and weight a small last batch by its size (paper weights every
+    batch equally, and averages within-batch variances only, so it misses the spread between
+    batch means when batches are not random samples, e.g. unshuffled data).
 
     Which layers: every :class:`torch.nn.modules.batchnorm._BatchNorm` that has running
     buffers: ``torch.nn.BatchNorm1d/2d/3d``, ``batchnorm.BatchNorm1d/2d/3d`` and subclasses,
@@ -408,7 +430,7 @@ def recompute_statistics(
             ``(input, target, ...)`` tuples/lists (only the first item is passed to ``model``).
             Other batches (dicts, ...) need ``forward``. A single tensor is refused: iterating
             it would yield single examples.
-        method: ``"pooled"`` or ``"paper"`` (see above).
+        method: ``"pooled"``, ``"paper"`` or ``"sequential"`` (see above).
         max_batches: Stop after this many batches (per process), or ``None`` for all of
             ``data``; no batch beyond it is drawn from ``data``.
         nonfinite: ``"skip"`` or ``"raise"`` (see above).
@@ -470,13 +492,40 @@ def recompute_statistics(
         )
         return {}
     group, world_size, rank = _distributed_group(process_group)
+    call = _make_call(model, forward, device)
+    job = _Job(data, call, max_batches, nonfinite, group, world_size, progress and rank == 0)
+    if method == "sequential":
+        return _recompute_sequential(job, layers)
+    return _recompute(job, layers, method)[0]
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every pass of one call shares."""
+
+    data: Iterable
+    call: Callable[[Any], None]
+    max_batches: int | None
+    nonfinite: str
+    group: Any
+    world_size: int
+    show_progress: bool
+
+
+def _recompute(job: _Job, layers, method: str, label: str = ""):
+    """One pass that recomputes ``layers`` (the others keep their mode); write and return.
+
+    Returns:
+        ``(results, first_call)``: ``{name: LayerStatistics}`` of the layers rewritten, and this
+        process's ``{name: position of the layer's first call}``.
+    """
+    group, world_size, nonfinite = job.group, job.world_size, job.nonfinite
     accs = [_Accumulator(name, module, method) for name, module in layers]
     state = _Pass(nonfinite)
-    call = _make_call(model, forward, device)
     collective_device = layers[0][1].running_mean.device
 
     try:
-        _run_pass(data, accs, state, call, max_batches, progress and rank == 0)
+        _run_pass(job.data, accs, state, job.call, job.max_batches, job.show_progress, label)
     except Exception:
         if group is not None:
             _join_as_failed(group, world_size, collective_device, accs)
@@ -511,7 +560,7 @@ def recompute_statistics(
     for name in overflow:
         del results[name]
     _write(updates)
-    _warn_about(accs, overflow, stacklevel=3)
+    _warn_about(accs, overflow, stacklevel=4)
     logger.debug(
         "recompute_statistics: %d batches, %d layers rewritten, method=%s, world_size=%d",
         batches_drawn,
@@ -519,10 +568,80 @@ def recompute_statistics(
         method,
         world_size,
     )
-    return results
+    return results, state.first_call
 
 
-def _run_pass(data, accs, state, call, max_batches, show_progress) -> None:
+def _recompute_sequential(job: _Job, layers) -> dict[str, LayerStatistics]:
+    """``method="sequential"``: one pass per layer, in the order the layers run.
+
+    Pass 1 recomputes every layer as ``"pooled"`` does (exact for the first layer to run, whose
+    input no other BatchNorm shapes) and finds the order the layers run in. Then each further
+    layer is recomputed alone, with every other BatchNorm layer in evaluation mode: the ones
+    before it normalise with their new statistics, as at inference. If any pass fails, every
+    layer's buffers and modes are put back as they were.
+    """
+    if isinstance(job.data, Iterator):
+        raise TypeError(
+            f"{_WHERE}: expected data that can be iterated more than once (a list or a "
+            f"DataLoader) for method='sequential', which makes one pass per BatchNorm layer, "
+            f"got a one-shot iterator ({type(job.data).__name__})."
+        )
+    modules = [module for _, module in layers]
+    saved = [
+        (
+            module,
+            module.training,
+            [t.detach().clone() for t in _statistics_buffers(module)],
+        )
+        for module in modules
+    ]
+    try:
+        results, first_call = _recompute(job, layers, "pooled", label=f"(1/{len(layers)})")
+        order = _call_order(job, layers, first_call)
+        for module in modules:
+            module.training = False
+        for position, (name, module) in enumerate(order[1:], start=2):
+            passed, _ = _recompute(
+                job, [(name, module)], "pooled", label=f"({position}/{len(layers)} {name})"
+            )
+            results.update(passed)
+    except BaseException:
+        with torch.no_grad():
+            for module, _, values in saved:
+                for buffer, value in zip(_statistics_buffers(module), values, strict=True):
+                    buffer.copy_(value)
+        raise
+    finally:
+        for module, training, _ in saved:
+            module.training = training
+    return {name: results[name] for name, _ in layers if name in results}
+
+
+def _statistics_buffers(module) -> list[torch.Tensor]:
+    buffers = [module.running_mean, module.running_var]
+    if module.num_batches_tracked is not None:
+        buffers.append(module.num_batches_tracked)
+    return buffers
+
+
+def _call_order(job: _Job, layers, first_call: dict[str, int]):
+    """``layers`` that ran, in the order of their first call (over all processes, if any).
+
+    Every process must loop over the same layers in the same order, also one that had no
+    batch: the positions are gathered and the earliest one counts.
+    """
+    never = float(len(layers))
+    positions = np.array([first_call.get(name, never) for name, _ in layers], dtype=np.float64)
+    if job.group is not None:
+        local = torch.from_numpy(positions).to(layers[0][1].running_mean.device)
+        gathered = [torch.empty_like(local) for _ in range(job.world_size)]
+        torch.distributed.all_gather(gathered, local, group=job.group)
+        positions = np.min([t.cpu().numpy() for t in gathered], axis=0)
+    ran = [i for i in np.argsort(positions, kind="stable") if positions[i] < never]
+    return [layers[i] for i in ran]
+
+
+def _run_pass(data, accs, state, call, max_batches, show_progress, label="") -> None:
     """Run the batches with every layer in batch-statistics mode; restore everything after."""
     saved = []
     handles = []
@@ -530,7 +649,7 @@ def _run_pass(data, accs, state, call, max_batches, show_progress) -> None:
     bar = tqdm(
         total=_progress_total(data, max_batches),
         disable=not show_progress,
-        desc="recompute_statistics",
+        desc="recompute_statistics" + (f" {label}" if label else ""),
         unit="batch",
     )
     try:
