@@ -83,9 +83,11 @@ __all__ = [
     "CLAIM",
     "COMPARED",
     "EARLY_FRACTION",
+    "EXACT",
     "GAPS",
     "METHODS",
     "PRESETS",
+    "REFERENCE",
     "TITLE",
     "PopulationConfig",
     "PopulationResult",
@@ -100,15 +102,20 @@ __all__ = [
     "summarize",
 ]
 
-TITLE = "Inference statistics: running averages vs an exact pass over the training set"
+TITLE = "Inference statistics: running averages vs exact passes over the training set"
 CLAIM = (
     "Population statistics computed exactly over the training set after training "
     "(Algorithm 2) are at least as good for inference as torch's running averages"
 )
-# The three sources of inference statistics, in the order the report lists them.
-METHODS = ("ema", "pooled", "paper")
-# The statistics whose gap to the pooled ones is measured (pooled's gap to itself is 0).
-COMPARED = ("ema", "paper")
+# The four sources of inference statistics, in the order the report lists them.
+METHODS = ("ema", "pooled", "paper", "sequential")
+# The exact passes over the training set: the candidates the claims compare with the EMA.
+EXACT = ("pooled", "paper", "sequential")
+# The reference of every gap: the statistics each BN layer's input has in the inference network,
+# which is what the layer will actually see at test time (see the module docstring).
+REFERENCE = "sequential"
+# The statistics whose gap to the reference is measured (the reference's gap to itself is 0).
+COMPARED = ("ema", "pooled", "paper")
 # "Early in training" for the lag claim: measured steps after 0 and up to this share of training
 # (at least the first measured step after 0). Step 0 is left out because the EMA then still
 # holds its initial values (mean 0, variance 1), which says nothing about lag.
@@ -355,27 +362,29 @@ def measure_statistics(
     x_test: torch.Tensor,
     y_test: torch.Tensor,
 ) -> dict[str, Any]:
-    """Test a model with its running averages and with both exact statistics; compare them.
+    """Test a model with its running averages and with three exact statistics; compare them.
 
     Works on a deep copy in eval mode: ``model`` itself (parameters, buffers, modes) is left
     exactly as it was. The copy is tested with its running averages (``"ema"``), then its BN
     statistics are recomputed over ``batches`` with
     :func:`~batchnorm.tools.population.recompute_statistics` (``method="pooled"``) and it is
-    tested again, then likewise with ``method="paper"``.
+    tested again, then likewise with ``method="paper"`` and ``method="sequential"`` (one pass
+    over ``batches`` per BN layer).
 
     Args:
         model: A model with BN layers that track running statistics.
-        batches: The batches of the exact pass (e.g. :func:`statistics_batches`).
+        batches: The batches of the exact passes (e.g. :func:`statistics_batches`); a sequence,
+            since ``method="sequential"`` iterates it once per BN layer.
         x_test: Test inputs, one batch.
         y_test: Test labels.
 
     Returns:
-        A dict with ``test_accuracy`` and ``test_loss`` (each method -> float), ``layers``
-        (the BN layers' names, in module order), ``eps`` (layer -> its ``eps``),
+        A dict with ``test_accuracy`` and ``test_loss`` (each of :data:`METHODS` -> float),
+        ``layers`` (the BN layers' names, in module order), ``eps`` (layer -> its ``eps``),
         ``statistics`` (layer -> method -> ``(mean, var)``, float64 arrays ``(C,)``; ``var``
         is the unbiased variance, the one torch's ``running_var`` holds) and ``gap``
-        (compared method -> gap name -> layer -> float: :func:`statistics_gap` to the pooled
-        statistics with the layer's ``eps``).
+        (each of :data:`COMPARED` -> gap name -> layer -> float: :func:`statistics_gap` to the
+        :data:`REFERENCE` (sequential) statistics with the layer's ``eps``).
 
     Raises:
         ValueError: If ``model`` has no BN layer with running statistics.
@@ -388,6 +397,8 @@ def measure_statistics(
             f"statistics, got none in {type(model).__name__}."
         )
     names = [n for n, _ in layers]
+    # Three calls, sequential's one pass per layer: a generator would be spent after the first.
+    batches = list(batches)
     statistics: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {
         n: {
             "ema": (
@@ -399,9 +410,10 @@ def measure_statistics(
     }
     accuracy, loss = {}, {}
     accuracy["ema"], loss["ema"] = _test_metrics(probe, x_test, y_test)
-    for method in ("pooled", "paper"):
-        # Each pass overwrites the copy's buffers; the pass itself normalises with batch
-        # statistics only, so the paper pass is unaffected by the pooled values before it.
+    for method in EXACT:
+        # Each call overwrites the copy's buffers, and none reads what the one before wrote:
+        # pooled and paper normalise with batch statistics only, and sequential's first pass
+        # does too, after which the layers in eval mode use the values sequential itself wrote.
         found = recompute_statistics(probe, batches, method=method, progress=False)
         for name in names:
             statistics[name][method] = (found[name].mean, found[name].var_unbiased)
@@ -409,7 +421,7 @@ def measure_statistics(
     eps = {n: float(m.eps) for n, m in layers}
     gap = {method: {g: {} for g in GAPS} for method in COMPARED}
     for name in names:
-        ref_mean, ref_var = statistics[name]["pooled"]
+        ref_mean, ref_var = statistics[name][REFERENCE]
         for method in COMPARED:
             values = statistics_gap(*statistics[name][method], ref_mean, ref_var, eps[name])
             for g in GAPS:
