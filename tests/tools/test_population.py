@@ -589,7 +589,8 @@ def test_recompute_statistics_rejects_uninitialized_lazy_layer():
         (
             dict(method="mean"),
             ValueError,
-            r"^recompute_statistics\(\): expected method='pooled', 'paper' or 'sequential', got 'mean'\.$",
+            r"^recompute_statistics\(\): expected method='pooled', 'paper' or 'sequential', "
+            r"got 'mean'\.$",
         ),
         (dict(nonfinite="ignore"), ValueError, r"expected nonfinite to be one of"),
         (dict(max_batches=0), ValueError, r"expected max_batches to be a positive int"),
