@@ -799,20 +799,7 @@ def _batch_norm(
         or (bias is not None and bias.requires_grad)
     )
     if training:
-        guard = _Guard(nonfinite, where, on_skip)
-        if needs_graph:
-            return _TrainFn.apply(
-                input,
-                weight,
-                bias,
-                running_mean,
-                running_var,
-                num_batches_tracked,
-                momentum,
-                eps,
-                guard,
-            )[0]
-        return _train_forward(
+        args = (
             input,
             weight,
             bias,
@@ -821,8 +808,9 @@ def _batch_norm(
             num_batches_tracked,
             momentum,
             eps,
-            guard,
-        )[0]
+            _Guard(nonfinite, where, on_skip),
+        )
+        return (_TrainFn.apply(*args) if needs_graph else _train_forward(*args))[0]
     if needs_graph:
         return _EvalFn.apply(input, running_mean, running_var, weight, bias, eps)
     return _eval_forward(input, running_mean, running_var, weight, bias, eps)
