@@ -25,6 +25,9 @@ Worker functions must be importable by the children: module-level functions of a
 module (the children get the parent's ``sys.path``, so test modules qualify), not lambdas or
 closures. The children are daemonic, so that they cannot outlive the parent's interpreter;
 they therefore cannot start processes of their own (use ``DataLoader(num_workers=0)``).
+
+Fault tests, where a rank is meant to die, pass ``allow_failures=True``: the survivors' results
+then come back, and each failed rank's entry is a :class:`RankFailure` instead of an error.
 """
 
 from __future__ import annotations
@@ -39,13 +42,27 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["DistributedTestError", "run_distributed"]
+__all__ = ["DistributedTestError", "RankFailure", "run_distributed"]
 
 
 class DistributedTestError(RuntimeError):
     """One or more ranks failed, timed out or died; the message holds their tracebacks."""
+
+
+class RankFailure(NamedTuple):
+    """What ``run_distributed(..., allow_failures=True)`` returns for a rank that failed.
+
+    A rank fails when it raises, dies, or does not report in time (and is terminated).
+
+    Attributes:
+        rank: The rank.
+        reason: Its traceback, or how its process ended (exit code, no report in time).
+    """
+
+    rank: int
+    reason: str
 
 
 def _loopback_interface() -> str | None:
@@ -117,6 +134,7 @@ def run_distributed(
     grace: float = 3.0,
     threads: int = 1,
     rendezvous_dir: str | os.PathLike | None = None,
+    allow_failures: bool = False,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes of one process group.
 
@@ -131,21 +149,26 @@ def run_distributed(
         threads: ``torch.set_num_threads`` in each child (tests share few cores).
         rendezvous_dir: A fresh directory for the rendezvous file (e.g. pytest's
             ``tmp_path``); by default a temporary directory, removed afterwards.
+        allow_failures: Return a :class:`RankFailure` in place of each failed rank's result
+            instead of raising (for tests in which a rank is meant to fail or die). Every
+            process is reaped either way.
 
     Returns:
-        The return values of ``fn``, indexed by rank.
+        The return values of ``fn``, indexed by rank (with ``allow_failures``, a
+        :class:`RankFailure` for each rank that raised, died or did not report in time).
 
     Raises:
-        DistributedTestError: A rank raised (its traceback is in the message), died without
-            reporting, or the run took longer than ``timeout``.
+        DistributedTestError: Without ``allow_failures``: a rank raised (its traceback is in
+            the message), died without reporting, or the run took longer than ``timeout``.
     """
+    options = (backend, timeout, grace, threads, allow_failures)
     if rendezvous_dir is None:
         with tempfile.TemporaryDirectory(prefix="rdzv-") as tmp:
-            return _run(fn, world_size, args, backend, timeout, grace, threads, tmp)
-    return _run(fn, world_size, args, backend, timeout, grace, threads, rendezvous_dir)
+            return _run(fn, world_size, args, *options, tmp)
+    return _run(fn, world_size, args, *options, rendezvous_dir)
 
 
-def _run(fn, world_size, args, backend, timeout, grace, threads, rendezvous_dir):
+def _run(fn, world_size, args, backend, timeout, grace, threads, allow_failures, rendezvous_dir):
     store = os.path.join(os.fspath(rendezvous_dir), "rdzv")
     if os.path.exists(store):
         # A FileStore left by an earlier group would be joined as if it were this one.
@@ -199,6 +222,7 @@ def _run(fn, world_size, args, backend, timeout, grace, threads, rendezvous_dir)
         results.cancel_join_thread()
 
     problems = []
+    failures = {}
     why = (
         f"within {grace} s of another rank's failure"
         if first_failure is not None
@@ -206,9 +230,18 @@ def _run(fn, world_size, args, backend, timeout, grace, threads, rendezvous_dir)
     )
     for rank in range(world_size):
         if rank not in reports:
-            problems.append(f"rank {rank}: no report {why}; terminated.")
+            failures[rank] = f"no report {why}; terminated."
+            problems.append(f"rank {rank}: {failures[rank]}")
         elif not reports[rank][0]:
+            failures[rank] = reports[rank][1]
             problems.append(f"rank {rank} failed:\n{reports[rank][1]}")
+    if allow_failures:
+        return [
+            RankFailure(rank, failures[rank])
+            if rank in failures
+            else pickle.loads(reports[rank][1])
+            for rank in range(world_size)
+        ]
     if problems:
         raise DistributedTestError(
             f"run_distributed(): expected all {world_size} ranks to return, got:\n"

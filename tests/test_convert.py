@@ -202,3 +202,17 @@ def test_convert_rejects_unknown_target(to):
     with pytest.raises(ValueError, match=r"to="):
         batchnorm.convert(net, to=to)
     assert type(net[0]) is torch.nn.BatchNorm1d
+
+
+def test_convert_leaves_our_sync_batchnorm_and_refuses_it_to_torch(gen):
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 1), batchnorm.SyncBatchNorm(4), torch.nn.BatchNorm2d(4)
+    )
+    snapshot = snapshot_state(model)
+    batchnorm.convert(model)
+    assert type(model[1]) is batchnorm.SyncBatchNorm and type(model[2]) is batchnorm.BatchNorm2d
+    with pytest.raises(TypeError, match=r"'1' of type batchnorm.SyncBatchNorm.*revert_sync"):
+        batchnorm.convert(model, to="torch")
+    # Validated first: the convertible layer was not switched back either.
+    assert type(model[2]) is batchnorm.BatchNorm2d
+    assert_state_unchanged(model, snapshot)

@@ -17,6 +17,7 @@ MODULES = [
     "batchnorm.tools.freeze",
     "batchnorm.tools.fold",
     "batchnorm.tools.population",
+    "batchnorm.distributed",
 ]
 
 

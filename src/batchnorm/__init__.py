@@ -25,13 +25,16 @@ _EXPORTS = {
     "LayerStatistics": "tools.population",
     "NonFiniteStatisticsError": "_validate",
     "NonFiniteStatisticsWarning": "_validate",
+    "SyncBatchNorm": "distributed",
     "backend_for": "functional",
     "batch_norm": "functional",
     "check_fold": "tools.fold",
     "convert": "tools.convert",
+    "convert_sync_batchnorm": "distributed",
     "fold": "tools.fold",
     "freeze": "tools.freeze",
     "recompute_statistics": "tools.population",
+    "revert_sync_batchnorm": "distributed",
     "unfreeze": "tools.freeze",
 }
 
@@ -46,20 +49,24 @@ __all__ = [
     "LayerStatistics",
     "NonFiniteStatisticsError",
     "NonFiniteStatisticsWarning",
+    "SyncBatchNorm",
     "__version__",
     "backend_for",
     "batch_norm",
     "check_fold",
     "convert",
+    "convert_sync_batchnorm",
     "fold",
     "freeze",
     "recompute_statistics",
+    "revert_sync_batchnorm",
     "unfreeze",
 ]
 assert set(__all__) == {*_EXPORTS, "__version__"}, "__all__ and _EXPORTS must list the same names"
 
 if TYPE_CHECKING:
     from ._validate import NonFiniteStatisticsError, NonFiniteStatisticsWarning
+    from .distributed import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
     from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
     from .functional import backend_for, batch_norm
     from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+import batchnorm
 import batchnorm.tools.fold as fold_module
 from batchnorm.frozen import FrozenBatchNorm2d
 from batchnorm.tools.fold import check_fold, fold
@@ -484,3 +485,17 @@ def test_check_fold_rejects_mismatched_outputs():
         check_fold(nn.Linear(3, 3), nn.Linear(3, 2), x)
     with pytest.raises(TypeError, match="expected folded to be a torch.nn.Module, got str"):
         check_fold(nn.Linear(3, 3), "folded", x)
+
+
+def test_fold_folds_our_sync_batchnorm_in_eval_mode(gen):
+    """In evaluation mode batchnorm.SyncBatchNorm never synchronises: it folds like BatchNorm."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), batchnorm.SyncBatchNorm(4), nn.ReLU())
+    randomize_bn_state(model[1], gen)
+    model = model.double().eval()
+    x = make_input((2, 3, 6, 6), torch.float64, generator=gen)
+    with torch.no_grad():
+        want = model(x)
+    folded = fold(model)
+    assert isinstance(folded[1], nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), want, **TOL[torch.float64])

@@ -653,3 +653,12 @@ def test_unfreeze_restores_the_nonfinite_policy():
     model = unfreeze(freeze(model))
     assert type(model[0]) is batchnorm.BatchNorm1d
     assert model[0].nonfinite == "raise"
+
+
+def test_freeze_refuses_our_sync_batchnorm_pointing_to_revert():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), batchnorm.SyncBatchNorm(3))
+    snapshot = snapshot_state(model)
+    with pytest.raises(TypeError, match=r"revert_sync_batchnorm"):
+        freeze(model)
+    assert type(model[1]) is batchnorm.SyncBatchNorm
+    assert_state_unchanged(model, snapshot)

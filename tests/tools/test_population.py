@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+import batchnorm
 from _distributed import run_distributed
 from batchnorm import reference
 from batchnorm._validate import NonFiniteStatisticsError, NonFiniteStatisticsWarning
@@ -756,10 +757,10 @@ _SHARDS = {
 }
 
 
-def _sync_model() -> nn.Sequential:
+def _sync_model(cls=nn.SyncBatchNorm) -> nn.Sequential:
     model = _model()
     for i in (1, 4):
-        sync = nn.SyncBatchNorm(model[i].num_features).double()
+        sync = cls(model[i].num_features).double()
         sync.load_state_dict(model[i].state_dict())
         model[i] = sync
     return model
@@ -785,7 +786,10 @@ def _distributed_case(rank, case):
         batches[3] = torch.randn(2, 9, dtype=torch.float64)  # rank 1's second batch is bad
     shards = _SHARDS.get(case, _SHARDS["uneven"])
     mine = [batches[i] for i in shards[rank]]
-    model = _sync_model() if case == "syncbn" else _model()
+    if case in ("syncbn", "our_syncbn"):
+        model = _sync_model(nn.SyncBatchNorm if case == "syncbn" else batchnorm.SyncBatchNorm)
+    else:
+        model = _model()
     before, flags = snapshot_state(model), _flags(model)
     method = case if case in ("paper", "sequential") else "pooled"
     with warnings.catch_warnings(record=True) as caught:
@@ -814,6 +818,7 @@ _CASES = (
     "paper",
     "sequential",
     "syncbn",
+    "our_syncbn",
     "nonfinite",
     "failure",
     "nothing",
@@ -857,7 +862,7 @@ def _assert_ranks_agree_with(two_ranks, case, expected, skipped=0):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["uneven", "empty_rank", "syncbn"])
+@pytest.mark.parametrize("case", ["uneven", "empty_rank", "syncbn", "our_syncbn"])
 def test_recompute_statistics_two_ranks_pooled_equals_single_pass_over_union(two_ranks, case):
     _assert_ranks_agree_with(two_ranks, case, _single_process())
 

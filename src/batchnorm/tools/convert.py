@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import SyncBatchNorm
 from ..modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["convert"]
@@ -60,6 +61,17 @@ def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
         cls = type(module)
         if cls in mapping:
             swaps.append((module, mapping[cls]))
+        elif cls is SyncBatchNorm:
+            if to == "torch":
+                # torch's own SyncBatchNorm refuses CPU input and DDP refuses it on CPU models,
+                # so there is no faithful torch counterpart to switch to in place.
+                raise TypeError(
+                    f"convert(): cannot convert {path or 'the root module'!r} of type "
+                    "batchnorm.SyncBatchNorm to torch: call "
+                    "batchnorm.revert_sync_batchnorm(model) first, or "
+                    "torch.nn.SyncBatchNorm.convert_sync_batchnorm on the result for GPUs."
+                )
+            # to="batchnorm": it already runs on this package's kernels.
         elif (
             cls not in known
             and isinstance(module, torch.nn.modules.batchnorm._NormBase)

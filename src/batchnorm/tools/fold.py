@@ -24,6 +24,7 @@ import torch
 import torch.fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..distributed import SyncBatchNorm
 from ..frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from ..modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -53,7 +54,15 @@ _NORMS = (_BatchNorm, *_FROZEN)
 #: subclass with its own forward may do more (timm's BatchNormAct2d applies an activation).
 _NORM_FORWARDS = frozenset(
     cls.forward
-    for cls in (_BatchNorm, torch.nn.SyncBatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, *_FROZEN)
+    for cls in (
+        _BatchNorm,
+        torch.nn.SyncBatchNorm,
+        SyncBatchNorm,
+        BatchNorm1d,
+        BatchNorm2d,
+        BatchNorm3d,
+        *_FROZEN,
+    )
 )
 
 Producer = Callable[[str], "tuple[str | None, str | None]"]
@@ -94,8 +103,9 @@ def fold(model: torch.nn.Module, *, inplace: bool = False) -> torch.nn.Module:
     ``L`` and folding would be wrong when ``L`` happens to equal the feature count.
 
     Which norms: any ``torch.nn.modules.batchnorm._BatchNorm`` (``torch.nn.BatchNorm1d/2d/3d``,
-    ``batchnorm.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm``) with the stock forward and
-    running statistics, and ``batchnorm.frozen.FrozenBatchNorm1d/2d/3d``.
+    ``batchnorm.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm``, ``batchnorm.SyncBatchNorm``)
+    with the stock forward and running statistics, and
+    ``batchnorm.frozen.FrozenBatchNorm1d/2d/3d``.
 
     When a pair is folded (everything else is left as it is and reported):
 

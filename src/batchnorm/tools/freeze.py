@@ -54,6 +54,15 @@ def _is_batchnorm_like(module: torch.nn.Module) -> bool:
 
 
 def _check_freezable(path: str, module: torch.nn.Module) -> None:
+    from ..distributed import SyncBatchNorm
+
+    if isinstance(module, SyncBatchNorm):
+        raise TypeError(
+            f"freeze(): expected {_KNOWN_BN} layers, got {_path_text(path)} of type "
+            f"{_type_text(module)}, whose input rank is not fixed. Call "
+            "batchnorm.revert_sync_batchnorm(model) first (a frozen layer needs no "
+            "synchronisation: it uses no batch statistics)."
+        )
     if isinstance(module, torch.nn.SyncBatchNorm):
         # SyncBatchNorm accepts inputs of any rank >= 2, so which frozen class (which rank
         # check) it should become is unknown until it has seen an input; guessing would give a

@@ -377,9 +377,10 @@ def recompute_statistics(
 
     Which layers: every :class:`torch.nn.modules.batchnorm._BatchNorm` that has running
     buffers: ``torch.nn.BatchNorm1d/2d/3d``, ``batchnorm.BatchNorm1d/2d/3d`` and subclasses,
-    and ``torch.nn.SyncBatchNorm`` (which runs as a plain, unsynchronised BatchNorm during the
-    pass: it then works on CPU, and no per-batch collective can deadlock when processes hold
-    different numbers of batches; the processes' statistics are reduced once at the end).
+    ``torch.nn.SyncBatchNorm`` and ``batchnorm.SyncBatchNorm`` (which run as plain,
+    unsynchronised BatchNorm during the pass: torch's then works on CPU, and no per-batch
+    collective can deadlock when processes hold different numbers of batches; the processes'
+    statistics are reduced once at the end).
     Layers built with ``track_running_stats=False`` have nothing to recompute and are ignored.
 
     Other modules keep the mode they are in. Call ``model.eval()`` first to collect the
@@ -642,6 +643,18 @@ def _call_order(job: _Job, layers, first_call: dict[str, int]):
     return [layers[i] for i in ran]
 
 
+def _local_forward(module):
+    """The unsynchronised forward of a synchronising BatchNorm layer, or ``None``."""
+    from ..distributed import SyncBatchNorm
+    from ..modules import _BatchNormMixin
+
+    if isinstance(module, SyncBatchNorm):
+        return _BatchNormMixin.forward
+    if isinstance(module, torch.nn.SyncBatchNorm):
+        return torch.nn.modules.batchnorm._BatchNorm.forward
+    return None
+
+
 def _run_pass(data, accs, state, call, max_batches, show_progress, label="") -> None:
     """Run the batches with every layer in batch-statistics mode; restore everything after."""
     saved = []
@@ -666,13 +679,14 @@ def _run_pass(data, accs, state, call, max_batches, show_progress, label="") -> 
             )
             module.training = True
             module.track_running_stats = False
-            if isinstance(module, torch.nn.SyncBatchNorm):
-                # SyncBatchNorm's own forward syncs every batch when distributed (and refuses CPU
-                # input then). The base class's forward, bound to this instance, normalises
-                # with the local batch alone; an instance attribute shadows the class's method.
-                module.forward = types.MethodType(
-                    torch.nn.modules.batchnorm._BatchNorm.forward, module
-                )
+            local_forward = _local_forward(module)
+            if local_forward is not None:
+                # A synchronising layer's own forward syncs every batch when distributed (and
+                # torch's refuses CPU input then), which deadlocks when processes hold different
+                # numbers of batches. The plain BatchNorm forward, bound to this instance,
+                # normalises with the local batch alone; an instance attribute shadows the
+                # class's method. The processes' statistics are reduced once at the end.
+                module.forward = types.MethodType(local_forward, module)
             handles.append(module.register_forward_hook(_make_hook(acc, state), with_kwargs=True))
         with torch.no_grad():
             for index, batch in enumerate(batches):
@@ -686,7 +700,7 @@ def _run_pass(data, accs, state, call, max_batches, show_progress, label="") -> 
         for module, training, tracking, own_forward in saved:
             module.training = training
             module.track_running_stats = tracking
-            if isinstance(module, torch.nn.SyncBatchNorm):
+            if _local_forward(module) is not None:
                 if own_forward is None:
                     del module.forward
                 else:

@@ -1,0 +1,860 @@
+r"""``SyncBatchNorm``: Batch Normalization over the global batch of a torch.distributed group.
+
+Under data parallelism each process sees only its shard of the mini-batch, and plain
+BatchNorm then normalizes with the shard's statistics. :class:`SyncBatchNorm` normalizes every
+shard with the statistics of the *concatenated* batch of all processes of a group, on any
+device torch.distributed works on: gloo on CPU (where ``torch.nn.SyncBatchNorm`` refuses to
+run) as well as NCCL on CUDA. :func:`convert_sync_batchnorm` and
+:func:`revert_sync_batchnorm` switch the BatchNorm layers of a model between the two kinds in
+place.
+
+Forward (training), per channel, with rank :math:`r` holding :math:`n_r` values per channel:
+
+1. each rank summarises its shard as :math:`(n_r, \bar{x}_r, M2_r)` (count, mean, sum of
+   squared deviations) in float64;
+2. one ``all_gather`` of one float64 vector per rank brings every summary to every rank;
+3. every rank merges them in rank order with Chan, Golub & LeVeque's update
+   (:func:`batchnorm.stats.merge_moments`)
+
+   .. math::
+       n = n_a + n_b, \quad \delta = \bar{x}_b - \bar{x}_a, \quad
+       \bar{x} = \bar{x}_a + \delta\,\tfrac{n_b}{n}, \quad
+       M2 = M2_a + M2_b + \delta^2\,\tfrac{n_a n_b}{n},
+
+   which is exact for uneven shards, and an empty shard is its identity. Every rank then holds
+   bit-identical global statistics :math:`m = \sum_r n_r`, :math:`\mu`,
+   :math:`\sigma^2 = M2 / m` (biased), so every rank makes the same decisions from them;
+4. each rank normalizes its shard, :math:`\hat{x} = (x - \mu)/\sqrt{\sigma^2 + \epsilon}`,
+   :math:`y = \gamma\hat{x} + \beta`, and updates the running statistics with :math:`\mu` and
+   the unbiased :math:`\sigma^2 \cdot m/(m - 1)` of the global batch (torch's rule).
+
+Backward: with :math:`\delta = \partial L / \partial y`, the gradient of single-process
+BatchNorm over the concatenated batch is
+
+.. math::
+    dx_i = \gamma\sigma^{-1}\Big(\delta_i - \frac{S_1}{m}
+           - \frac{(x_i - \mu)\,\sigma^{-2} S_2}{m}\Big), \qquad
+    S_1 = \sum_{j} \delta_j, \quad S_2 = \sum_{j} \delta_j (x_j - \mu),
+
+with both sums over *all* ranks' values. One ``all_reduce`` (sum) of the float64 vector
+:math:`[S_1^{(r)}, S_2^{(r)}]` gives them; :math:`dx` of rank :math:`r`'s rows then follows
+locally. ``weight`` and ``bias`` get the *local* sums :math:`\sigma^{-1} S_2^{(r)}` and
+:math:`S_1^{(r)}`: their sum over ranks is single-process BatchNorm's gradient, and
+:class:`~torch.nn.parallel.DistributedDataParallel` (which averages parameter gradients over
+ranks, while each rank's loss is the mean over its own shard) turns them into exactly the
+gradient of the mean loss over the global batch, as it does for every other parameter.
+
+Why one collective each way: the per-rank summary is all the merge needs (``all_gather``
+rather than ``all_reduce``, since Chan's merge needs each rank's count, mean and M2, not their
+sums, and every rank merging the same blocks in the same order gives identical bits); the two
+sums are all the backward needs. Before a layer's first synchronized forward, the ranks
+additionally exchange ``num_features`` once (a two-number ``all_gather``): gloo aborts the
+whole process, uncatchably, when the ranks' vectors differ in length, so the lengths are made
+to agree before any vector whose length depends on ``num_features`` is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from . import kernels
+from ._validate import (
+    _name,
+    check_batch_norm_args,
+    check_constructor_args,
+    check_module_input,
+    check_nonfinite_policy,
+)
+from .functional import (
+    _LIMIT,
+    _count_batch,
+    _empty_output,
+    _float64,
+    _Guard,
+    _kernel,
+    _kernel_array,
+    _layout,
+    _numpy,
+    _optional,
+    _reject_batch,
+    _torch_thread_count,
+    backend_for,
+)
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormMixin
+from .stats import Moments, finalize, merge_all
+
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
+
+logger = logging.getLogger(__name__)
+
+# First number of every vector this module exchanges. A rank that receives a vector with
+# another first number was in a different collective: the ranks called their layers in
+# different orders. The values are arbitrary, exact in float64, and unlikely as statistics.
+_HANDSHAKE = 918273.0
+_STATISTICS = 918274.0
+# Statistics vector: [_STATISTICS, num_features, status, count, mean (C), M2 (C)].
+_HEAD = 4
+_OK = 0.0
+_REJECTED = 1.0  # this rank's input failed validation; it joined only to unblock the others
+
+
+class SyncBatchNorm(_BatchNormMixin, torch.nn.modules.batchnorm._BatchNorm):
+    r"""Batch Normalization with statistics over all processes of a torch.distributed group.
+
+    In training mode, when ``torch.distributed`` is initialized and the group (``process_group``,
+    or the default group) has more than one process, every process normalizes its input with
+    the mean and *biased* variance of the concatenation of all processes' inputs, per channel
+    (axis 1), over every other axis, and gets the gradients single-process BatchNorm would give
+    on that concatenated batch (see the module :mod:`batchnorm.distributed` for the math and the
+    collectives). Otherwise (evaluation mode, world size 1, torch.distributed not initialized)
+    it is exactly :class:`batchnorm.BatchNorm2d` and its siblings, for inputs of any rank >= 2;
+    evaluation mode never communicates, as in torch.
+
+    .. math::
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \gamma + \beta
+
+    A subclass of :class:`torch.nn.modules.batchnorm._BatchNorm` with the constructor,
+    parameters, buffers, ``state_dict`` keys and ``_version`` of ``torch.nn.SyncBatchNorm``,
+    plus this package's ``nonfinite`` policy; deliberately *not* a subclass of
+    ``torch.nn.SyncBatchNorm``. torch 2.13's ``DistributedDataParallel`` refuses CPU models that
+    hold an instance of that class ("SyncBatchNorm layers only work with GPU modules",
+    ``DistributedDataParallel._passing_sync_batchnorm_handle``); the check is an ``isinstance``
+    test and passes no handle or attribute to the layer (it only feeds a ``has_sync_bn`` field
+    of DDP's usage log), so nothing in DDP depends on the layer being torch's.
+
+    Running statistics: in training with ``track_running_stats``, ``running_mean`` and
+    ``running_var`` are updated in place, identically on every rank,
+    ``running = (1 - momentum) * running + momentum * batch`` with the global batch's mean and
+    *unbiased* variance (factor :math:`m/(m-1)`, :math:`m` the global count per channel);
+    ``momentum=None`` is the cumulative average ``1 / num_batches_tracked``; ``momentum`` is
+    the weight of the new batch (the opposite of flax's and equinox's decay). DDP's
+    ``broadcast_buffers`` is then unnecessary: the buffers already agree.
+
+    Uneven and empty shards: ranks may hold different batch sizes, including none (``N = 0``);
+    a rank with no samples still takes part in both collectives (it sends an empty summary and
+    zero sums), returns an empty output and updates its running statistics like the others.
+    Only the global count matters: a global count of 1 per channel raises ``ValueError`` on
+    every rank (no statistics can be computed), and a global count of 0 changes nothing, like
+    BatchNorm on an empty batch.
+
+    Non-finite batches: handled as in :class:`batchnorm.BatchNorm2d` (``nonfinite="skip"`` or
+    ``"raise"``), from the global statistics, so every rank takes the same decision.
+
+    Faults, and what every rank must do alike: each rank must call its synchronized layers in
+    the same order, in the same mode, and backpropagate through them (or not) alike; otherwise
+    a collective waits for the rank that is not there until the process group's timeout
+    (``init_process_group(timeout=...)``; gloo's default is 30 minutes: set a shorter one). A
+    rank whose input fails validation still joins the statistics exchange, flagged as rejected,
+    and raises its ``ValueError``/``TypeError``; the others then raise ``RuntimeError`` naming
+    that rank, at once and with no state changed anywhere. A rank that exits or crashes makes
+    the others' collective fail (gloo notices the closed connection at once), and they raise
+    ``RuntimeError``. Different ``num_features`` on different ranks raise ``RuntimeError`` on
+    every rank before any statistics are exchanged. With ``DistributedDataParallel.join`` for
+    uneven inputs, pass ``throw_on_early_termination=True``, as for torch's layer.
+
+    Dtypes and devices: CPU float32/float64 input in the layouts the Numba kernels take
+    (contiguous or channels-last; :func:`batchnorm.backend_for` says ``"numba"``) runs on those
+    kernels with float64 statistics and arithmetic. Other inputs (float16/bfloat16, other
+    strides, CUDA and other devices) run on torch ops: statistics and arithmetic in float64 on
+    CPU, and in float32 (float64 for float64 input) on other devices, where float64 is slow;
+    the output is rounded once to the input's dtype. The exchanged vectors are float64 (counts
+    exact up to :math:`2^{53}`) on the input's device, as NCCL requires.
+
+    Autograd: first derivatives only; differentiating the gradient again (double backward)
+    raises ``RuntimeError``. ``torch.compile`` is not supported in synchronized mode (the
+    exchange is NumPy and eager collectives); unsynchronized, the layer compiles like
+    :class:`batchnorm.BatchNorm2d`.
+
+    Args:
+        num_features: :math:`C`, the number of channels.
+        eps: Added to the variance before the square root; must be ``>= 0``.
+        momentum: Weight of the new batch in the running averages, in ``[0, 1]``, or ``None``
+            for a cumulative average.
+        affine: Learn a per-channel ``weight`` :math:`\gamma` and ``bias`` :math:`\beta`.
+        track_running_stats: Keep running estimates for evaluation mode.
+        process_group: The group whose processes share statistics; ``None`` for the default
+            (world) group. Every process of the group must call the layer.
+        device: Device of parameters and buffers.
+        dtype: Dtype of parameters and buffers.
+        bias: With ``affine``, also learn ``bias``.
+        nonfinite: ``"skip"`` or ``"raise"``: what a training batch with non-finite global
+            statistics does.
+
+    Raises:
+        TypeError: ``num_features`` not an int.
+        ValueError: ``num_features < 1``, ``eps < 0``, ``momentum`` outside ``[0, 1]``, or
+            ``nonfinite`` not ``"skip"``/``"raise"``.
+
+    Shape:
+        - Input: :math:`(N, C, *)`, any rank >= 2; ``N`` may differ between ranks and be 0.
+        - Output: the shape, dtype and memory format of the input.
+
+    Example:
+        Without an initialized process group it is plain BatchNorm:
+
+        >>> import torch
+        >>> from batchnorm.distributed import SyncBatchNorm
+        >>> layer = SyncBatchNorm(3)
+        >>> layer(torch.randn(8, 3, 4, 4)).shape
+        torch.Size([8, 3, 4, 4])
+    """
+
+    _ranks = ()  # unused: any rank >= 2 is accepted (see _check_input_dim)
+    _shape_hint = "(N, {C}, *)"
+    process_group = None  # class default, for layers class-swapped in by convert_sync_batchnorm
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+        nonfinite: str = "skip",
+    ) -> None:
+        check_constructor_args(type(self).__name__, num_features, eps, momentum)
+        check_nonfinite_policy(f"{type(self).__name__}()", nonfinite)
+        # _BatchNormMixin.__init__ has BatchNorm's positional order (no process_group): skip it.
+        super(_BatchNormMixin, self).__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
+        self.process_group = process_group
+        if nonfinite != type(self).nonfinite:
+            self.nonfinite = nonfinite
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None):
+        """:func:`convert_sync_batchnorm`, under torch's classmethod name."""
+        return convert_sync_batchnorm(module, process_group)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if isinstance(input, torch.Tensor) and input.dim() < 2:
+            raise ValueError(
+                f"{self._where()}: expected input of shape {self._shape_text()} with at least "
+                f"2 dims, got {input.dim()}-D input of shape {tuple(input.shape)}."
+            )
+        ranks = (input.dim(),) if isinstance(input, torch.Tensor) else (2,)
+        check_module_input(
+            self._where, input, self.num_features, ranks, self._shape_text, self._state_dtype()
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        group = self._sync_group()
+        if group is None:
+            output = super().forward(input)  # exactly batchnorm.BatchNorm*d
+        else:
+            output = self._sync_forward(input, group)
+        # Remembered so that revert_sync_batchnorm can pick the BatchNorm*d of this rank for a
+        # layer that was built as SyncBatchNorm (it has no original class to return to).
+        self.__dict__["_input_dim"] = input.dim()
+        return output
+
+    # ----------------------------------------------------------------------------------------
+
+    def _sync_group(self):
+        """The group to synchronize over, or ``None`` when this call is plain BatchNorm."""
+        if not self.training:
+            return None
+        if not (dist.is_available() and dist.is_initialized()):
+            if self.process_group is not None:
+                raise RuntimeError(
+                    f"{self._where()}: expected torch.distributed to be initialized when "
+                    "process_group is given, got an uninitialized default group. Call "
+                    "init_process_group() first, or set process_group=None."
+                )
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        if dist.get_rank(group) < 0:
+            raise RuntimeError(
+                f"{self._where()}: expected this process (global rank {dist.get_rank()}) to be "
+                "a member of process_group, got a group it does not belong to. Give each "
+                "process the group it is in."
+            )
+        return group if dist.get_world_size(group) > 1 else None
+
+    def _sync_forward(self, input, group) -> torch.Tensor:
+        where = self._where
+        peers = _Peers(group)
+        device = _packet_device(input, self)
+        self._agree_on_num_features(peers, device)
+        tracking = self.track_running_stats
+        running_mean = self.running_mean if tracking else None
+        running_var = self.running_var if tracking else None
+        num_batches_tracked = self.num_batches_tracked if tracking else None
+        try:
+            self._check_input_dim(input)
+            check_nonfinite_policy(where, self.nonfinite)
+            # The shared per-call checks (devices and dtypes of the parameters and buffers,
+            # eps, momentum). They run on an empty slice because their one-value-per-channel
+            # rule is about the local batch, while here only the global count decides.
+            check_batch_norm_args(
+                where,
+                input[:0],
+                running_mean,
+                running_var,
+                self.weight,
+                self.bias,
+                True,
+                self.momentum,
+                self.eps,
+                num_batches_tracked,
+            )
+        except (TypeError, ValueError):
+            _join_as_rejected(peers, self.num_features, device, where)
+            raise
+        eps = float(self.eps)
+        backend = backend_for(input)
+        local = _local_moments(input, backend)
+        packet = torch.from_numpy(
+            np.concatenate(
+                [[_STATISTICS, self.num_features, _OK, local.count], local.mean, local.m2]
+            )
+        ).to(device)
+        blocks = _all_gather(peers, packet, where, "batch statistics")
+        total = _merge_blocks(blocks, peers, self.num_features, where)
+        if total.count == 0:
+            # Every rank is empty: what BatchNorm does with an empty batch (nothing changes).
+            return super().forward(input)
+        if total.count == 1:
+            raise ValueError(
+                f"{_name(where)}: expected more than 1 value per channel over all ranks of the "
+                f"process group when training, got 1 (this rank's input has shape "
+                f"{tuple(input.shape)})."
+            )
+        mean, var, _ = finalize(total)
+        invstd = 1.0 / np.sqrt(var + eps)
+        sync = _Sync(peers, where, backend, int(total.count), mean, invstd)
+        weight, bias = self.weight, self.bias
+        needs_graph = torch.is_grad_enabled() and (
+            input.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+        )
+        if needs_graph:
+            output = _SyncBatchNormFn.apply(input, weight, bias, sync)
+        else:
+            output = _normalize(input, weight, bias, sync)
+        if tracking and running_mean is not None:
+            factor = _batch_weight(num_batches_tracked, self.momentum)
+            if _update_running(running_mean, running_var, mean, var, sync.count, factor):
+                _count(num_batches_tracked)
+            else:
+                _reject_batch(_Guard(self.nonfinite, where, self._count_skipped_batch), mean, var)
+        return output
+
+    def _agree_on_num_features(self, peers: _Peers, device: torch.device) -> None:
+        """Check once per group that every rank's layer has this ``num_features``.
+
+        The statistics vector's length depends on ``num_features``, and gloo aborts the whole
+        process (a C++ exception no Python code can catch) when the vectors of an all_gather
+        differ in length; this two-number exchange is the same length on every rank.
+        """
+        key = (peers.ranks, self.num_features)
+        if self.__dict__.get("_sync_checked") == key:
+            return
+        packet = torch.tensor(
+            [_HANDSHAKE, float(self.num_features)], dtype=torch.float64, device=device
+        )
+        blocks = _all_gather(peers, packet, self._where, "num_features")
+        _check_kind(blocks, _HANDSHAKE, peers, self._where)
+        features = [int(c) for c in blocks[:, 1]]
+        if any(c != self.num_features for c in features):
+            pairs = zip(peers.ranks, features, strict=True)
+            shown = ", ".join(f"{c} on global rank {r}" for r, c in pairs)
+            raise RuntimeError(
+                f"{self._where()}: expected the same num_features on every rank of the process "
+                f"group, got {shown}. Every rank must build the same model."
+            )
+        self.__dict__["_sync_checked"] = key
+
+
+# --------------------------------------------------------------------------------------------
+# Collectives
+# --------------------------------------------------------------------------------------------
+
+
+class _Peers:
+    """The group of one synchronized call, and the global ranks of its members (for messages)."""
+
+    __slots__ = ("group", "ranks", "size")
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.ranks = tuple(dist.get_process_group_ranks(group))
+        self.size = len(self.ranks)
+
+
+def _packet_device(input, module: torch.nn.Module) -> torch.device:
+    # The input's device (NCCL needs CUDA tensors); a rejected non-tensor input has none, and
+    # then the layer's own device stands in.
+    if isinstance(input, torch.Tensor):
+        return input.device
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _collective_failed(where, peers: _Peers, what: str, err: Exception) -> RuntimeError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return RuntimeError(
+        f"{_name(where)}: expected every rank of the process group (global ranks "
+        f"{list(peers.ranks)}) to take part in exchanging the {what}, but the collective "
+        f"failed with {first_line!r}. A rank probably exited, crashed or timed out, or the "
+        "ranks called their synchronized layers in different orders; the process group is "
+        "unusable now."
+    )
+
+
+def _all_gather(peers: _Peers, packet: torch.Tensor, where, what: str) -> np.ndarray:
+    """Every rank's ``packet``, stacked in group-rank order, as a float64 NumPy array."""
+    gathered = [torch.empty_like(packet) for _ in range(peers.size)]
+    try:
+        dist.all_gather(gathered, packet, group=peers.group)
+    except RuntimeError as err:  # gloo/NCCL errors (DistBackendError is a RuntimeError)
+        raise _collective_failed(where, peers, what, err) from err
+    return torch.stack(gathered).cpu().numpy()
+
+
+def _all_reduce(peers: _Peers, packet: torch.Tensor, where, what: str) -> torch.Tensor:
+    try:
+        dist.all_reduce(packet, op=dist.ReduceOp.SUM, group=peers.group)
+    except RuntimeError as err:
+        raise _collective_failed(where, peers, what, err) from err
+    return packet
+
+
+def _join_as_rejected(peers: _Peers, num_features: int, device, where) -> None:
+    """Take part in the statistics exchange flagged as rejected, so the others do not wait."""
+    packet = torch.zeros(_HEAD + 2 * num_features, dtype=torch.float64, device=device)
+    packet[:3] = torch.tensor([_STATISTICS, float(num_features), _REJECTED])
+    try:
+        _all_gather(peers, packet, where, "batch statistics")
+    except RuntimeError:  # the caller's own error matters more than the courtesy collective
+        logger.exception("%s: could not tell the other ranks of a rejected input", _name(where))
+
+
+def _check_kind(blocks: np.ndarray, kind: float, peers: _Peers, where) -> None:
+    wrong = [r for r, block in zip(peers.ranks, blocks, strict=True) if block[0] != kind]
+    if wrong:
+        raise RuntimeError(
+            f"{_name(where)}: expected every rank of the process group to be exchanging the "
+            f"same layer's data, got a different collective from global rank(s) {wrong}. The "
+            "ranks must call their synchronized layers in the same order and the same number "
+            "of times."
+        )
+
+
+def _merge_blocks(blocks: np.ndarray, peers: _Peers, num_features: int, where) -> Moments:
+    """Check the gathered headers, then merge the ranks' summaries in group-rank order."""
+    _check_kind(blocks, _STATISTICS, peers, where)
+    # Lengths already agree (checked once per group); a differing count here means memory
+    # corruption or a foreign sender, not a user error.
+    assert all(int(b[1]) == num_features for b in blocks), "num_features changed after the check"
+    rejected = [r for r, block in zip(peers.ranks, blocks, strict=True) if block[2] != _OK]
+    if rejected:
+        raise RuntimeError(
+            f"{_name(where)}: expected a valid input on every rank of the process group, got "
+            f"an input rejected on global rank(s) {rejected} (see the error raised there); "
+            "nothing was updated on any rank."
+        )
+    c = num_features
+    parts = [
+        Moments(int(b[3]), b[_HEAD : _HEAD + c].copy(), b[_HEAD + c : _HEAD + 2 * c].copy())
+        for b in blocks
+    ]
+    return merge_all(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Local statistics, normalization and gradients
+# --------------------------------------------------------------------------------------------
+
+
+class _Sync(NamedTuple):
+    """What the normalization and its backward need from one synchronized forward.
+
+    ``mean`` and ``invstd`` are the global statistics, float64 NumPy arrays of shape ``(C,)``;
+    ``count`` is the global number of values per channel.
+    """
+
+    peers: _Peers
+    where: object
+    backend: str
+    count: int
+    mean: np.ndarray
+    invstd: np.ndarray
+
+
+def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
+    """Dtype of the torch-op path's arithmetic: float64 on CPU, float32 elsewhere.
+
+    GPUs run float64 at 1/2 to 1/64 of their float32 rate and BatchNorm is memory-bound, so a
+    float64 copy of the activations would cost time and memory; torch's own CUDA BatchNorm
+    accumulates in float32 too. float64 input stays float64.
+    """
+    if x.device.type == "cpu" or x.dtype == torch.float64:
+        return torch.float64
+    return torch.float32
+
+
+def _broadcast_shape(x: torch.Tensor) -> tuple[int, ...]:
+    return (1, -1) + (1,) * (x.dim() - 2)
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _local_moments(x: torch.Tensor, backend: str) -> Moments:
+    """This rank's ``(count, mean, M2)`` per channel, float64; empty input gives the empty one."""
+    channels = x.shape[1]
+    count = x.numel() // channels
+    if count == 0:
+        return Moments.empty(channels)
+    if backend == "numba":
+        layout = _layout(x)
+        xa = _kernel_array(_numpy(x), layout)
+        mean = np.empty(channels)
+        m2 = np.empty(channels)
+        with _torch_thread_count():
+            _kernel("moments", layout, xa.dtype)(xa, mean, m2)
+        return Moments(count, mean, m2)
+    with torch.no_grad():
+        var, mean = torch.var_mean(x.to(_accumulate_dtype(x)), dim=_reduce_dims(x), correction=0)
+        stats = torch.stack([mean, var]).double().cpu().numpy()
+    # M2 = m * biased variance: the sum of squared deviations the merge works with.
+    return Moments(count, stats[0], stats[1] * count)
+
+
+def _normalize(x, weight, bias, sync: _Sync) -> torch.Tensor:
+    """``y = (x - mean) * invstd * weight + bias`` with the global statistics."""
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    channels = x.shape[1]
+    if sync.backend == "numba":
+        layout = _layout(x)
+        xa = _kernel_array(_numpy(x), layout)
+        y, ya = _empty_output(x, layout)
+        scale = sync.invstd * _float64(_optional(weight, x.dtype), channels, 1.0)
+        shift = _float64(_optional(bias, x.dtype), channels, 0.0)
+        with _torch_thread_count():
+            _kernel("normalize", layout, xa.dtype)(xa, sync.mean, scale, shift, ya)
+        return y
+    acc = _accumulate_dtype(x)
+    shape = _broadcast_shape(x)
+    mean_t, invstd_t = (
+        torch.from_numpy(a).to(device=x.device, dtype=acc).reshape(shape)
+        for a in (sync.mean, sync.invstd)
+    )
+    with torch.no_grad():
+        scale_t = invstd_t if weight is None else invstd_t * weight.detach().to(acc).reshape(shape)
+        centred = x.detach().to(acc) - mean_t
+        y = centred * scale_t
+        if bias is not None:
+            y += bias.detach().to(acc).reshape(shape)
+        return y.to(x.dtype)
+
+
+def _match_layout(dy: torch.Tensor, x: torch.Tensor, layout: str) -> torch.Tensor:
+    # The gradient arrives in whatever layout autograd produced (often an expanded view from a
+    # sum); the kernels need it in x's memory layout.
+    if layout == "nchw" or x.dim() == 2:
+        return dy.contiguous()
+    if dy.stride() != x.stride():
+        dy = dy.permute(0, *range(2, dy.dim()), 1).contiguous()
+        return dy.permute(0, dy.dim() - 1, *range(1, dy.dim() - 1))
+    return dy
+
+
+def _backward(dy, x, weight, sync: _Sync, need_dx: bool):
+    """``(dx, dweight, dbias)`` of one rank; ``dx`` needs the global sums (one all_reduce).
+
+    ``dweight``/``dbias`` are this rank's sums alone (see the module docstring). ``dx`` is
+    ``None`` when autograd does not want it; then no collective is entered, on any rank, since
+    whether the input needs a gradient is the same on every rank.
+    """
+    channels = x.shape[1]
+    empty = x.numel() == 0
+    if sync.backend == "numba":
+        layout = _layout(x)
+        sum_dy = np.zeros(channels)
+        sum_dy_xmu = np.zeros(channels)
+        if not empty:
+            dy = _match_layout(dy, x, layout)
+            xa = _kernel_array(_numpy(x), layout)
+            dya = _kernel_array(_numpy(dy), layout)
+            with _torch_thread_count():
+                _kernel("backward_reduce", layout, xa.dtype)(dya, xa, sync.mean, sum_dy, sum_dy_xmu)
+    else:
+        acc = _accumulate_dtype(x)
+        shape = _broadcast_shape(x)
+        mean_t = torch.from_numpy(sync.mean).to(device=x.device, dtype=acc).reshape(shape)
+        dy_acc = dy.to(acc)
+        xmu = x.detach().to(acc) - mean_t
+        dims = _reduce_dims(x)
+        sums = torch.stack([dy_acc.sum(dim=dims), (dy_acc * xmu).sum(dim=dims)])
+        sum_dy, sum_dy_xmu = sums.double().cpu().numpy()
+    param_dtype = weight.dtype if weight is not None else x.dtype
+    dweight = torch.from_numpy(sum_dy_xmu * sync.invstd).to(device=x.device, dtype=param_dtype)
+    dbias = torch.from_numpy(sum_dy.copy()).to(device=x.device, dtype=param_dtype)
+    if not need_dx:
+        return None, dweight, dbias
+    packet = torch.from_numpy(np.concatenate([sum_dy, sum_dy_xmu])).to(x.device)
+    totals = _all_reduce(sync.peers, packet, sync.where, "gradient sums").cpu().numpy()
+    total_dy, total_dy_xmu = totals[:channels], totals[channels:]
+    if empty:
+        return torch.empty_like(x), dweight, dbias
+    m = sync.count
+    k_dy = sync.invstd * _float64(_optional(weight, x.dtype), channels, 1.0)
+    # dx = k_dy * dy + k_xmu * (x - mean) + k_const, the formula of the module docstring.
+    k_xmu = -k_dy * sync.invstd**2 * total_dy_xmu / m
+    k_const = -k_dy * total_dy / m
+    if sync.backend == "numba":
+        dx, dxa = _empty_output(x, layout)
+        with _torch_thread_count():
+            _kernel("backward_apply", layout, xa.dtype)(
+                dya, xa, sync.mean, k_dy, k_xmu, k_const, dxa
+            )
+        return dx, dweight, dbias
+    k_dy_t, k_xmu_t, k_const_t = (
+        torch.from_numpy(k).to(device=x.device, dtype=acc).reshape(shape)
+        for k in (k_dy, k_xmu, k_const)
+    )
+    dx = (dy_acc * k_dy_t + xmu * k_xmu_t + k_const_t).to(x.dtype)
+    return dx, dweight, dbias
+
+
+class _SyncBatchNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, sync):
+        ctx.save_for_backward(x, weight)
+        ctx.sync = sync
+        return _normalize(x, weight, bias, sync)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dweight, dbias = _backward(dy, x, weight, ctx.sync, need_dx=need[0])
+        return dx, dweight if need[1] else None, dbias if need[2] else None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Running statistics
+# --------------------------------------------------------------------------------------------
+
+
+def _batch_weight(num_batches_tracked, momentum) -> float:
+    """The new batch's weight: ``momentum``, or ``1 / num_batches_tracked`` counting this batch."""
+    if momentum is None and num_batches_tracked is not None:
+        return 1.0 / (float(num_batches_tracked.item()) + 1.0)
+    return float(momentum)
+
+
+def _update_running(running_mean, running_var, mean, var, count: int, factor: float) -> bool:
+    """torch's running-average update with the global statistics, unless they are not finite.
+
+    The arithmetic is :func:`batchnorm.kernels.update_running` (float64, rounded once), in
+    place on CPU float32/float64 buffers, on a float64 copy written back otherwise.
+    """
+    if running_mean.device.type == "cpu" and running_mean.dtype in (torch.float32, torch.float64):
+        running_mean_a, running_var_a = _numpy(running_mean), _numpy(running_var)
+        updated = kernels.update_running(
+            running_mean_a, running_var_a, mean, var, count, factor, _LIMIT[running_mean_a.dtype]
+        )
+        if updated:
+            # Written through NumPy, which autograd cannot see (as in functional.py).
+            torch.autograd.graph.increment_version(running_mean)
+            torch.autograd.graph.increment_version(running_var)
+        return updated
+    copies = [t.detach().double().cpu().numpy() for t in (running_mean, running_var)]
+    limit = float(torch.finfo(running_mean.dtype).max)
+    if not kernels.update_running(*copies, mean, var, count, factor, limit):
+        return False
+    with torch.no_grad():
+        running_mean.copy_(torch.from_numpy(copies[0]))
+        running_var.copy_(torch.from_numpy(copies[1]))
+    return True
+
+
+def _count(num_batches_tracked) -> None:
+    if num_batches_tracked is None:
+        return
+    if num_batches_tracked.device.type == "cpu":
+        _count_batch(num_batches_tracked)
+    else:
+        with torch.no_grad():
+            num_batches_tracked.add_(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------------
+
+_TO_SYNC = (
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    torch.nn.SyncBatchNorm,
+)
+_OURS = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
+_FOR_INPUT_DIM = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: BatchNorm3d}
+# Instance attributes this module sets on a layer, removed again by revert_sync_batchnorm.
+_OWN_ATTRIBUTES = ("_sync_original_class", "_sync_checked", "_input_dim")
+
+
+def _is_batchnorm_like(module: torch.nn.Module) -> bool:
+    # As batchnorm.convert decides: BatchNorm's running-statistics machinery, minus the
+    # instance norms, which share the base class but are a different operation.
+    return isinstance(module, torch.nn.modules.batchnorm._NormBase) and not isinstance(
+        module, torch.nn.modules.instancenorm._InstanceNorm
+    )
+
+
+def _path_text(path: str) -> str:
+    return repr(path) if path else "the root module"
+
+
+def _type_text(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def convert_sync_batchnorm(model: torch.nn.Module, process_group=None) -> torch.nn.Module:
+    """Make every BatchNorm layer of ``model`` a :class:`SyncBatchNorm`, in place.
+
+    ``torch.nn.BatchNorm1d/2d/3d``, ``batchnorm.BatchNorm1d/2d/3d`` and
+    ``torch.nn.SyncBatchNorm`` layers change class: the very same module objects, with the same
+    Parameter objects (an optimizer built before keeps working), buffers, hooks, training
+    mode, device and dtype, and for this package's layers their ``nonfinite`` policy. Each
+    remembers its original class for :func:`revert_sync_batchnorm`. Every converted layer, and
+    every layer that already was a :class:`SyncBatchNorm`, synchronizes over ``process_group``
+    afterwards (a ``torch.nn.SyncBatchNorm``'s own group is replaced too). Frozen layers
+    (:mod:`batchnorm.frozen`) and instance norms are not BatchNorm layers and are left alone.
+
+    Args:
+        model: Any module; the root may itself be a BatchNorm layer.
+        process_group: The group to synchronize over; ``None`` for the default (world) group.
+
+    Returns:
+        ``model`` itself, converted in place (the root too), for chaining.
+
+    Raises:
+        TypeError: ``model`` is not a module, or holds a BatchNorm-like layer of another class
+            (a user subclass, an uninitialized lazy layer): converting it would drop its
+            behaviour. The whole tree is checked first, so then nothing is converted.
+
+    Example:
+        >>> import torch
+        >>> from batchnorm.distributed import convert_sync_batchnorm, revert_sync_batchnorm
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        >>> weight = net[1].weight
+        >>> type(convert_sync_batchnorm(net)[1]).__name__, net[1].weight is weight
+        ('SyncBatchNorm', True)
+        >>> type(revert_sync_batchnorm(net)[1]) is torch.nn.BatchNorm2d
+        True
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"convert_sync_batchnorm(): expected a torch.nn.Module, got {type(model).__name__}."
+        )
+    swaps, already = [], []
+    for path, module in model.named_modules():
+        cls = type(module)
+        if cls in _TO_SYNC:
+            swaps.append(module)
+        elif cls is SyncBatchNorm:
+            already.append(module)
+        elif _is_batchnorm_like(module):
+            raise TypeError(
+                f"convert_sync_batchnorm(): cannot convert {_path_text(path)} of type "
+                f"{_type_text(cls)}: only torch.nn.BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm and "
+                "batchnorm.BatchNorm1d/2d/3d are converted, and converting a subclass would "
+                "drop its behaviour. Replace it yourself or convert its base class."
+            )
+    for module in swaps:
+        original = type(module)
+        module.__class__ = SyncBatchNorm
+        module.__dict__["_sync_original_class"] = original
+    for module in (*swaps, *already):
+        module.process_group = process_group
+    return model
+
+
+def revert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn every :class:`SyncBatchNorm` of ``model`` back into a per-process layer, in place.
+
+    A layer converted by :func:`convert_sync_batchnorm` gets its original class back (same
+    module and Parameter objects, as for the conversion). A layer *built* as
+    :class:`SyncBatchNorm` has no original class; it becomes the ``batchnorm.BatchNorm1d``,
+    ``2d`` or ``3d`` that accepts the rank of the last input it processed (2-D or 3-D input:
+    ``BatchNorm1d``). Turned into one of torch's classes, a layer loses this package's
+    ``nonfinite`` policy and skip counter; turned into anything but ``torch.nn.SyncBatchNorm``,
+    it loses ``process_group``.
+
+    Args:
+        model: Any module; the root may itself be a :class:`SyncBatchNorm`.
+
+    Returns:
+        ``model`` itself, reverted in place, for chaining.
+
+    Raises:
+        TypeError: ``model`` is not a module; or it holds a :class:`SyncBatchNorm` built as such
+            that has not processed an input yet (or only inputs of rank 6 or more), so its
+            BatchNorm class is unknown (run one forward pass, or replace it yourself); or a
+            subclass of :class:`SyncBatchNorm`. The whole tree is checked first, so then
+            nothing is reverted.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"revert_sync_batchnorm(): expected a torch.nn.Module, got {type(model).__name__}."
+        )
+    plan = []
+    for path, module in model.named_modules():
+        if not isinstance(module, SyncBatchNorm):
+            continue
+        if type(module) is not SyncBatchNorm:
+            raise TypeError(
+                f"revert_sync_batchnorm(): cannot revert {_path_text(path)} of type "
+                f"{_type_text(type(module))}, a subclass of SyncBatchNorm: reverting it would "
+                "drop its behaviour. Replace it yourself."
+            )
+        target = module.__dict__.get("_sync_original_class")
+        if target is None:
+            target = _FOR_INPUT_DIM.get(module.__dict__.get("_input_dim"))
+        if target is None:
+            raise TypeError(
+                f"revert_sync_batchnorm(): cannot revert {_path_text(path)}, a SyncBatchNorm "
+                "built as such: expected it to have processed an input of rank 2 to 5, which "
+                "decides between BatchNorm1d, 2d and 3d, got "
+                + (
+                    "no input yet. Run one forward pass first, or replace it yourself."
+                    if module.__dict__.get("_input_dim") is None
+                    else f"{module.__dict__['_input_dim']}-D input. Replace it yourself."
+                )
+            )
+        plan.append((module, target))
+    for module, target in plan:
+        for name in _OWN_ATTRIBUTES:
+            module.__dict__.pop(name, None)
+        if target is not torch.nn.SyncBatchNorm:
+            module.__dict__.pop("process_group", None)
+        if target not in _OURS:
+            module.__dict__.pop("nonfinite", None)
+            module.__dict__.pop("nonfinite_batches_skipped", None)
+        module.__class__ = target
+    return model
