@@ -16,6 +16,7 @@ failed=()
 
 lint_paths=(src tests)
 [ -d benchmarks ] && lint_paths+=(benchmarks)
+[ -d examples ] && lint_paths+=(examples)
 echo "== ruff check ${lint_paths[*]}"
 "$VENV_PY" -m ruff check "${lint_paths[@]}" || failed+=("ruff check")
 

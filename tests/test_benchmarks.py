@@ -21,8 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not add the root
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import _harness, bench_kernels, bench_modules, bench_sweep, run_all  # noqa: E402
+from benchmarks import (  # noqa: E402
+    _harness,
+    bench_kernels,
+    bench_modules,
+    bench_sweep,
+    bench_sync,
+    run_all,
+)
 from benchmarks.cases import make_case, make_kernel_case  # noqa: E402
+
+from _distributed import run_distributed  # noqa: E402
 
 FAST = {"repeats": 3, "target_s": 0.001, "warmup_s": 0.0, "bandwidth": 1e10}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -208,3 +217,34 @@ def test_run_all_smoke_suite(tmp_path, capsys):
     assert [t["threshold"] for t in rec["targets"]] == [3.0, 2.5, 1.0, 1.0, 0.7]
     out = capsys.readouterr().out
     assert "targets of the issue" in out and "thread scaling" in out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_bench_sync_tiny_run_writes_a_valid_record(tmp_path):
+    path = tmp_path / "sync.json"
+    argv = ["--channels", "4", "--repeats", "3", "--target-s", "0.001", "--timeout", "120"]
+    assert bench_sync.main([*argv, "--json", str(path)]) == 0
+    rec = json.loads(path.read_text())
+    assert [c["case"] for c in rec["cases"]] == ["bn2d-16x4x16x16", "bn1d-256x4"]
+    assert rec["machine"]["threads"]["per_rank"] == [{"torch": 1, "numba": 1}] * 2
+    for case in rec["cases"]:
+        assert case["valid"], case["validation"]
+        assert set(case["times"]) == {"local", "sync", "collectives"}
+        assert all(t["n"] == 3 for t in case["times"].values())
+        assert case["ratio_sync_local"] > 0 and 0 < case["collective_share"]
+
+
+def _validate_local_as_if_sync(rank, world_size):
+    # Per-rank BatchNorm in place of SyncBatchNorm: statistics of one shard, not of both.
+    local, _, state = bench_sync._make_modules((16, 4, 5, 5), seed=0)
+    x, g = bench_sync._make_shard((16, 4, 5, 5), seed=0, rank=rank)
+    return bench_sync.validate(local, state, x, g, rank)
+
+
+@pytest.mark.distributed
+def test_bench_sync_validation_rejects_unsynchronized_batchnorm(tmp_path):
+    checks = run_distributed(_validate_local_as_if_sync, 2, rendezvous_dir=tmp_path)
+    assert checks[0] == checks[1]  # reduced over ranks: both decide alike
+    failed = {k for k, c in checks[0].items() if not c["ok"]}
+    assert {"output", "running_mean", "running_var", "input_grad"} <= failed, checks[0]
