@@ -61,6 +61,24 @@ def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     raise ValueError(f"unknown layout {layout!r}")
 
 
+@pytest.fixture(autouse=True)
+def _eval_on_our_kernels(request, monkeypatch):
+    """Run evaluation-mode calls on our kernels, whatever their size.
+
+    In use, small evaluation-mode inputs go to torch's op (``EVAL_NATIVE_MAX_ELEMENTS``,
+    measured faster there); the suite's inputs are small, so without this the eval kernels
+    would hardly be tested. Tests of that routing itself opt out with
+    ``@pytest.mark.native_eval_routing``.
+    """
+    if request.node.get_closest_marker("native_eval_routing"):
+        return
+    try:  # the kernel tests must keep running when the torch layer does not import
+        import batchnorm.functional as functional
+    except Exception:
+        return
+    monkeypatch.setattr(functional, "EVAL_NATIVE_MAX_ELEMENTS", 0)
+
+
 @pytest.fixture
 def gen():
     """A seeded torch generator; each test gets its own."""

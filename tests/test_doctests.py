@@ -21,6 +21,8 @@ MODULES = [
 ]
 
 
+# The examples show the package as users get it, small evaluation-mode inputs on torch's op.
+@pytest.mark.native_eval_routing
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name):
     module = importlib.import_module(name)

@@ -1,0 +1,84 @@
+"""Small evaluation-mode inputs go to torch's native op (measured faster there), large ones to
+our kernels; training never leaves the kernels. See ``functional.EVAL_NATIVE_MAX_ELEMENTS``.
+
+The rest of the suite turns this routing off (tests/conftest.py) so that it tests the eval
+kernels on small inputs; these tests keep it on.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import batchnorm
+from batchnorm import functional
+from conftest import TOL, make_input, randomize_bn_state
+
+pytestmark = pytest.mark.native_eval_routing
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Record every call of torch's native op made through this package."""
+    calls = []
+    native = functional._native_batch_norm
+
+    def recording(*args):
+        calls.append(args[5])  # the training flag
+        return native(*args)
+
+    monkeypatch.setattr(functional, "_native_batch_norm", recording)
+    return calls
+
+
+def test_backend_for_reports_the_routing():
+    small = torch.zeros(4, 3)
+    large = torch.zeros(functional.EVAL_NATIVE_MAX_ELEMENTS // 8 + 1, 8)
+    assert batchnorm.backend_for(small) == "numba"
+    assert batchnorm.backend_for(small, training=False) == "torch"
+    assert batchnorm.backend_for(large, training=False) == "numba"
+    assert batchnorm.backend_for(small.half(), training=True) == "torch"
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_small_eval_input_runs_on_native_op_and_matches_torch(layout, grad, spy, gen):
+    ours, theirs = batchnorm.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    randomize_bn_state(theirs, gen)
+    ours.load_state_dict(theirs.state_dict())
+    ours.eval(), theirs.eval()
+    x = make_input((4, 3, 5, 6), torch.float32, layout, gen)
+    with torch.set_grad_enabled(grad):
+        y = ours(x)
+    assert spy == [False]
+    torch.testing.assert_close(y, theirs(x).detach(), **TOL[torch.float32])
+    if grad:  # gradients flow through torch's op to the parameters
+        y.sum().backward()
+        assert ours.weight.grad is not None and ours.bias.grad is not None
+
+
+def test_large_eval_input_and_every_training_input_stay_on_the_kernels(spy, gen):
+    layer = batchnorm.BatchNorm1d(8)
+    big = make_input(
+        (functional.EVAL_NATIVE_MAX_ELEMENTS // 8 + 1, 8), torch.float32, "contiguous", gen
+    )
+    small = make_input((6, 8), torch.float32, "contiguous", gen)
+    layer.train()
+    layer(small)
+    layer(big)
+    layer.eval()
+    layer(big)
+    assert spy == []
+    layer(small)
+    assert spy == [False]
+
+
+def test_routed_eval_changes_no_state_and_rejects_bad_input_first(spy, gen):
+    layer = batchnorm.BatchNorm2d(3).eval()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer(make_input((2, 3, 4, 4), torch.float64, "contiguous", gen).float())
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with pytest.raises(ValueError, match=r"expected input with 3 channels"):
+        layer(torch.zeros(2, 4, 4, 4))
+    assert spy == [False]
