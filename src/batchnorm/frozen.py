@@ -59,14 +59,14 @@ from __future__ import annotations
 
 import torch
 
-from ._validate import check_constructor_args, check_module_input
+from ._validate import check_constructor_args
 from .functional import _batch_norm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _InputChecks
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
 
 
-class _FrozenBatchNormBase(torch.nn.Module):
+class _FrozenBatchNormBase(_InputChecks, torch.nn.Module):
     """State, ``state_dict`` migration and forward shared by the three ranks.
 
     A subclass of :class:`torch.nn.Module` only, on purpose: see the module docstring.
@@ -133,28 +133,18 @@ class _FrozenBatchNormBase(torch.nn.Module):
         else:
             self.register_buffer(name, value)
 
-    def _where(self) -> str:
-        return f"{type(self).__name__}(num_features={self.num_features})"
-
-    def _shape_text(self) -> str:
-        return self._shape_hint.format(C=self.num_features)
-
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, affine={self.affine}, "
             f"bias={self.bias is not None}, trainable_affine={self.trainable_affine}"
         )
 
+    def _state_dtype(self) -> torch.dtype:
+        # The statistics always exist here (weight and bias may not): they set the dtype.
+        return self.running_mean.dtype
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        # Bound methods, not strings: the names are only formatted when there is an error.
-        check_module_input(
-            self._where,
-            input,
-            self.num_features,
-            self._ranks,
-            self._shape_text,
-            self.running_mean.dtype,
-        )
+        self._check_input_dim(input)
         # Always the evaluation transform, whatever self.training says: that independence from
         # the mode is the whole point of the class. Nothing is updated (training=False, no
         # counter), so momentum is irrelevant.

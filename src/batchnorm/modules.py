@@ -20,11 +20,42 @@ from .functional import _batch_norm
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
-class _BatchNormMixin:
-    """The shared constructor check and forward pass; the class supplies the accepted ranks."""
+class _InputChecks:
+    """The per-call input check every layer of this package shares, and the names it reports.
+
+    The class supplies ``_ranks`` (accepted input ranks) and ``_shape_hint``; the instance
+    ``num_features`` and, for the dtype check, a ``weight`` or ``running_mean``.
+    """
 
     _ranks: tuple[int, ...]
     _shape_hint: str
+
+    def _where(self) -> str:
+        return f"{type(self).__name__}(num_features={self.num_features})"
+
+    def _shape_text(self) -> str:
+        return self._shape_hint.format(C=self.num_features)
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        # Bound methods, not strings: the names are only formatted when there is an error.
+        check_module_input(
+            self._where,
+            input,
+            self.num_features,
+            self._ranks,
+            self._shape_text,
+            self._state_dtype(),
+        )
+
+    def _state_dtype(self) -> torch.dtype | None:
+        for t in (self.weight, self.running_mean):
+            if t is not None:
+                return t.dtype
+        return None
+
+
+class _BatchNormMixin(_InputChecks):
+    """The shared constructor check and forward pass; the class supplies the accepted ranks."""
 
     # Class-level defaults, so that a torch.nn layer switched to our class by convert() (which
     # changes __class__ and runs no constructor) has them too.
@@ -60,29 +91,6 @@ class _BatchNormMixin:
         if self.nonfinite != _BatchNormMixin.nonfinite:
             text += f", nonfinite={self.nonfinite!r}"
         return text
-
-    def _where(self) -> str:
-        return f"{type(self).__name__}(num_features={self.num_features})"
-
-    def _shape_text(self) -> str:
-        return self._shape_hint.format(C=self.num_features)
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        # Bound methods, not strings: the names are only formatted when there is an error.
-        check_module_input(
-            self._where,
-            input,
-            self.num_features,
-            self._ranks,
-            self._shape_text,
-            self._state_dtype(),
-        )
-
-    def _state_dtype(self) -> torch.dtype | None:
-        for t in (self.weight, self.running_mean):
-            if t is not None:
-                return t.dtype
-        return None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
