@@ -96,13 +96,19 @@ def backend_for(input: torch.Tensor, training: bool = True) -> str:
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"backend_for(): expected a torch.Tensor, got {type(input).__name__}.")
+    return "numba" if _kernels_take(input) and not _native_is_faster(input, training) else "torch"
+
+
+def _kernels_take(input: torch.Tensor) -> bool:
+    """Whether the kernels can serve ``input`` at all (CPU, float32/64, dense layout)."""
     if input.device.type != "cpu" or input.dtype not in _KERNEL_DTYPES or input.dim() < 2:
-        return "torch"
-    if input.layout != torch.strided or _layout(input) is None:
-        return "torch"
-    if not training and input.numel() <= EVAL_NATIVE_MAX_ELEMENTS:
-        return "torch"
-    return "numba"
+        return False
+    return input.layout == torch.strided and _layout(input) is not None
+
+
+def _native_is_faster(input: torch.Tensor, training: bool) -> bool:
+    """Whether torch's op is measured faster for an input the kernels could take."""
+    return not training and input.numel() <= EVAL_NATIVE_MAX_ELEMENTS
 
 
 _warned: set[str] = set()
@@ -774,7 +780,7 @@ def _batch_norm(
             0.0,
             eps,
         )
-    if backend_for(input) == "torch" or (
+    if not _kernels_take(input) or (
         running_mean is not None and (running_mean.requires_grad or running_var.requires_grad)
     ):
         return _fallback(
@@ -789,11 +795,7 @@ def _batch_norm(
             num_batches_tracked,
             _Guard(nonfinite, where, on_skip),
         )
-    if (
-        not training
-        and input.numel() <= EVAL_NATIVE_MAX_ELEMENTS
-        and not torch.compiler.is_compiling()
-    ):
+    if _native_is_faster(input, training) and not torch.compiler.is_compiling():
         # Faster on torch's op at this size (see EVAL_NATIVE_MAX_ELEMENTS); nothing is mutated
         # in evaluation mode, so no semantics of this package are lost on the way.
         return _native_batch_norm(
