@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchnorm.lab import plots_population, registry, runner
+from batchnorm.lab import plots_population, runner
 from batchnorm.lab.experiments import population
 from batchnorm.lab.models import make_mlp
 
@@ -30,21 +30,6 @@ matplotlib.use("Agg")
 TINY = population.PRESETS["tiny"]
 ONE_SEED = dataclasses.replace(TINY, seeds=1)
 
-# Built here rather than read from the registry, so the tests do not depend on the entry.
-EXPERIMENT = registry.Experiment(
-    name="population",
-    title=population.TITLE,
-    claim=population.CLAIM,
-    config_type=population.PopulationConfig,
-    presets=population.PRESETS,
-    default_preset="quick",
-    prepare=population.prepare,
-    steps_per_seed=population.steps_per_seed,
-    run_seed=population.run_seed,
-    metric_rows=population.metric_rows,
-    summarize=population.summarize,
-    plot=population.plot,
-)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +44,7 @@ def without_seconds(result: dict) -> dict:
 # --- end to end -------------------------------------------------------------------------------
 
 
-def test_tiny_preset_runs_through_the_runner(tmp_path, monkeypatch):
-    monkeypatch.setitem(registry.EXPERIMENTS, "population", EXPERIMENT)
+def test_tiny_preset_runs_through_the_runner(tmp_path):
     run_dir = runner.run_experiment(
         "population", preset="tiny", out=tmp_path, progress=False, verbose=False
     )
