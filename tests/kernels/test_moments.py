@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from batchnorm import reference
-from batchnorm.kernels import moments_nchw, moments_nhwc
+from batchnorm.kernels import moments, moments_nchw, moments_nhwc
 from conftest import SHAPES, shape_id
 
 from .layouts import to_kernel_layout
@@ -20,8 +20,9 @@ F64_TOL = dict(rtol=1e-10, atol=1e-10)
 
 # Beyond conftest.SHAPES: N = 1, a single value per channel, and shapes that exercise every
 # branch of the block plan: rows grouped (8, 3, 1000), rows sliced (1, 2, 9000), C = 1 with
-# several blocks (5000, 1, 1), several channels-last blocks (5000, 7), and more channels-last
-# blocks than groups (600, 300: 38 blocks in 32 groups).
+# several blocks (5000, 1, 1), several channels-last blocks (5000, 7; 600, 300 with a short last
+# block), and more channels-last blocks than groups (8500, 16: 34 blocks of 256 rows in 32
+# groups).
 KERNEL_SHAPES = SHAPES + [
     (1, 3),
     (1, 4, 5),
@@ -30,6 +31,7 @@ KERNEL_SHAPES = SHAPES + [
     (5000, 1, 1),
     (5000, 7),
     (600, 300),
+    (8500, 16),
 ]
 
 
@@ -75,6 +77,54 @@ def test_moments_stable_for_large_mean_small_std(dtype, layout):
     np.testing.assert_allclose(m2 / m, sigma2_B, rtol=1e-12, atol=0)
     naive = (exact**2).mean(axis=(0, 2)) - exact.mean(axis=(0, 2)) ** 2
     assert abs(naive[0] / sigma2_B[0] - 1) > 1e-7, "test data no longer ill-conditioned"
+
+
+@pytest.mark.parametrize(
+    ("offset", "redo"),
+    [(0.0, False), (1.0, False), (7.5, False), (8.5, True), (1e3, True), (1e8, True)],
+)
+def test_one_pass_m2_asks_for_a_second_pass_exactly_when_it_cancels(offset, redo):
+    # Block of +-1 (variance 1) shifted `offset` SDs away from the pivot: sum(d^2) / M2 is
+    # 1 + offset^2, and the one-pass form is kept only below 64 (offset < sqrt(63) = 7.94).
+    d = np.tile([-1.0, 1.0], 50) + offset
+    total, total_sq = d.sum(), (d * d).sum()
+    m2, got_redo = moments._one_pass_m2(total, total_sq, total / d.size)
+    assert got_redo == redo
+    if not redo:
+        assert m2 == pytest.approx(100.0, rel=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("total", "total_sq"),
+    [(np.nan, np.nan), (np.inf, np.inf), (-np.inf, np.inf), (1.0, np.nan)],
+)
+def test_one_pass_m2_never_redoes_non_finite_blocks(total, total_sq):
+    with np.errstate(invalid="ignore"):
+        m2, redo = moments._one_pass_m2(total, total_sq, total / 10)
+    assert not redo and np.isnan(m2)
+
+
+def test_one_pass_m2_redoes_when_only_the_squares_overflow():
+    # float64 data near 1e200: squares overflow, the block mean does not; the second pass about
+    # the mean may still give a finite M2.
+    m2, redo = moments._one_pass_m2(1e200, np.inf, 1e199)
+    assert redo
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_moments_blocks_starting_on_an_outlier_take_the_second_pass(layout):
+    # Channel 0: 1e4 + N(0, 1e-3) with x[n, 0, 0] = 1e4 + 1, so in both layouts every block's
+    # first value (its one-pass pivot) lies ~22 block SDs from the block mean and the second
+    # pass must run (nchw blocks: 8 rows of 512; nhwc blocks: 2048 rows, starting at s = 0).
+    # Its result must still match the float64 oracle to float64 accuracy.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((16, 2, 512))
+    x[:, 0] = 1e4 + 1e-3 * x[:, 0]
+    x[:, 0, 0] = 1e4 + 1.0
+    mean, m2, m = run_moments(x, layout)
+    _, mu_B, sigma2_B = reference.batch_norm_train(x)
+    np.testing.assert_allclose(mean, mu_B, rtol=1e-14, atol=1e-14)
+    np.testing.assert_allclose(m2 / m, sigma2_B, rtol=1e-12, atol=0)
 
 
 # Under NUMBA_DISABLE_JIT the kernels run on NumPy scalars, which warn on Inf - Inf.

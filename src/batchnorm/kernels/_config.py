@@ -61,7 +61,10 @@ njit_parallel = functools.partial(
 BLOCK_ELEMS = 4096
 # A channels-last block holds at least this many rows even when C is large, so that merging a
 # block into the running statistics (~10 flops per channel) stays cheap next to reading it.
-MIN_BLOCK_ROWS = 16
+# Measured (moments, float32, 2 threads): (4096, 256) 0.195 ms with 64-row blocks, 0.16 ms with
+# 256; (200704, 64) 1.9 vs 1.7 ms; 1024 rows gained nothing more. 256 rows of up to ~2000
+# channels stay inside this CPU's 2 MiB L2 for the rare second look (moments._one_pass_m2).
+MIN_BLOCK_ROWS = 256
 # Channels-last reductions split the row blocks into at most this many contiguous groups, each
 # with its own per-channel partials. A fixed number (not the thread count) keeps results
 # independent of the thread count; 32 groups still balance well over 2, 4, 8 or 16 threads.

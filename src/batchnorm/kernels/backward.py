@@ -128,8 +128,23 @@ def _reduce_cols(dy, x, mean, sum_dy_out, sum_dy_xmu_out):
             for c in range(n_chan):
                 b_dy[c] = 0.0
                 b_dy_xmu[c] = 0.0
-            # Inner loops along the contiguous channel axis: they vectorise.
-            for r in range(r0, r1):
+            # Inner loops along the contiguous channel axis: they vectorise. SPEEDTIP: two rows
+            # per update of the per-channel sums, which otherwise bound the loop by storing them
+            # back once per row (see moments._moments_cols).
+            r = r0
+            while r + 2 <= r1:
+                x_a = x[r]
+                x_b = x[r + 1]
+                dy_a = dy[r]
+                dy_b = dy[r + 1]
+                for c in range(n_chan):
+                    g_a = np.float64(dy_a[c])
+                    g_b = np.float64(dy_b[c])
+                    mu = mean[c]
+                    b_dy[c] += g_a + g_b
+                    b_dy_xmu[c] += g_a * (x_a[c] - mu) + g_b * (x_b[c] - mu)
+                r += 2
+            if r < r1:
                 x_row = x[r]
                 dy_row = dy[r]
                 for c in range(n_chan):
