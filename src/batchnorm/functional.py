@@ -798,9 +798,7 @@ def _batch_norm(
     if _native_is_faster(input, training) and not torch.compiler.is_compiling():
         # Faster on torch's op at this size (see EVAL_NATIVE_MAX_ELEMENTS); nothing is mutated
         # in evaluation mode, so no semantics of this package are lost on the way.
-        return _native_batch_norm(
-            input, running_mean, running_var, weight, bias, False, 0.0, eps
-        )
+        return _native_batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
     if torch.compiler.is_compiling():
         if training:
             y, mean, var = torch.ops.batchnorm.batch_norm_train(input, weight, bias, eps)

@@ -31,7 +31,6 @@ TINY = population.PRESETS["tiny"]
 ONE_SEED = dataclasses.replace(TINY, seeds=1)
 
 
-
 @pytest.fixture(scope="module")
 def tiny_data():
     return population.prepare(TINY)
