@@ -209,6 +209,11 @@ def _empty_output(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, np.ndarra
     return out, array.reshape(-1, x.shape[1])
 
 
+def _array(a: torch.Tensor | np.ndarray) -> np.ndarray:
+    """``a`` itself if it is a NumPy array, else its zero-copy view."""
+    return a if isinstance(a, np.ndarray) else _numpy(a)
+
+
 def _optional(t: torch.Tensor | None, dtype: torch.dtype) -> np.ndarray:
     return _ABSENT[dtype] if t is None else _numpy(t)
 
@@ -251,10 +256,10 @@ def _batch_weight(num_batches_tracked: torch.Tensor | None, momentum: float | No
 
 
 def _count_batch(num_batches_tracked: torch.Tensor | None) -> None:
+    # torch's own in-place add (an integer tensor never needs grad): 1.6 us, where a NumPy
+    # view, its increment and a manual version bump took 2.9 us.
     if num_batches_tracked is not None:
-        counter = _numpy(num_batches_tracked)
-        counter += 1
-        torch.autograd.graph.increment_version(num_batches_tracked)
+        num_batches_tracked.add_(1)
 
 
 class _Guard(NamedTuple):
@@ -306,8 +311,10 @@ def _train_forward(
     A batch with non-finite statistics updates nothing and is handled by ``guard``.
 
     Returns:
-        ``(y, mean, var)``: the output and the batch mean and *biased* variance (float64,
-        ``(C,)``) that the backward pass needs.
+        ``(y, mean, var)``: the output and the batch mean and *biased* variance (float64 NumPy
+        arrays of shape ``(C,)``) that the backward pass needs. They stay NumPy arrays on the
+        eager path (two tensor conversions and two autograd outputs fewer per call); the custom
+        op wraps them.
     """
     layout = _layout(x)
     channels = x.shape[1]
@@ -351,7 +358,7 @@ def _train_forward(
         # values, exactly as after an in-place torch op.
         torch.autograd.graph.increment_version(running_mean)
         torch.autograd.graph.increment_version(running_var)
-    return y, torch.from_numpy(mean), torch.from_numpy(var)
+    return y, mean, var
 
 
 def _eval_forward(x, running_mean, running_var, weight, bias, eps: float):
@@ -406,7 +413,7 @@ def _backward(dy, x, weight, mean, var, eps: float, training: bool):
     xa = _kernel_array(_numpy(x), layout)
     dya = _kernel_array(_numpy(dy), layout)
     dx, dxa = _empty_output(x, layout)
-    mean_a, var_a = _numpy(mean), _numpy(var)
+    mean_a, var_a = _array(mean), _array(var)
     weight_a = _optional(weight, x.dtype)
     dweight = np.empty(channels)
     dbias = np.empty(channels)
@@ -475,18 +482,21 @@ class _TrainFn(torch.autograd.Function):
         y, mean, var = _train_forward(
             x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, guard
         )
-        ctx.save_for_backward(x, weight, mean, var)
+        ctx.save_for_backward(x, weight)
+        # The batch statistics are new NumPy arrays nobody else holds: kept on ctx as they are,
+        # not as saved tensors or extra (non-differentiable) outputs, which measured ~4 us a
+        # call on (60, 100).
+        ctx.stats = (mean, var)
         ctx.eps = eps
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _dmean, _dvar):
-        x, weight, mean, var = ctx.saved_tensors
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
         if torch.is_grad_enabled():
             dx, dw, db = _composite_grads(dy, x, weight, None, None, ctx.eps, True)
         else:
-            dx, dw, db = _backward(dy, x, weight, mean, var, ctx.eps, True)
+            dx, dw, db = _backward(dy, x, weight, *ctx.stats, ctx.eps, True)
         return (*_select_grads(ctx, dx, dw, db), None, None, None, None, None, None)
 
 
@@ -527,7 +537,8 @@ def _select_grads(ctx, dx, dw, db, offset=1):
 def _train_forward_op(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _train_forward(x, weight, bias, None, None, None, None, eps)
+    y, mean, var = _train_forward(x, weight, bias, None, None, None, None, eps)
+    return y, torch.from_numpy(mean), torch.from_numpy(var)
 
 
 @_train_forward_op.register_fake
@@ -837,7 +848,7 @@ def _batch_norm(
             eps,
             _Guard(nonfinite, where, on_skip),
         )
-        return (_TrainFn.apply(*args) if needs_graph else _train_forward(*args))[0]
+        return _TrainFn.apply(*args) if needs_graph else _train_forward(*args)[0]
     if needs_graph:
         return _EvalFn.apply(input, running_mean, running_var, weight, bias, eps)
     return _eval_forward(input, running_mean, running_var, weight, bias, eps)
