@@ -15,7 +15,10 @@ Per case (see :mod:`benchmarks.cases`):
 3. Warm up, pick how many calls make one repetition, then time repetitions alternating
    implementations A B A B ... and report medians and interquartile ranges.
 
-Outputs are freshly allocated by every call, as in real use; that cost is part of the figure.
+Outputs are dropped after every call, as in a training loop; their allocation is part of the
+figure. torch's come from fresh pages each time; ours of at least 4 MiB come from
+``batchnorm.outputs``' cache (the previous call's buffer, once its tensor is gone). ``--uncached``
+adds a column with ours bypassing the cache, i.e. what the cache saves.
 """
 
 from __future__ import annotations
@@ -69,11 +72,18 @@ def _torch_compiled(case: Case, state: dict) -> torch.nn.Module:
     return torch.compile(_torch_nn(case, state))
 
 
-def implementations(compiled: bool, stand_in: bool) -> dict[str, Factory]:
+# Our module with every output allocated afresh (batchnorm.outputs bypassed while it runs):
+# the ratio "batchnorm-uncached/ours" is what the output cache saves.
+UNCACHED = "batchnorm-uncached"
+
+
+def implementations(compiled: bool, stand_in: bool, uncached: bool = False) -> dict[str, Factory]:
     """The implementations to compare; ``"torch"`` is the reference and comes first."""
     impls: dict[str, Factory] = {"torch": _torch_nn, "batchnorm": _torch_nn if stand_in else _ours}
     if compiled:
         impls["torch.compile"] = _torch_compiled
+    if uncached and not stand_in:
+        impls[UNCACHED] = _ours
     return impls
 
 
@@ -205,9 +215,27 @@ def max_deviation(got: dict, want: dict) -> dict[str, float]:
 
 
 def make_runner(
+    module: torch.nn.Module, case: Case, x: torch.Tensor, g: torch.Tensor, uncached: bool = False
+) -> _harness.Runner:
+    """``run(n)``: ``n`` calls of the mode exactly as a user writes them; outputs are dropped.
+
+    ``uncached``: the calls run with batchnorm's output cache bypassed (fresh pages every call).
+    """
+    run = _calls(module, case, x, g)
+    if not uncached:
+        return run
+    from batchnorm import outputs
+
+    def run_uncached(n: int) -> None:
+        with outputs.bypassed():
+            run(n)
+
+    return run_uncached
+
+
+def _calls(
     module: torch.nn.Module, case: Case, x: torch.Tensor, g: torch.Tensor
 ) -> _harness.Runner:
-    """``run(n)``: ``n`` calls of the mode exactly as a user writes them; outputs are dropped."""
     params = list(module.parameters())
     if case.mode == "eval_fwd":
 
@@ -288,7 +316,7 @@ def bench_case(case: Case, impls: dict[str, Factory], args: argparse.Namespace) 
     del observed
 
     timed = {k: m for k, m in modules.items() if validity[k] is None}
-    runners = {k: make_runner(m, case, x, g) for k, m in timed.items()}
+    runners = {k: make_runner(m, case, x, g, uncached=k == UNCACHED) for k, m in timed.items()}
     number, warm = _harness.calibrate_number(runners, args.target_ms / 1e3, args.warmup_s)
     samples = _harness.interleaved_samples(runners, args.repeats, number)
 
@@ -424,6 +452,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="TEXT",
         help="keep cases whose name contains every TEXT (e.g. --filter cl fwd_bwd)",
     )
+    p.add_argument(
+        "--uncached",
+        action="store_true",
+        help="also time ours with the output cache bypassed (fresh output pages every call)",
+    )
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
     p.add_argument(
         "--target-ms",
@@ -472,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-    impls = implementations(args.compile, args.stand_in)
+    impls = implementations(args.compile, args.stand_in, args.uncached)
     baselines = [k for k in impls if k != "batchnorm"]
 
     started = _dt.datetime.now()

@@ -23,18 +23,22 @@ _EXPORTS = {
     "FrozenBatchNorm2d": "frozen",
     "FrozenBatchNorm3d": "frozen",
     "LayerStatistics": "tools.population",
+    "OutputCacheInfo": "outputs",
     "NonFiniteStatisticsError": "_validate",
     "NonFiniteStatisticsWarning": "_validate",
     "SyncBatchNorm": "distributed",
     "backend_for": "functional",
     "batch_norm": "functional",
     "check_fold": "tools.fold",
+    "clear_output_cache": "outputs",
     "convert": "tools.convert",
     "convert_sync_batchnorm": "distributed",
     "fold": "tools.fold",
     "freeze": "tools.freeze",
+    "output_cache_info": "outputs",
     "recompute_statistics": "tools.population",
     "revert_sync_batchnorm": "distributed",
+    "set_output_cache_limit": "outputs",
     "unfreeze": "tools.freeze",
 }
 
@@ -49,17 +53,21 @@ __all__ = [
     "LayerStatistics",
     "NonFiniteStatisticsError",
     "NonFiniteStatisticsWarning",
+    "OutputCacheInfo",
     "SyncBatchNorm",
     "__version__",
     "backend_for",
     "batch_norm",
     "check_fold",
+    "clear_output_cache",
     "convert",
     "convert_sync_batchnorm",
     "fold",
     "freeze",
+    "output_cache_info",
     "recompute_statistics",
     "revert_sync_batchnorm",
+    "set_output_cache_limit",
     "unfreeze",
 ]
 assert set(__all__) == {*_EXPORTS, "__version__"}, "__all__ and _EXPORTS must list the same names"
@@ -71,6 +79,12 @@ if TYPE_CHECKING:
     from .functional import backend_for, batch_norm
     from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
     from .monitor import ActivationMonitor
+    from .outputs import (
+        OutputCacheInfo,
+        clear_output_cache,
+        output_cache_info,
+        set_output_cache_limit,
+    )
     from .tools.convert import convert
     from .tools.fold import check_fold, fold
     from .tools.freeze import freeze, unfreeze

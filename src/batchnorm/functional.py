@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import kernels
+from . import kernels, outputs
 from ._validate import (
     NonFiniteStatisticsError,
     NonFiniteStatisticsWarning,
@@ -194,17 +194,18 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 def _empty_output(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, np.ndarray]:
     """A new tensor with ``x``'s shape, dtype and memory layout, and its kernel view.
 
-    The memory comes from NumPy, not torch's allocator: NumPy asks the kernel for transparent
-    huge pages on large allocations and torch's CPU allocator does not (unless
-    THP_MEM_ALLOC_ENABLE=1), and for a memory-bound op the page faults of a fresh output cost
-    more than the op itself (FACTS.md: allocate + fill of 49 MiB, 12.7 ms vs 2.6 ms).
+    The memory comes from NumPy, not torch's allocator, through :mod:`.outputs`: large buffers
+    are reused once their tensors are gone, so a training loop does not map and zero fresh pages
+    on every call (for a memory-bound op that costs as much as the op itself), and fresh large
+    allocations get transparent huge pages, which NumPy asks for and torch's CPU allocator does
+    not (unless THP_MEM_ALLOC_ENABLE=1; FACTS.md: allocate + fill of 49 MiB, 12.7 ms vs 2.6 ms).
     """
     dtype = _NUMPY_DTYPE[x.dtype]
     if layout == "nchw" or x.dim() == 2:
-        array = np.empty(tuple(x.shape), dtype)
+        array = outputs.empty(tuple(x.shape), dtype)
         return torch.from_numpy(array), _kernel_array(array, layout)
     channels_last = (x.shape[0], *x.shape[2:], x.shape[1])
-    array = np.empty(channels_last, dtype)
+    array = outputs.empty(channels_last, dtype)
     out = torch.from_numpy(array).permute(0, x.dim() - 1, *range(1, x.dim() - 1))
     return out, array.reshape(-1, x.shape[1])
 
