@@ -65,7 +65,7 @@ def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 def _eval_on_our_kernels(request, monkeypatch):
     """Run evaluation-mode calls on our kernels, whatever their size.
 
-    In use, small evaluation-mode inputs go to torch's op (``EVAL_NATIVE_MAX_ELEMENTS``,
+    In use, small evaluation-mode inputs go to torch's op (``EVAL_NATIVE_BYTES``,
     measured faster there); the suite's inputs are small, so without this the eval kernels
     would hardly be tested. Tests of that routing itself opt out with
     ``@pytest.mark.native_eval_routing``.
@@ -76,7 +76,7 @@ def _eval_on_our_kernels(request, monkeypatch):
         import batchnorm.functional as functional
     except Exception:
         return
-    monkeypatch.setattr(functional, "EVAL_NATIVE_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(functional, "EVAL_NATIVE_BYTES", 0)
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Small evaluation-mode inputs go to torch's native op (measured faster there), large ones to
-our kernels; training never leaves the kernels. See ``functional.EVAL_NATIVE_MAX_ELEMENTS``.
+our kernels; training never leaves the kernels. See ``functional.EVAL_NATIVE_BYTES``.
 
 The rest of the suite turns this routing off (tests/conftest.py) so that it tests the eval
 kernels on small inputs; these tests keep it on.
@@ -33,10 +33,16 @@ def spy(monkeypatch):
 
 def test_backend_for_reports_the_routing():
     small = torch.zeros(4, 3)
-    large = torch.zeros(functional.EVAL_NATIVE_MAX_ELEMENTS // 8 + 1, 8)
+    # 32 MiB exactly: the first size that stays on the kernels (float32), and float64 of half
+    # as many rows.
+    large = torch.zeros(functional.EVAL_NATIVE_BYTES // 32, 8)
+    below = torch.zeros(functional.EVAL_NATIVE_BYTES // 32 - 1, 8)
     assert batchnorm.backend_for(small) == "numba"
     assert batchnorm.backend_for(small, training=False) == "torch"
     assert batchnorm.backend_for(large, training=False) == "numba"
+    assert batchnorm.backend_for(below, training=False) == "torch"
+    assert batchnorm.backend_for(large[: len(large) // 2].double(), training=False) == "numba"
+    assert batchnorm.backend_for(large[: len(large) // 2 - 1].double(), training=False) == "torch"
     assert batchnorm.backend_for(small.half(), training=True) == "torch"
 
 
@@ -59,9 +65,7 @@ def test_small_eval_input_runs_on_native_op_and_matches_torch(layout, grad, spy,
 
 def test_large_eval_input_and_every_training_input_stay_on_the_kernels(spy, gen):
     layer = batchnorm.BatchNorm1d(8)
-    big = make_input(
-        (functional.EVAL_NATIVE_MAX_ELEMENTS // 8 + 1, 8), torch.float32, "contiguous", gen
-    )
+    big = make_input((functional.EVAL_NATIVE_BYTES // 32, 8), torch.float32, "contiguous", gen)
     small = make_input((6, 8), torch.float32, "contiguous", gen)
     layer.train()
     layer(small)

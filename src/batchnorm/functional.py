@@ -60,14 +60,17 @@ def _layout(x: torch.Tensor) -> str | None:
     return None
 
 
-# Evaluation-mode inputs with at most this many values go to torch's native op even when the
-# kernels could take them: there it is faster. Measured (module level, float32, 2 threads, both
-# grad modes; numbers in docs/NOTES.md): torch's op plus our checks took 0.3-0.8x the
-# time of our eval kernels at every size from 4e3 to 1e6 values ((N, 64, 8, 8) contiguous and
-# channels-last, (N, 256)); the crossover lies between 1e6 and 4e6 and is noisy, so the bound
-# is the conservative 2**20. Training is never routed: the native path needs scratch buffers
-# for the non-finite guard and measured 1.3-1.6x slower than our kernels there.
-EVAL_NATIVE_MAX_ELEMENTS = 1 << 20
+# Evaluation-mode inputs of fewer than this many bytes go to torch's native op even when the
+# kernels could take them: there it is faster. The bound is glibc's largest mmap threshold
+# (32 MiB): below it torch's output comes from malloc's warm heap and torch's eval kernel (float32,
+# folded x * scale + shift) runs at 82-109 % of the copy roofline, ours at 28-82 %; above it
+# torch's output is mapped afresh on every call and ours (from batchnorm.outputs) is not.
+# Measured (eval size sweep, module level, float32, 2 threads, docs/NOTES.md): torch/ours
+# 0.33-0.93 from 1e5 to 7.6e6 values ((N, 64, H, W) contiguous and channels-last, (N, 256)),
+# except contiguous 7.6e6 (30 MB, 1.38); 2.8-3.3 at 1.6e7 and 3.3e7. Training is never routed:
+# the native path needs scratch buffers for the non-finite guard and measured 1.3-1.6x slower
+# than our kernels there.
+EVAL_NATIVE_BYTES = 32 << 20
 
 
 def backend_for(input: torch.Tensor, training: bool = True) -> str:
@@ -76,8 +79,8 @@ def backend_for(input: torch.Tensor, training: bool = True) -> str:
     The Numba kernels take CPU float32/float64 tensors that are contiguous or channels-last
     (channel axis innermost in memory). Everything else, including every non-CPU device,
     float16, bfloat16 and other strides, is served by torch's native ``batch_norm``. In
-    evaluation mode (``training=False``), inputs of at most ``EVAL_NATIVE_MAX_ELEMENTS``
-    values (2**20) go to torch's op too, because it is measured faster there.
+    evaluation mode (``training=False``), inputs of fewer than ``EVAL_NATIVE_BYTES`` bytes
+    (32 MiB) go to torch's op too, because it is measured faster there.
 
     Args:
         input: A tensor of shape ``(N, C, *)``.
@@ -108,7 +111,7 @@ def _kernels_take(input: torch.Tensor) -> bool:
 
 def _native_is_faster(input: torch.Tensor, training: bool) -> bool:
     """Whether torch's op is measured faster for an input the kernels could take."""
-    return not training and input.numel() <= EVAL_NATIVE_MAX_ELEMENTS
+    return not training and input.numel() * input.element_size() < EVAL_NATIVE_BYTES
 
 
 _warned: set[str] = set()
@@ -808,7 +811,7 @@ def _batch_norm(
             _Guard(nonfinite, where, on_skip),
         )
     if _native_is_faster(input, training) and not torch.compiler.is_compiling():
-        # Faster on torch's op at this size (see EVAL_NATIVE_MAX_ELEMENTS); nothing is mutated
+        # Faster on torch's op at this size (see EVAL_NATIVE_BYTES); nothing is mutated
         # in evaluation mode, so no semantics of this package are lost on the way.
         return _native_batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
     if torch.compiler.is_compiling():
