@@ -19,15 +19,19 @@ pytestmark = pytest.mark.native_eval_routing
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Record every call of torch's native op made through this package."""
+    """Record the training flag of every call of torch's op ``torch.batch_norm``.
+
+    Both ways in are seen: the modules' evaluation shortcut calls it directly, the functional
+    path through ``torch.nn.functional.batch_norm``.
+    """
     calls = []
-    native = functional._native_batch_norm
+    native = torch.batch_norm
 
     def recording(*args):
-        calls.append(args[5])  # the training flag
+        calls.append(args[5])
         return native(*args)
 
-    monkeypatch.setattr(functional, "_native_batch_norm", recording)
+    monkeypatch.setattr(torch, "batch_norm", recording)
     return calls
 
 
@@ -77,7 +81,7 @@ def test_large_eval_input_and_every_training_input_stay_on_the_kernels(spy, gen)
     assert spy == [False]
 
 
-def test_routed_eval_changes_no_state_and_rejects_bad_input_first(spy, gen):
+def test_routed_eval_changes_no_state_and_rejects_bad_input(spy, gen):
     layer = batchnorm.BatchNorm2d(3).eval()
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     layer(make_input((2, 3, 4, 4), torch.float64, "contiguous", gen).float())
@@ -85,4 +89,45 @@ def test_routed_eval_changes_no_state_and_rejects_bad_input_first(spy, gen):
         assert torch.equal(value, before[key]), key
     with pytest.raises(ValueError, match=r"expected input with 3 channels"):
         layer(torch.zeros(2, 4, 4, 4))
-    assert spy == [False]
+    # torch's op was tried for the bad input too (evaluation checks after a failure), and its
+    # failure led to this package's error.
+    assert spy == [False, False]
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: torch.zeros(2, 4, 4, 4), ValueError, r"expected input with 3 channels"),
+        (lambda: torch.zeros(2, 3, 4), ValueError, r"expected 4-D input"),
+        (lambda: torch.zeros(2, 3, 4, 4, dtype=torch.float64), TypeError, r"float64"),
+        (lambda: torch.zeros(2, 3, 4, 4, dtype=torch.int64), TypeError, r"floating-point"),
+        (lambda: [[1.0, 2.0, 3.0]], TypeError, r"expected a torch.Tensor input"),
+    ],
+    ids=["channels", "rank", "dtype", "integer", "not-a-tensor"],
+)
+def test_routed_eval_reports_bad_input_in_this_packages_words(make, error, match, gen):
+    # The evaluation shortcut calls torch's op first and checks only after a failure: the
+    # error must still be ours, and a wrong rank (which torch's op would accept) must not slip
+    # through.
+    layer = batchnorm.BatchNorm2d(3).eval()
+    randomize_bn_state(layer, gen)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(error, match=match) as caught:
+        layer(make())
+    assert "BatchNorm2d(num_features=3)" in str(caught.value)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("kind", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"])
+@pytest.mark.parametrize("affine", [True, False])
+def test_routed_eval_matches_torch_for_every_layer_kind(kind, affine, spy, gen):
+    shape = {"BatchNorm1d": (5, 4, 3), "BatchNorm2d": (5, 4, 3, 2), "BatchNorm3d": (5, 4, 3, 2, 2)}
+    ours = getattr(batchnorm, kind)(4, affine=affine)
+    theirs = getattr(torch.nn, kind)(4, affine=affine)
+    randomize_bn_state(theirs, gen)
+    ours.load_state_dict(theirs.state_dict())
+    ours.eval(), theirs.eval()
+    x = make_input(shape[kind], torch.float64, "contiguous", gen).float()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    assert spy == [False, False]  # ours (the shortcut), then torch.nn's
