@@ -336,23 +336,12 @@ def _train_forward(
         factor = 0.0
         running_mean_a = running_var_a = _ABSENT[x.dtype]
     limit = _LIMIT[xa.dtype]
+    args = (xa, weight_a, bias_a, eps, ya, mean, var, running_mean_a, running_var_a, factor, limit)
     if x.numel() <= SERIAL_MAX_ELEMENTS:
-        updated = _kernel("train_serial", layout, xa.dtype)(
-            xa, weight_a, bias_a, eps, ya, mean, var, running_mean_a, running_var_a, factor, limit
-        )
+        updated = _kernel("train_serial", layout, xa.dtype)(*args)
     else:
-        m2 = np.empty(channels)
-        count = _values_per_channel(x)
         with _torch_thread_count():
-            _kernel("moments", layout, xa.dtype)(xa, mean, m2)
-            np.divide(m2, count, out=var)
-            invstd = 1.0 / np.sqrt(var + eps)
-            scale = invstd * _float64(weight_a, channels, 1.0)
-            shift = _float64(bias_a, channels, 0.0)
-            _kernel("normalize", layout, xa.dtype)(xa, mean, scale, shift, ya)
-        updated = not track or kernels.update_running(
-            running_mean_a, running_var_a, mean, var, count, factor, limit
-        )
+            updated = _kernel("train_parallel", layout, xa.dtype)(*args)
     if not updated:
         _reject_batch(guard or _Guard(), mean, var)
     elif track:
@@ -421,27 +410,12 @@ def _backward(dy, x, weight, mean, var, eps: float, training: bool):
     weight_a = _optional(weight, x.dtype)
     dweight = np.empty(channels)
     dbias = np.empty(channels)
+    args = (dya, xa, mean_a, var_a, weight_a, eps, training, dxa, dweight, dbias)
     if x.numel() <= SERIAL_MAX_ELEMENTS:
-        _kernel("backward_serial", layout, xa.dtype)(
-            dya, xa, mean_a, var_a, weight_a, eps, training, dxa, dweight, dbias
-        )
+        _kernel("backward_serial", layout, xa.dtype)(*args)
     else:
-        mean64 = mean_a.astype(np.float64)
-        invstd = 1.0 / np.sqrt(var_a.astype(np.float64) + eps)
-        sum_dy_xmu = np.empty(channels)
         with _torch_thread_count():
-            _kernel("backward_reduce", layout, xa.dtype)(dya, xa, mean64, dbias, sum_dy_xmu)
-        k_dy = invstd * _float64(weight_a, channels, 1.0)
-        if training:
-            m = _values_per_channel(x)
-            k_xmu = -k_dy * invstd**2 * sum_dy_xmu / m
-            k_const = -k_dy * dbias / m
-        else:
-            k_xmu = np.zeros(channels)
-            k_const = np.zeros(channels)
-        with _torch_thread_count():
-            _kernel("backward_apply", layout, xa.dtype)(dya, xa, mean64, k_dy, k_xmu, k_const, dxa)
-        np.multiply(sum_dy_xmu, invstd, out=dweight)
+            _kernel("backward_parallel", layout, xa.dtype)(*args)
     return dx, torch.from_numpy(dweight).to(x.dtype), torch.from_numpy(dbias).to(x.dtype)
 
 

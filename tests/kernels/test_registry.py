@@ -15,7 +15,7 @@ import pytest
 
 import batchnorm
 import batchnorm.kernels as kernels
-from batchnorm.kernels import KERNELS, backward, moments, normalize, select_kernel, warmup
+from batchnorm.kernels import KERNELS, backward, fused, moments, normalize, select_kernel, warmup
 
 SRC = Path(batchnorm.__file__).resolve().parent
 OPS = [
@@ -26,6 +26,8 @@ OPS = [
     "train_serial",
     "eval_serial",
     "backward_serial",
+    "train_parallel",
+    "backward_parallel",
 ]
 
 
@@ -87,9 +89,9 @@ def fresh_import():
     script = (
         "import json, sys\n"
         "import batchnorm.kernels, batchnorm.reference\n"
-        "from batchnorm.kernels import backward, moments, normalize\n"
+        "from batchnorm.kernels import backward, fused, moments, normalize\n"
         "sigs = {f'{m.__name__}.{n}': len(f.signatures)\n"
-        "        for m in (backward, moments, normalize) for n, f in vars(m).items()\n"
+        "        for m in (backward, fused, moments, normalize) for n, f in vars(m).items()\n"
         "        if hasattr(f, 'signatures')}\n"
         "print(json.dumps({'torch': 'torch' in sys.modules, 'signatures': sigs}))\n"
     )
@@ -106,7 +108,7 @@ def test_kernels_import_without_torch(fresh_import):
 def test_kernels_compile_nothing_at_import(fresh_import):
     signatures = fresh_import["signatures"]
     if not numba.config.DISABLE_JIT:  # without the JIT there are no dispatchers to inspect
-        assert len(signatures) >= 8, signatures  # the 8 parallel kernels, plus helpers
+        assert len(signatures) >= 12, signatures  # the 12 parallel kernels, plus helpers
     assert all(n == 0 for n in signatures.values()), signatures
 
 
@@ -121,6 +123,10 @@ def test_warmup_compiles_every_variant_for_both_dtypes():
         backward._reduce_cols,
         backward._apply_rows,
         backward._apply_cols,
+        fused._train_rows,
+        fused._train_cols,
+        fused._backward_rows,
+        fused._backward_cols,
     ]
     if numba.config.DISABLE_JIT:  # plain Python functions: nothing to compile
         return

@@ -1,4 +1,8 @@
-"""The serial fused kernels (small inputs) against reference.py."""
+"""The fused kernels, one call per pass, against reference.py.
+
+The serial ones (small inputs) and the parallel ones (``kernels/fused.py``) share their
+signatures and contract, so the training and backward tests run on both (``mode``).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,14 @@ import torch
 
 from batchnorm import reference
 from batchnorm.kernels import (
+    backward_parallel_nchw,
+    backward_parallel_nhwc,
     backward_serial_nchw,
     backward_serial_nhwc,
     eval_serial_nchw,
     eval_serial_nhwc,
+    train_parallel_nchw,
+    train_parallel_nhwc,
     train_serial_nchw,
     train_serial_nhwc,
     update_running,
@@ -20,9 +28,20 @@ from conftest import SHAPES, TOL, shape_id
 
 from .layouts import from_kernel_layout, to_kernel_layout
 
-TRAIN = {"nchw": train_serial_nchw, "nhwc": train_serial_nhwc}
+TRAIN = {
+    ("serial", "nchw"): train_serial_nchw,
+    ("serial", "nhwc"): train_serial_nhwc,
+    ("parallel", "nchw"): train_parallel_nchw,
+    ("parallel", "nhwc"): train_parallel_nhwc,
+}
 EVAL = {"nchw": eval_serial_nchw, "nhwc": eval_serial_nhwc}
-BACKWARD = {"nchw": backward_serial_nchw, "nhwc": backward_serial_nhwc}
+BACKWARD = {
+    ("serial", "nchw"): backward_serial_nchw,
+    ("serial", "nhwc"): backward_serial_nhwc,
+    ("parallel", "nchw"): backward_parallel_nchw,
+    ("parallel", "nhwc"): backward_parallel_nhwc,
+}
+MODES = ["serial", "parallel"]
 DTYPES = [np.float32, np.float64]
 NP_TOL = {np.float32: TOL[torch.float32], np.float64: TOL[torch.float64]}
 F64_TOL = dict(rtol=1e-10, atol=1e-10)
@@ -52,11 +71,12 @@ def optional(a):
     return None if a.shape[0] == 0 else a
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape", SERIAL_SHAPES, ids=shape_id)
-def test_train_serial_matches_reference_with_running_update(shape, dtype, layout, affine):
+def test_train_matches_reference_with_running_update(mode, shape, dtype, layout, affine):
     x, _, weight, bias = make(shape, dtype, 1, affine)
     c = shape[1]
     rng = np.random.default_rng(2)
@@ -73,7 +93,8 @@ def test_train_serial_matches_reference_with_running_update(shape, dtype, layout
     y = np.full_like(xk, np.nan)
     mean = np.full(c, np.nan)
     var = np.full(c, np.nan)
-    TRAIN[layout](xk, weight, bias, EPS, y, mean, var, running_mean, running_var, 0.3, limit(xk))
+    kernel = TRAIN[mode, layout]
+    kernel(xk, weight, bias, EPS, y, mean, var, running_mean, running_var, 0.3, limit(xk))
     np.testing.assert_allclose(from_kernel_layout(y, shape, layout), want_y, **NP_TOL[dtype])
     np.testing.assert_allclose(mean, want_mean, **F64_TOL)
     np.testing.assert_allclose(var, want_var, **F64_TOL)
@@ -81,28 +102,30 @@ def test_train_serial_matches_reference_with_running_update(shape, dtype, layout
     np.testing.assert_allclose(running_var, want_rv, **NP_TOL[dtype])
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-def test_train_serial_without_running_statistics_leaves_nothing_else(layout):
+def test_train_without_running_statistics_leaves_nothing_else(mode, layout):
     x, _, weight, bias = make((6, 3, 4), np.float64, 3, True)
     xk = to_kernel_layout(x, layout)
     y = np.empty_like(xk)
     mean, var = np.empty(3), np.empty(3)
     absent = np.empty(0)
-    TRAIN[layout](xk, weight, bias, EPS, y, mean, var, absent, absent.copy(), 0.1, limit(xk))
+    TRAIN[mode, layout](xk, weight, bias, EPS, y, mean, var, absent, absent.copy(), 0.1, limit(xk))
     want_y, _, _ = reference.batch_norm_train(x, weight, bias, EPS)
     np.testing.assert_allclose(from_kernel_layout(y, x.shape, layout), want_y, **F64_TOL)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
-def test_train_serial_is_accurate_for_large_mean_small_spread(layout, dtype):
+def test_train_is_accurate_for_large_mean_small_spread(mode, layout, dtype):
     rng = np.random.default_rng(4)
     x = (1e4 + 1e-2 * rng.standard_normal((50, 2, 30))).astype(dtype)
     _, want_mean, want_var = reference.batch_norm_train(x)
     xk = to_kernel_layout(x, layout)
     mean, var = np.empty(2), np.empty(2)
     absent = np.empty(0, dtype)
-    TRAIN[layout](
+    TRAIN[mode, layout](
         xk, absent, absent, EPS, np.empty_like(xk), mean, var, absent, absent, 0.1, limit(xk)
     )
     np.testing.assert_allclose(mean, want_mean, rtol=1e-14)
@@ -111,15 +134,16 @@ def test_train_serial_is_accurate_for_large_mean_small_spread(layout, dtype):
     np.testing.assert_allclose(var, want_var, rtol=1e-10)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-def test_train_serial_nan_poisons_only_its_channel(layout):
+def test_train_nan_poisons_only_its_channel(mode, layout):
     x, _, weight, bias = make((5, 3, 4), np.float32, 5, True)
     x[2, 1, 3] = np.nan
     xk = to_kernel_layout(x, layout)
     y = np.empty_like(xk)
     mean, var = np.empty(3), np.empty(3)
     absent = np.empty(0, np.float32)
-    TRAIN[layout](xk, weight, bias, EPS, y, mean, var, absent, absent, 0.1, limit(xk))
+    TRAIN[mode, layout](xk, weight, bias, EPS, y, mean, var, absent, absent, 0.1, limit(xk))
     y = from_kernel_layout(y, x.shape, layout)
     assert np.isnan(mean[1]) and np.isnan(var[1]) and np.isnan(y[:, 1]).all()
     assert np.isfinite(mean[[0, 2]]).all() and np.isfinite(y[:, [0, 2]]).all()
@@ -143,12 +167,13 @@ def test_eval_serial_matches_reference(shape, dtype, layout, affine):
     np.testing.assert_allclose(from_kernel_layout(y, shape, layout), want, **NP_TOL[dtype])
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape", SERIAL_SHAPES, ids=shape_id)
-def test_backward_serial_matches_reference(shape, dtype, layout, training, affine):
+def test_backward_matches_reference(mode, shape, dtype, layout, training, affine):
     x, dy, weight, _ = make(shape, dtype, 8, affine)
     c = shape[1]
     if training:
@@ -162,7 +187,7 @@ def test_backward_serial_matches_reference(shape, dtype, layout, training, affin
     xk = to_kernel_layout(x, layout)
     dx = np.full_like(xk, np.nan)
     dweight, dbias = np.full(c, np.nan), np.full(c, np.nan)
-    BACKWARD[layout](
+    BACKWARD[mode, layout](
         to_kernel_layout(dy, layout), xk, mean, var, weight, EPS, training, dx, dweight, dbias
     )
     tol = NP_TOL[dtype]
@@ -225,15 +250,16 @@ def test_update_running_accepts_large_but_storable_statistics():
     np.testing.assert_allclose(running_var, [4 / 3, big * 4 / 3], rtol=1e-6)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-def test_train_serial_skips_running_update_for_nonfinite_batch(layout):
+def test_train_skips_running_update_for_nonfinite_batch(mode, layout):
     x, _, weight, bias = make((5, 3, 4), np.float32, 12, True)
     x[1, 2, 0] = np.inf
     xk = to_kernel_layout(x, layout)
     y = np.empty_like(xk)
     mean, var = np.empty(3), np.empty(3)
     running_mean, running_var = np.zeros(3, np.float32), np.ones(3, np.float32)
-    updated = TRAIN[layout](
+    updated = TRAIN[mode, layout](
         xk, weight, bias, EPS, y, mean, var, running_mean, running_var, 0.1, limit(xk)
     )
     assert updated is False or updated == 0
@@ -244,7 +270,7 @@ def test_train_serial_skips_running_update_for_nonfinite_batch(layout):
     got = from_kernel_layout(y, x.shape, layout)
     np.testing.assert_allclose(got[:, :2], want_y, **NP_TOL[np.float32])
     x[1, 2, 0] = 0.0
-    assert TRAIN[layout](
+    assert TRAIN[mode, layout](
         to_kernel_layout(x, layout),
         weight,
         bias,

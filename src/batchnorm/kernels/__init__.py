@@ -31,6 +31,12 @@ from .backward import (
     backward_reduce_nchw,
     backward_reduce_nhwc,
 )
+from .fused import (
+    backward_parallel_nchw,
+    backward_parallel_nhwc,
+    train_parallel_nchw,
+    train_parallel_nhwc,
+)
 from .moments import moments_nchw, moments_nhwc
 from .normalize import normalize_nchw, normalize_nhwc
 from .serial import (
@@ -49,6 +55,8 @@ __all__ = [
     "OPS",
     "backward_apply_nchw",
     "backward_apply_nhwc",
+    "backward_parallel_nchw",
+    "backward_parallel_nhwc",
     "backward_reduce_nchw",
     "backward_reduce_nhwc",
     "backward_serial_nchw",
@@ -60,6 +68,8 @@ __all__ = [
     "normalize_nchw",
     "normalize_nhwc",
     "select_kernel",
+    "train_parallel_nchw",
+    "train_parallel_nhwc",
     "train_serial_nchw",
     "train_serial_nhwc",
     "set_threads",
@@ -75,6 +85,8 @@ OPS = (
     "train_serial",
     "eval_serial",
     "backward_serial",
+    "train_parallel",
+    "backward_parallel",
 )
 LAYOUTS = ("nchw", "nhwc")
 DTYPE_NAMES = ("float32", "float64")
@@ -110,6 +122,15 @@ KERNELS: dict[tuple[str, str, str], Callable] = {
     ("backward_serial", "nchw", "float64"): backward_serial_nchw,
     ("backward_serial", "nhwc", "float32"): backward_serial_nhwc,
     ("backward_serial", "nhwc", "float64"): backward_serial_nhwc,
+    # Whole parallel passes in one call, with the serial kernels' signatures (see fused.py).
+    ("train_parallel", "nchw", "float32"): train_parallel_nchw,
+    ("train_parallel", "nchw", "float64"): train_parallel_nchw,
+    ("train_parallel", "nhwc", "float32"): train_parallel_nhwc,
+    ("train_parallel", "nhwc", "float64"): train_parallel_nhwc,
+    ("backward_parallel", "nchw", "float32"): backward_parallel_nchw,
+    ("backward_parallel", "nchw", "float64"): backward_parallel_nchw,
+    ("backward_parallel", "nhwc", "float32"): backward_parallel_nhwc,
+    ("backward_parallel", "nhwc", "float64"): backward_parallel_nhwc,
 }
 
 
@@ -125,8 +146,9 @@ def select_kernel(op: str, layout: str, dtype) -> Callable | None:
 
     Args:
         op: One of :data:`OPS`: the parallel building blocks ``"moments"``, ``"normalize"``,
-            ``"backward_reduce"``, ``"backward_apply"``, or the serial fused passes for small
-            inputs ``"train_serial"``, ``"eval_serial"``, ``"backward_serial"``.
+            ``"backward_reduce"``, ``"backward_apply"``, the serial fused passes for small
+            inputs ``"train_serial"``, ``"eval_serial"``, ``"backward_serial"``, or the whole
+            parallel passes ``"train_parallel"``, ``"backward_parallel"``.
         layout: ``"nchw"`` or ``"nhwc"``; any other value is "not covered".
         dtype: A NumPy dtype, NumPy scalar type or dtype name (``np.float32``,
             ``np.dtype("float64")``, ``"float32"``). Anything NumPy cannot interpret (for example
@@ -199,12 +221,13 @@ def _run_all(x: np.ndarray, layout: str) -> None:
     own = np.ones(n_chan, dtype=x.dtype)
     absent = np.empty(0, dtype=x.dtype)
     for params, running in ((own, own.copy()), (absent, absent)):
-        KERNELS["train_serial", layout, name](
-            x, params, params, 1e-5, out, a, b, running, running.copy(), 0.1, 1e38
-        )
-        KERNELS["eval_serial", layout, name](x, own, own, params, params, 1e-5, out)
-        for mean, var, training in ((a, b, True), (own, own, False)):
-            KERNELS["backward_serial", layout, name](
-                dy, x, mean, var, params, 1e-5, training, out, c, d
+        for mode in ("serial", "parallel"):
+            KERNELS[f"train_{mode}", layout, name](
+                x, params, params, 1e-5, out, a, b, running, running.copy(), 0.1, 1e38
             )
+            for mean, var, training in ((a, b, True), (own, own, False)):
+                KERNELS[f"backward_{mode}", layout, name](
+                    dy, x, mean, var, params, 1e-5, training, out, c, d
+                )
+        KERNELS["eval_serial", layout, name](x, own, own, params, params, 1e-5, out)
     update_running(own.copy(), own.copy(), a, b, 2, 0.1, 1e38)
