@@ -1,7 +1,7 @@
 """Both execution paths of the torch op, forced on the same inputs: serial fused and parallel.
 
 The test suite's shapes are mostly small and so run on the serial kernels; here every case runs
-once with the size threshold at 0 (parallel building blocks) and once at infinity (serial),
+once with the size threshold at 0 (parallel fused kernels) and once at infinity (serial),
 against torch.nn and, in float64, against each other.
 """
 

@@ -8,12 +8,14 @@ gradients), torch's own ``state_dict`` migration (old checkpoints), finite diffe
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
 import torch
 
 import batchnorm
+from batchnorm import functional
 from batchnorm.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from batchnorm.tools.freeze import freeze, unfreeze
 from conftest import (
@@ -80,7 +82,11 @@ def _eval_bn_and_frozen(rank, channels, dtype, gen, trainable_affine=False, **kw
 # A batch of one in training mode (which BatchNorm refuses), each rank, a 1x1 map, and one
 # input above functional.SERIAL_MAX_ELEMENTS, which runs on the parallel kernels.
 FORWARD_SHAPES = [(1, 3), (7, 3), (3, 5, 7), (2, 3, 1, 1), (4, 3, 5, 6), (5, 2, 3, 4, 3)]
-LARGE_SHAPE = (4, 8, 32, 33)
+LARGE_SHAPE = (4, 8, 48, 48)
+
+
+def test_large_shape_is_above_the_serial_threshold():
+    assert math.prod(LARGE_SHAPE) > functional.SERIAL_MAX_ELEMENTS
 
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
