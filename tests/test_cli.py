@@ -22,7 +22,7 @@ def test_info_prints_versions_and_backend_table(capsys):
     out = capsys.readouterr().out
     for name in ("python", "torch", "numpy", "numba threading layer", "numba threads"):
         assert f"\n{name} " in f"\n{out}"
-    table = out[out.index("device  dtype") :].splitlines()
+    table = out[out.index("device  dtype") :].split("\n\n")[0].splitlines()
     rows = {tuple(line.split()[:2]): line.split()[2:] for line in table[1:]}
     assert set(rows) == {
         ("cpu", "float32"),
@@ -37,6 +37,18 @@ def test_info_prints_versions_and_backend_table(capsys):
     assert rows["cpu", "float64"][:2] == ["numba", "numba"]
     assert set(rows["cpu", "bfloat16"]) == {"torch"}
     assert set(rows["meta", "float32"]) == {"torch"}
+
+
+def test_info_states_the_dispatch_sizes_from_the_code(capsys, monkeypatch):
+    from batchnorm import functional
+
+    monkeypatch.setattr(functional, "SERIAL_MAX_ELEMENTS", 12345)
+    monkeypatch.setattr(functional, "EVAL_NATIVE_BYTES", 3 << 20)
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "training: serial kernels up to 12,345 values, parallel above" in out
+    assert "evaluation: inputs under 3 MiB run on torch's op" in out
+    assert "output cache: outputs of 4 MiB or more reuse buffers; limit 1 GiB" in out
 
 
 def test_warmup_reports_time(capsys):

@@ -389,11 +389,39 @@ def _cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for name, value in env:
         print(f"{name.ljust(width)}  {value}")
     print()
-    print("backend per input (numba: our kernels; torch: torch's native op; meta stands for")
-    print("any non-CPU device):")
+    print("backend per input in training mode (numba: our kernels; torch: torch's native op;")
+    print("meta stands for any non-CPU device):")
     header, rows = _backend_table()
     print(_format_table(header, rows))
+    print()
+    for line in _dispatch_lines():
+        print(line)
     return 0
+
+
+def _size(nbytes: int) -> str:
+    """``nbytes`` in the largest binary unit that keeps it at least 1 (``32 MiB``)."""
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _dispatch_lines() -> list[str]:
+    """The size rules of the dispatch and the state of the output cache, read from the code."""
+    from . import functional, outputs
+
+    cache = outputs.output_cache_info()
+    return [
+        f"training: serial kernels up to {functional.SERIAL_MAX_ELEMENTS:,} values, parallel above",
+        f"evaluation: inputs under {_size(functional.EVAL_NATIVE_BYTES)} run on torch's op "
+        "(measured faster there)",
+        f"output cache: outputs of {_size(outputs.MIN_BYTES)} or more reuse buffers; limit "
+        f"{_size(cache.limit)}, holding {_size(cache.held)} ({_size(cache.idle)} idle) in "
+        f"{cache.buffers} buffers",
+    ]
 
 
 # --- warmup -----------------------------------------------------------------------------------
