@@ -410,15 +410,17 @@ def _backward(dy, x, weight, mean, var, eps: float, training: bool):
     dx, dxa = _empty_output(x, layout)
     mean_a, var_a = _array(mean), _array(var)
     weight_a = _optional(weight, x.dtype)
-    dweight = np.empty(channels)
-    dbias = np.empty(channels)
+    # In x's dtype: the kernels accumulate in float64 and round once at the store, which saves
+    # two tensor conversions (~3 us each on a small batch).
+    dweight = np.empty(channels, xa.dtype)
+    dbias = np.empty(channels, xa.dtype)
     args = (dya, xa, mean_a, var_a, weight_a, eps, training, dxa, dweight, dbias)
     if x.numel() <= SERIAL_MAX_ELEMENTS:
         _kernel("backward_serial", layout, xa.dtype)(*args)
     else:
         with _torch_thread_count():
             _kernel("backward_parallel", layout, xa.dtype)(*args)
-    return dx, torch.from_numpy(dweight).to(x.dtype), torch.from_numpy(dbias).to(x.dtype)
+    return dx, torch.from_numpy(dweight), torch.from_numpy(dbias)
 
 
 # --------------------------------------------------------------------------------------------

@@ -198,6 +198,30 @@ def test_backward_matches_reference(mode, shape, dtype, layout, training, affine
     np.testing.assert_allclose(dbias, want[2], **tol)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [(40, 6), (5, 3, 7, 9), (2, 1, 3000), (300, 4, 1)], ids=shape_id)
+def test_backward_float32_parameter_grads_are_float64_sums_rounded_once(mode, layout, shape):
+    # The layer passes parameter-gradient outputs in the data's dtype; the kernels must still
+    # accumulate in float64 (a float32 running sum of thousands of terms would differ) and
+    # round once at the store. Large mean offsets make float32 accumulation visibly worse.
+    x, dy, weight, _ = make(shape, np.float32, 11, True)
+    dy = (dy + 100.0).astype(np.float32)
+    _, mean, var = reference.batch_norm_train(x, eps=EPS)
+    xk, dyk = to_kernel_layout(x, layout), to_kernel_layout(dy, layout)
+    c = shape[1]
+    outputs = {}
+    for out_dtype in (np.float64, np.float32):
+        dx = np.empty_like(xk)
+        dweight, dbias = np.full(c, np.nan, out_dtype), np.full(c, np.nan, out_dtype)
+        BACKWARD[mode, layout](dyk, xk, mean, var, weight, EPS, True, dx, dweight, dbias)
+        outputs[out_dtype] = (dx, dweight, dbias)
+    wide, narrow = outputs[np.float64], outputs[np.float32]
+    assert np.array_equal(narrow[0], wide[0])
+    assert np.array_equal(narrow[1], wide[1].astype(np.float32))
+    assert np.array_equal(narrow[2], wide[2].astype(np.float32))
+
+
 def test_update_running_matches_reference_closed_form():
     rng = np.random.default_rng(10)
     running_mean, running_var = rng.standard_normal(4), rng.uniform(0.5, 2.0, 4)

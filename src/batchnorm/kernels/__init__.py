@@ -220,6 +220,8 @@ def _run_all(x: np.ndarray, layout: str) -> None:
     # passes them; each combination is a separate compiled specialisation.
     own = np.ones(n_chan, dtype=x.dtype)
     absent = np.empty(0, dtype=x.dtype)
+    # The layer receives the parameter gradients in the data's dtype.
+    grads = (np.empty(n_chan, dtype=x.dtype), np.empty(n_chan, dtype=x.dtype))
     for params, running in ((own, own.copy()), (absent, absent)):
         for mode in ("serial", "parallel"):
             KERNELS[f"train_{mode}", layout, name](
@@ -227,7 +229,7 @@ def _run_all(x: np.ndarray, layout: str) -> None:
             )
             for mean, var, training in ((a, b, True), (own, own, False)):
                 KERNELS[f"backward_{mode}", layout, name](
-                    dy, x, mean, var, params, 1e-5, training, out, c, d
+                    dy, x, mean, var, params, 1e-5, training, out, *grads
                 )
         KERNELS["eval_serial", layout, name](x, own, own, params, params, 1e-5, out)
     update_running(own.copy(), own.copy(), a, b, 2, 0.1, 1e38)

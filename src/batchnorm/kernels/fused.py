@@ -90,29 +90,33 @@ def _train_cols(
 
 @njit_kernel
 def _backward_channel(
-    c, sum_dy, sum_dy_xmu, var, weight, eps, count, training, k_dy, k_xmu, k_const, dweight_out
-):
-    """Channel ``c``: the coefficients of ``dx`` and the weight gradient."""
+    c, sum_dy, sum_dy_xmu, var, weight, eps, count, training, k_dy, k_xmu, k_const, dweight_out,
+    dbias_out,
+):  # fmt: skip
+    """Channel ``c``: the coefficients of ``dx``, and the parameter gradients (stored once, in
+    the outputs' dtype, from the float64 sums)."""
     invstd = 1.0 / math.sqrt(np.float64(var[c]) + eps)
     k_dy[c], k_xmu[c], k_const[c] = _backward_coefficients(
         c, sum_dy[c], sum_dy_xmu[c], invstd, weight, count, training
     )
     dweight_out[c] = sum_dy_xmu[c] * invstd
+    dbias_out[c] = sum_dy[c]
 
 
 @njit_parallel
 def _backward_rows(dy, x, mean, var, weight, eps, training, dx, dweight_out, dbias_out):
     n_batch, n_chan, n_spatial = x.shape
     mean64 = mean.astype(np.float64)
+    sum_dy = np.empty(n_chan)
     sum_dy_xmu = np.empty(n_chan)
     k_dy = np.empty(n_chan)
     k_xmu = np.empty(n_chan)
     k_const = np.empty(n_chan)
-    _reduce_rows(dy, x, mean64, dbias_out, sum_dy_xmu)
+    _reduce_rows(dy, x, mean64, sum_dy, sum_dy_xmu)
     for c in prange(n_chan):
         _backward_channel(
-            c, dbias_out, sum_dy_xmu, var, weight, eps, n_batch * n_spatial, training,
-            k_dy, k_xmu, k_const, dweight_out,
+            c, sum_dy, sum_dy_xmu, var, weight, eps, n_batch * n_spatial, training,
+            k_dy, k_xmu, k_const, dweight_out, dbias_out,
         )  # fmt: skip
     _apply_rows(dy, x, mean64, k_dy, k_xmu, k_const, dx)
 
@@ -121,15 +125,16 @@ def _backward_rows(dy, x, mean, var, weight, eps, training, dx, dweight_out, dbi
 def _backward_cols(dy, x, mean, var, weight, eps, training, dx, dweight_out, dbias_out):
     n_rows, n_chan = x.shape
     mean64 = mean.astype(np.float64)
+    sum_dy = np.empty(n_chan)
     sum_dy_xmu = np.empty(n_chan)
     k_dy = np.empty(n_chan)
     k_xmu = np.empty(n_chan)
     k_const = np.empty(n_chan)
-    _reduce_cols(dy, x, mean64, dbias_out, sum_dy_xmu)
+    _reduce_cols(dy, x, mean64, sum_dy, sum_dy_xmu)
     for c in prange(n_chan):
         _backward_channel(
-            c, dbias_out, sum_dy_xmu, var, weight, eps, n_rows, training,
-            k_dy, k_xmu, k_const, dweight_out,
+            c, sum_dy, sum_dy_xmu, var, weight, eps, n_rows, training,
+            k_dy, k_xmu, k_const, dweight_out, dbias_out,
         )  # fmt: skip
     _apply_cols(dy, x, mean64, k_dy, k_xmu, k_const, dx)
 

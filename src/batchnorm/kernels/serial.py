@@ -229,8 +229,9 @@ def backward_serial_nchw(dy, x, mean, var, weight, eps, training, dx, dweight_ou
         eps: The forward's epsilon.
         training: Whether the statistics came from this batch (they then depend on ``x``).
         dx: Output, shape and dtype of ``x``; overwritten.
-        dweight_out: float64 ``(C,)``; receives :math:`d\gamma`.
-        dbias_out: float64 ``(C,)``; receives :math:`d\beta`.
+        dweight_out: ``(C,)`` float32 or float64 (normally ``x``'s dtype); receives
+            :math:`d\gamma`, accumulated in float64 and rounded once at the store.
+        dbias_out: ``(C,)``, like ``dweight_out``; receives :math:`d\beta`.
     """
     n_batch, n_chan, n_spatial = x.shape
     count = n_batch * n_spatial
@@ -263,22 +264,23 @@ def backward_serial_nhwc(dy, x, mean, var, weight, eps, training, dx, dweight_ou
     """Gradients of either forward for a channels-last ``(M, C)`` array."""
     n_rows, n_chan = x.shape
     mu = mean.astype(np.float64)
-    for c in range(n_chan):
-        dbias_out[c] = 0.0
-        dweight_out[c] = 0.0
+    # float64 accumulators: the outputs may be float32 (the layer passes x's dtype).
+    sum_dy = np.zeros(n_chan)
+    sum_dy_xmu = np.zeros(n_chan)
     for i in range(n_rows):
         for c in range(n_chan):
-            dbias_out[c] += dy[i, c]
-            dweight_out[c] += dy[i, c] * (x[i, c] - mu[c])
+            sum_dy[c] += dy[i, c]
+            sum_dy_xmu[c] += dy[i, c] * (x[i, c] - mu[c])
     k_dy = mu.copy()
     k_xmu = mu.copy()
     k_const = mu.copy()
     for c in range(n_chan):
         invstd = 1.0 / math.sqrt(var[c] + eps)
         k_dy[c], k_xmu[c], k_const[c] = _backward_coefficients(
-            c, dbias_out[c], dweight_out[c], invstd, weight, n_rows, training
+            c, sum_dy[c], sum_dy_xmu[c], invstd, weight, n_rows, training
         )
-        dweight_out[c] *= invstd
+        dweight_out[c] = sum_dy_xmu[c] * invstd
+        dbias_out[c] = sum_dy[c]
     for i in range(n_rows):
         for c in range(n_chan):
             dx[i, c] = k_dy[c] * dy[i, c] + k_xmu[c] * (x[i, c] - mu[c]) + k_const[c]
