@@ -38,6 +38,8 @@ __all__ = [
     "MAX_GROUPS",
     "MIN_BLOCK_ROWS",
     "contiguous_view",
+    "nchw_variant",
+    "nhwc_variant",
     "njit_kernel",
     "njit_parallel",
     "nchw_plan",
@@ -136,3 +138,34 @@ def contiguous_view(array, shape):
             f"strides {array.strides}."
         )
     return array.reshape(shape)
+
+
+def nchw_variant(shape, rows_kernel, cols_kernel):
+    """The compiled variant for an ``(N, C, S)`` array, and the shape to view the arrays as.
+
+    ``S == 1`` data with several channels is the same memory as an ``(N, C)`` channels-last
+    array, whose variant runs its inner loop along the contiguous channel axis.
+
+    Returns:
+        ``(kernel, view_shape)``: ``cols_kernel`` and ``(N, C)``, or ``rows_kernel`` and the
+        shape itself.
+    """
+    n_batch, n_chan, n_spatial = shape
+    if n_spatial == 1 and n_chan > 1:
+        return cols_kernel, (n_batch, n_chan)
+    return rows_kernel, tuple(shape)
+
+
+def nhwc_variant(shape, rows_kernel, cols_kernel):
+    """The compiled variant for a channels-last ``(M, C)`` array, and the shape to view it as.
+
+    ``C == 1`` data is the same memory as one ``(1, 1, M)`` row, whose variant runs along it.
+
+    Returns:
+        ``(kernel, view_shape)``: ``rows_kernel`` and ``(1, 1, M)``, or ``cols_kernel`` and the
+        shape itself.
+    """
+    n_rows, n_chan = shape
+    if n_chan == 1:
+        return rows_kernel, (1, 1, n_rows)
+    return cols_kernel, tuple(shape)

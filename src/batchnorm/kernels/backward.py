@@ -43,7 +43,15 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._config import BLOCK_ELEMS, contiguous_view, nchw_plan, nhwc_plan, njit_parallel
+from ._config import (
+    BLOCK_ELEMS,
+    contiguous_view,
+    nchw_plan,
+    nchw_variant,
+    nhwc_plan,
+    nhwc_variant,
+    njit_parallel,
+)
 
 __all__ = [
     "backward_apply_nchw",
@@ -231,13 +239,7 @@ def backward_reduce_nchw(dy, x, mean, sum_dy_out, sum_dy_xmu_out):
     Raises:
         ValueError: If an array argument of the data's shape is not C-contiguous.
     """
-    n_batch, n_chan, n_spatial = x.shape
-    if n_spatial == 1 and n_chan > 1:
-        shape = (n_batch, n_chan)
-        kernel = _reduce_cols
-    else:
-        shape = x.shape
-        kernel = _reduce_rows
+    kernel, shape = nchw_variant(x.shape, _reduce_rows, _reduce_cols)
     kernel(contiguous_view(dy, shape), contiguous_view(x, shape), mean, sum_dy_out, sum_dy_xmu_out)
 
 
@@ -258,13 +260,7 @@ def backward_reduce_nhwc(dy, x, mean, sum_dy_out, sum_dy_xmu_out):
     Raises:
         ValueError: If an array argument of the data's shape is not C-contiguous.
     """
-    n_rows, n_chan = x.shape
-    if n_chan == 1:
-        shape = (1, 1, n_rows)
-        kernel = _reduce_rows
-    else:
-        shape = x.shape
-        kernel = _reduce_cols
+    kernel, shape = nhwc_variant(x.shape, _reduce_rows, _reduce_cols)
     kernel(contiguous_view(dy, shape), contiguous_view(x, shape), mean, sum_dy_out, sum_dy_xmu_out)
 
 
@@ -292,13 +288,7 @@ def backward_apply_nchw(dy, x, mean, k_dy, k_xmu, k_const, dx):
     Raises:
         ValueError: If an array argument of the data's shape is not C-contiguous.
     """
-    n_batch, n_chan, n_spatial = x.shape
-    if n_spatial == 1 and n_chan > 1:
-        shape = (n_batch, n_chan)
-        kernel = _apply_cols
-    else:
-        shape = x.shape
-        kernel = _apply_rows
+    kernel, shape = nchw_variant(x.shape, _apply_rows, _apply_cols)
     kernel(
         contiguous_view(dy, shape),
         contiguous_view(x, shape),
@@ -328,13 +318,7 @@ def backward_apply_nhwc(dy, x, mean, k_dy, k_xmu, k_const, dx):
     Raises:
         ValueError: If an array argument of the data's shape is not C-contiguous.
     """
-    n_rows, n_chan = x.shape
-    if n_chan == 1:
-        shape = (1, 1, n_rows)
-        kernel = _apply_rows
-    else:
-        shape = x.shape
-        kernel = _apply_cols
+    kernel, shape = nhwc_variant(x.shape, _apply_rows, _apply_cols)
     kernel(
         contiguous_view(dy, shape),
         contiguous_view(x, shape),

@@ -34,7 +34,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ._config import contiguous_view, njit_kernel, njit_parallel
+from ._config import contiguous_view, nchw_variant, nhwc_variant, njit_kernel, njit_parallel
 from .backward import _apply_cols, _apply_rows, _reduce_cols, _reduce_rows
 from .moments import _moments_cols, _moments_rows
 from .normalize import _normalize_cols, _normalize_rows
@@ -146,13 +146,7 @@ def train_parallel_nchw(
 
     Same arguments and return value as :func:`.serial.train_serial_nchw`.
     """
-    n_batch, n_chan, n_spatial = x.shape
-    if n_spatial == 1 and n_chan > 1:
-        shape = (n_batch, n_chan)
-        kernel = _train_cols
-    else:
-        shape = x.shape
-        kernel = _train_rows
+    kernel, shape = nchw_variant(x.shape, _train_rows, _train_cols)
     return kernel(
         contiguous_view(x, shape), weight, bias, eps, contiguous_view(y, shape),
         mean_out, var_out, running_mean, running_var, factor, limit,
@@ -163,13 +157,7 @@ def train_parallel_nhwc(
     x, weight, bias, eps, y, mean_out, var_out, running_mean, running_var, factor, limit
 ):
     """Training forward of a channels-last ``(M, C)`` array; see :func:`train_parallel_nchw`."""
-    n_rows, n_chan = x.shape
-    if n_chan == 1:
-        shape = (1, 1, n_rows)
-        kernel = _train_rows
-    else:
-        shape = x.shape
-        kernel = _train_cols
+    kernel, shape = nhwc_variant(x.shape, _train_rows, _train_cols)
     return kernel(
         contiguous_view(x, shape), weight, bias, eps, contiguous_view(y, shape),
         mean_out, var_out, running_mean, running_var, factor, limit,
@@ -181,13 +169,7 @@ def backward_parallel_nchw(dy, x, mean, var, weight, eps, training, dx, dweight_
 
     Same arguments as :func:`.serial.backward_serial_nchw`; returns None.
     """
-    n_batch, n_chan, n_spatial = x.shape
-    if n_spatial == 1 and n_chan > 1:
-        shape = (n_batch, n_chan)
-        kernel = _backward_cols
-    else:
-        shape = x.shape
-        kernel = _backward_rows
+    kernel, shape = nchw_variant(x.shape, _backward_rows, _backward_cols)
     kernel(
         contiguous_view(dy, shape), contiguous_view(x, shape), mean, var, weight, eps, training,
         contiguous_view(dx, shape), dweight_out, dbias_out,
@@ -196,13 +178,7 @@ def backward_parallel_nchw(dy, x, mean, var, weight, eps, training, dx, dweight_
 
 def backward_parallel_nhwc(dy, x, mean, var, weight, eps, training, dx, dweight_out, dbias_out):
     """Gradients of a channels-last ``(M, C)`` array; see :func:`backward_parallel_nchw`."""
-    n_rows, n_chan = x.shape
-    if n_chan == 1:
-        shape = (1, 1, n_rows)
-        kernel = _backward_rows
-    else:
-        shape = x.shape
-        kernel = _backward_cols
+    kernel, shape = nhwc_variant(x.shape, _backward_rows, _backward_cols)
     kernel(
         contiguous_view(dy, shape), contiguous_view(x, shape), mean, var, weight, eps, training,
         contiguous_view(dx, shape), dweight_out, dbias_out,

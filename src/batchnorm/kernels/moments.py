@@ -62,7 +62,15 @@ import math
 import numpy as np
 from numba import prange
 
-from ._config import contiguous_view, nchw_plan, nhwc_plan, njit_kernel, njit_parallel
+from ._config import (
+    contiguous_view,
+    nchw_plan,
+    nchw_variant,
+    nhwc_plan,
+    nhwc_variant,
+    njit_kernel,
+    njit_parallel,
+)
 
 __all__ = ["moments_nchw", "moments_nhwc"]
 
@@ -359,11 +367,8 @@ def moments_nchw(x, mean_out, m2_out):
     Raises:
         ValueError: If an array argument of the data's shape is not C-contiguous.
     """
-    n_batch, n_chan, n_spatial = x.shape
-    if n_spatial == 1 and n_chan > 1:
-        _moments_cols(contiguous_view(x, (n_batch, n_chan)), mean_out, m2_out)
-    else:
-        _moments_rows(contiguous_view(x, x.shape), mean_out, m2_out)
+    kernel, shape = nchw_variant(x.shape, _moments_rows, _moments_cols)
+    kernel(contiguous_view(x, shape), mean_out, m2_out)
 
 
 def moments_nhwc(x, mean_out, m2_out):
@@ -385,8 +390,5 @@ def moments_nhwc(x, mean_out, m2_out):
     Raises:
         ValueError: If an array argument of the data's shape is not C-contiguous.
     """
-    n_rows, n_chan = x.shape
-    if n_chan == 1:
-        _moments_rows(contiguous_view(x, (1, 1, n_rows)), mean_out, m2_out)
-    else:
-        _moments_cols(contiguous_view(x, x.shape), mean_out, m2_out)
+    kernel, shape = nhwc_variant(x.shape, _moments_rows, _moments_cols)
+    kernel(contiguous_view(x, shape), mean_out, m2_out)

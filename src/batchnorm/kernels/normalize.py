@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from numba import prange
 
-from ._config import BLOCK_ELEMS, contiguous_view, njit_parallel
+from ._config import BLOCK_ELEMS, contiguous_view, nchw_variant, nhwc_variant, njit_parallel
 
 __all__ = ["normalize_nchw", "normalize_nhwc"]
 
@@ -100,13 +100,8 @@ def normalize_nchw(x, mean, scale, shift, y):
     Raises:
         ValueError: If an array argument of the data's shape is not C-contiguous.
     """
-    n_batch, n_chan, n_spatial = x.shape
-    if n_spatial == 1 and n_chan > 1:
-        shape = (n_batch, n_chan)
-        _normalize_cols(contiguous_view(x, shape), mean, scale, shift, contiguous_view(y, shape))
-    else:
-        shape = x.shape
-        _normalize_rows(contiguous_view(x, shape), mean, scale, shift, contiguous_view(y, shape))
+    kernel, shape = nchw_variant(x.shape, _normalize_rows, _normalize_cols)
+    kernel(contiguous_view(x, shape), mean, scale, shift, contiguous_view(y, shape))
 
 
 def normalize_nhwc(x, mean, scale, shift, y):
@@ -128,10 +123,5 @@ def normalize_nhwc(x, mean, scale, shift, y):
     Raises:
         ValueError: If an array argument of the data's shape is not C-contiguous.
     """
-    n_rows, n_chan = x.shape
-    if n_chan == 1:
-        shape = (1, 1, n_rows)
-        _normalize_rows(contiguous_view(x, shape), mean, scale, shift, contiguous_view(y, shape))
-    else:
-        shape = x.shape
-        _normalize_cols(contiguous_view(x, shape), mean, scale, shift, contiguous_view(y, shape))
+    kernel, shape = nhwc_variant(x.shape, _normalize_rows, _normalize_cols)
+    kernel(contiguous_view(x, shape), mean, scale, shift, contiguous_view(y, shape))
