@@ -85,6 +85,13 @@ class _FrozenBatchNormBase(_InputChecks, torch.nn.Module):
     _unfrozen_class: type[torch.nn.Module]
     _unfrozen_momentum: float | None = 0.1
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        # A frozen layer accepts exactly the inputs of the BatchNorm it stands for: its ranks
+        # and shape hint are that class's, not a second copy of them.
+        super().__init_subclass__(**kwargs)
+        cls._ranks = cls._unfrozen_class._ranks
+        cls._shape_hint = cls._unfrozen_class._shape_hint
+
     def __init__(
         self,
         num_features: int,
@@ -259,8 +266,6 @@ _CLASS_DOC = r"""Frozen BatchNorm over {what}: a fixed per-channel affine map of
 
 
 class FrozenBatchNorm1d(_FrozenBatchNormBase):
-    _ranks = (2, 3)
-    _shape_hint = "(N, {C}) or (N, {C}, L)"
     _unfrozen_class = BatchNorm1d
     __doc__ = _CLASS_DOC.format(
         name="FrozenBatchNorm1d",
@@ -273,8 +278,6 @@ class FrozenBatchNorm1d(_FrozenBatchNormBase):
 
 
 class FrozenBatchNorm2d(_FrozenBatchNormBase):
-    _ranks = (4,)
-    _shape_hint = "(N, {C}, H, W)"
     _unfrozen_class = BatchNorm2d
     __doc__ = _CLASS_DOC.format(
         name="FrozenBatchNorm2d",
@@ -287,8 +290,6 @@ class FrozenBatchNorm2d(_FrozenBatchNormBase):
 
 
 class FrozenBatchNorm3d(_FrozenBatchNormBase):
-    _ranks = (5,)
-    _shape_hint = "(N, {C}, D, H, W)"
     _unfrozen_class = BatchNorm3d
     __doc__ = _CLASS_DOC.format(
         name="FrozenBatchNorm3d",
