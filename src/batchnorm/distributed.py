@@ -67,7 +67,6 @@ from . import kernels
 from ._validate import (
     _name,
     check_batch_norm_args,
-    check_constructor_args,
     check_module_input,
     check_nonfinite_policy,
 )
@@ -223,15 +222,20 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.modules.batchnorm._BatchNorm):
         bias: bool = True,
         nonfinite: str = "skip",
     ) -> None:
-        check_constructor_args(type(self).__name__, num_features, eps, momentum)
-        check_nonfinite_policy(f"{type(self).__name__}()", nonfinite)
-        # _BatchNormMixin.__init__ has BatchNorm's positional order (no process_group): skip it.
-        super(_BatchNormMixin, self).__init__(
-            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        # The layers' own constructor (argument checks, the non-finite policy), in BatchNorm's
+        # positional order, which has no process_group.
+        super().__init__(
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device,
+            dtype,
+            bias=bias,
+            nonfinite=nonfinite,
         )
         self.process_group = process_group
-        if nonfinite != type(self).nonfinite:
-            self.nonfinite = nonfinite
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None):
