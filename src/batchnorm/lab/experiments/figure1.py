@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,14 @@ from torch import nn
 
 from ...monitor import ActivationMonitor, ActivationTrace
 from .. import data as lab_data
+from .._training import (
+    batch_indices,
+    check_config,
+    denormals_flushed,
+    end_of_step,
+    mean_std,
+    threads,
+)
 from ..models import make_mlp
 
 __all__ = [
@@ -149,15 +157,7 @@ class Figure1Config:
             ("unit", 0 <= self.unit < self.hidden, f"an int in [0, {self.hidden})"),
             ("threads", self.threads is None or self.threads >= 1, "an int >= 1 or None"),
         ]
-        for name, ok, expected in checks:
-            if not ok:
-                value = getattr(self, name)
-                raise ValueError(f"Figure1Config(): expected {name} {expected}, got {value!r}.")
-        if self.checkpoint_every % self.eval_every:
-            raise ValueError(
-                f"Figure1Config(): expected checkpoint_every to be a multiple of eval_every "
-                f"({self.eval_every}), got {self.checkpoint_every}."
-            )
+        check_config("Figure1Config", checks, self)
 
 
 PRESETS: dict[str, Figure1Config] = {
@@ -192,52 +192,6 @@ def prepare(config: Figure1Config) -> lab_data.Dataset:
 def steps_per_seed(config: Figure1Config) -> int:
     """SGD steps per seed (each trains both networks once), for the progress bar."""
     return config.steps
-
-
-@contextlib.contextmanager
-def _denormals_flushed(enabled: bool) -> Iterator[None]:
-    if not enabled:
-        yield
-        return
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
-
-
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    if n is None:
-        yield
-        return
-    import numba
-
-    before = torch.get_num_threads(), numba.get_num_threads()
-    n_numba = min(n, numba.config.NUMBA_NUM_THREADS)
-    torch.set_num_threads(n)
-    numba.set_num_threads(n_numba)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before[1])
-        torch.set_num_threads(before[0])
-
-
-def _batch_indices(
-    seed: int, step: int, n_train: int, batch_size: int, cache: dict
-) -> torch.Tensor:
-    """The mini-batch of a step: epochs are seeded permutations, drop-last.
-
-    A pure function of ``(seed, step)``, so a resumed run draws exactly the batches the
-    uninterrupted run would have.
-    """
-    per_epoch = n_train // batch_size
-    epoch, position = divmod(step, per_epoch)
-    if cache.get("epoch") != epoch:
-        generator = torch.Generator().manual_seed(1_000_003 * (seed + 1) + epoch)
-        cache["epoch"], cache["perm"] = epoch, torch.randperm(n_train, generator=generator)
-    return cache["perm"][position * batch_size : (position + 1) * batch_size]
 
 
 def _probe_forward(model: nn.Module, x: torch.Tensor) -> None:
@@ -361,14 +315,14 @@ def run_seed(
 
     batches: dict = {}
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_denormals_flushed(config.flush_denormals))
-        stack.enter_context(_threads(config.threads))
+        stack.enter_context(denormals_flushed(config.flush_denormals))
+        stack.enter_context(threads(config.threads))
         for monitor in monitors.values():
             stack.enter_context(monitor)
         if step == 0:
             measure()
         while step < config.steps:
-            idx = _batch_indices(seed, step, n_train, config.batch_size, batches)
+            idx = batch_indices(seed, step, n_train, config.batch_size, batches)
             xb, yb = data.x_train[idx], data.y_train[idx]
             for name, model in models.items():
                 loss = nn.functional.cross_entropy(model(xb), yb)
@@ -378,13 +332,7 @@ def run_seed(
                 loss_sums[name] += loss.item()
             loss_count += 1
             step += 1
-            if step % config.eval_every == 0 or step == config.steps:
-                measure()
-            if save_checkpoint is not None and step % config.checkpoint_every == 0:
-                if step < config.steps:
-                    save_checkpoint(state())
-            if advance is not None:
-                advance(1)
+            end_of_step(step, config, measure, save_checkpoint, state, advance)
 
     networks = {}
     for name in NETWORKS:
@@ -492,15 +440,6 @@ def percentile_range(trace: ActivationTrace, start_step: int = 0) -> np.ndarray:
     return q.max(axis=0) - q.min(axis=0)
 
 
-def _mean_std(values: list[float]) -> dict[str, Any]:
-    a = np.asarray(values, dtype=np.float64)
-    return {
-        "per_seed": [float(v) for v in a],
-        "mean": float(a.mean()),
-        "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-    }
-
-
 def summarize(config: Figure1Config, results: Mapping[int, dict]) -> dict:
     """Judge the paper's two claims on a run's results; numbers and a printable report.
 
@@ -516,15 +455,15 @@ def summarize(config: Figure1Config, results: Mapping[int, dict]) -> dict:
     warmup_step = math.ceil(WARMUP_FRACTION * config.steps)
     final_accuracy, ranges, late_ranges, by_level, saturation = {}, {}, {}, {}, {}
     for name in NETWORKS:
-        final_accuracy[name] = _mean_std(list(result.test_accuracy[name][:, -1]))
+        final_accuracy[name] = mean_std(list(result.test_accuracy[name][:, -1]))
         per_seed = [percentile_range(t) for t in result.traces[name]]
-        ranges[name] = _mean_std([r.mean() for r in per_seed])
-        late_ranges[name] = _mean_std(
+        ranges[name] = mean_std([r.mean() for r in per_seed])
+        late_ranges[name] = mean_std(
             [percentile_range(t, warmup_step).mean() for t in result.traces[name]]
         )
         levels = np.mean([r.mean(axis=0) for r in per_seed], axis=0)
         by_level[name] = {f"{q:g}": float(v) for q, v in zip(config.quantiles, levels, strict=True)}
-        saturation[name] = _mean_std([t.saturated[-1].mean() for t in result.traces[name]])
+        saturation[name] = mean_std([t.saturated[-1].mean() for t in result.traces[name]])
     steps_to_match = []
     for i, _ in enumerate(result.seeds):
         target = result.test_accuracy["baseline"][i, -1]

@@ -92,11 +92,15 @@ from torch import nn
 
 from ...tools.population import recompute_statistics
 from .. import data as lab_data
+from .._training import (
+    batch_indices,
+    check_config,
+    denormals_flushed,
+    end_of_step,
+    mean_std,
+    threads,
+)
 from ..models import ACTIVATIONS, make_mlp
-
-# The seeded batch order and the two training-environment guards are figure1's: one definition
-# of "the batches of step k" and one measured reasoning about threads and denormals for the lab.
-from .figure1 import _batch_indices, _denormals_flushed, _threads
 
 __all__ = [
     "CLAIM",
@@ -212,15 +216,7 @@ class PopulationConfig:
             ("stats_batch_size", stats_ok, "an int >= 2 or None"),
             ("threads", self.threads is None or self.threads >= 1, "an int >= 1 or None"),
         ]
-        for name, ok, expected in checks:
-            if not ok:
-                value = getattr(self, name)
-                raise ValueError(f"PopulationConfig(): expected {name} {expected}, got {value!r}.")
-        if self.checkpoint_every % self.eval_every:
-            raise ValueError(
-                f"PopulationConfig(): expected checkpoint_every to be a multiple of eval_every "
-                f"({self.eval_every}), got {self.checkpoint_every}."
-            )
+        check_config("PopulationConfig", checks, self)
 
     @property
     def pass_batch_size(self) -> int:
@@ -597,12 +593,12 @@ def run_seed(
 
     order: dict = {}
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_denormals_flushed(config.flush_denormals))
-        stack.enter_context(_threads(config.threads))
+        stack.enter_context(denormals_flushed(config.flush_denormals))
+        stack.enter_context(threads(config.threads))
         if step == 0:
             measure()
         while step < config.steps:
-            idx = _batch_indices(seed, step, n_train, config.batch_size, order)
+            idx = batch_indices(seed, step, n_train, config.batch_size, order)
             loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -610,13 +606,7 @@ def run_seed(
             loss_sum += loss.item()
             loss_count += 1
             step += 1
-            if step % config.eval_every == 0 or step == config.steps:
-                measure()
-            if save_checkpoint is not None and step % config.checkpoint_every == 0:
-                if step < config.steps:
-                    save_checkpoint(state())
-            if advance is not None:
-                advance(1)
+            end_of_step(step, config, measure, save_checkpoint, state, advance)
 
     return {
         "seed": seed,
@@ -807,15 +797,6 @@ class PopulationResult:
         return (self.steps > 0) & (self.steps <= until)
 
 
-def _mean_std(values: Sequence[float]) -> dict[str, Any]:
-    a = np.asarray(values, dtype=np.float64)
-    return {
-        "per_seed": [float(v) for v in a],
-        "mean": float(a.mean()),
-        "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-    }
-
-
 # How the claims name each source of statistics: as the subject of "give(s)", and as the owner
 # of the value it is compared with.
 _SUBJECTS = {
@@ -877,18 +858,18 @@ def summarize(config: PopulationConfig, results: Mapping[int, dict]) -> dict:
             f"{result.steps.tolist()}."
         )
     n = len(result.seeds)
-    final_accuracy = {m: _mean_std(result.test_accuracy[m][:, -1]) for m in METHODS}
-    final_loss = {m: _mean_std(result.test_loss[m][:, -1]) for m in METHODS}
+    final_accuracy = {m: mean_std(result.test_accuracy[m][:, -1]) for m in METHODS}
+    final_loss = {m: mean_std(result.test_loss[m][:, -1]) for m in METHODS}
     accuracy_difference = {
-        m: _mean_std(result.test_accuracy[m][:, -1] - result.test_accuracy["ema"][:, -1])
+        m: mean_std(result.test_accuracy[m][:, -1] - result.test_accuracy["ema"][:, -1])
         for m in EXACT
     }
     loss_difference = {
-        m: _mean_std(result.test_loss[m][:, -1] - result.test_loss["ema"][:, -1]) for m in EXACT
+        m: mean_std(result.test_loss[m][:, -1] - result.test_loss["ema"][:, -1]) for m in EXACT
     }
     final_gap = {
         m: {
-            g: {name: _mean_std(result.gap[m][g][:, i, -1]) for i, name in enumerate(result.layers)}
+            g: {name: mean_std(result.gap[m][g][:, i, -1]) for i, name in enumerate(result.layers)}
             for g in GAPS
         }
         for m in COMPARED
@@ -897,7 +878,7 @@ def summarize(config: PopulationConfig, results: Mapping[int, dict]) -> dict:
     early_steps = [int(s) for s in result.steps[early]]
     early_gap = {
         g: {
-            name: _mean_std(result.gap["ema"][g][:, i, early].mean(axis=1))
+            name: mean_std(result.gap["ema"][g][:, i, early].mean(axis=1))
             for i, name in enumerate(result.layers)
         }
         for g in GAPS
@@ -909,7 +890,7 @@ def summarize(config: PopulationConfig, results: Mapping[int, dict]) -> dict:
             if len(ratios):
                 # The geometric mean: a channel 2 % low and one 2 % high cancel, as they do in
                 # statistics_gap's log variance ratio before its absolute value.
-                variance_bias[m][name] = _mean_std(np.expm1(np.log(ratios).mean(axis=1)))
+                variance_bias[m][name] = mean_std(np.expm1(np.log(ratios).mean(axis=1)))
     # The final step is always measured and is > 0, so neither mask below is empty.
     later = result.steps > 0
     loss_wins = {
@@ -938,7 +919,7 @@ def summarize(config: PopulationConfig, results: Mapping[int, dict]) -> dict:
                     baseline: float(values[baseline][:, -1].mean()),
                     candidate: float(values[candidate][:, -1].mean()),
                 },
-                "difference": _mean_std(diff),
+                "difference": mean_std(diff),
                 "held": bool(diff.mean() >= 0 if better == "at least" else diff.mean() <= 0),
                 "seeds_held": seeds_where(ok),
                 "seeds": n,
