@@ -254,3 +254,26 @@ def test_update_running_stats_op_guards_compiled_graphs(nonfinite):
     torch.ops.batchnorm.update_running_stats(*args)
     assert int(nbt) == 5
     torch.testing.assert_close(running_mean, torch.tensor([0.1, 0.2]))
+
+
+@pytest.mark.parametrize("poison", [None, float("nan")], ids=["clean", "nan"])
+def test_batch_norm_fallback_with_bfloat16_buffers(poison, gen):
+    """Buffers NumPy cannot view (bfloat16) take the scratch statistics as a torch tensor."""
+    x = make_input((6, 3, 4), torch.float32, "contiguous", gen)
+    if poison is not None:
+        x[0, 1, 0] = poison
+    x = x.bfloat16()
+    ours = torch.randn(3, generator=gen).bfloat16(), (torch.rand(3, generator=gen) + 0.5).bfloat16()
+    theirs = ours[0].clone(), ours[1].clone()
+    nbt = torch.tensor(4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batchnorm.batch_norm(x, *ours, training=True, momentum=0.25, num_batches_tracked=nbt)
+    if poison is None:
+        torch.nn.functional.batch_norm(x, *theirs, training=True, momentum=0.25)
+        assert int(nbt) == 5 and not _skip_warnings(caught)
+    else:
+        assert int(nbt) == 4 and len(_skip_warnings(caught)) == 1
+    for got, want in zip(ours, theirs, strict=True):
+        tol = 1e-2 if poison is None else 0.0  # a skipped batch leaves them exactly as they were
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)

@@ -67,9 +67,12 @@ def _layout(x: torch.Tensor) -> str | None:
 # torch's output is mapped afresh on every call and ours (from batchnorm.outputs) is not.
 # Measured (eval size sweep, module level, float32, 2 threads, docs/NOTES.md): torch/ours
 # 0.33-0.93 from 1e5 to 7.6e6 values ((N, 64, H, W) contiguous and channels-last, (N, 256)),
-# except contiguous 7.6e6 (30 MB, 1.38); 2.8-3.3 at 1.6e7 and 3.3e7. Training is never routed:
-# the native path needs scratch buffers for the non-finite guard and measured 1.3-1.6x slower
-# than our kernels there.
+# except contiguous 7.6e6 (30 MB, 1.38); 2.8-3.3 at 1.6e7 and 3.3e7.
+# Training is never routed, although torch's op (with this package's guard around it,
+# _native_train) would be faster for small inputs, because it is not accurate in float32: it
+# loses the variance to cancellation when the mean is large next to the spread. Normalized
+# output vs the float64 reference, (256, 100): mean 100 / std 1 error 3.6e-5, 1e3 / 1: 3.5e-4,
+# 100 / 0.01: 3.2e-3, 1e4 / 0.01: 0.22; the kernels 1.2e-7 (float32 rounding) in every case.
 EVAL_NATIVE_BYTES = 32 << 20
 
 
@@ -258,7 +261,7 @@ def _batch_weight(num_batches_tracked: torch.Tensor | None, momentum: float | No
     batch (the counter itself is advanced only once the update has happened).
     """
     if momentum is None and num_batches_tracked is not None:
-        return 1.0 / (float(_numpy(num_batches_tracked)) + 1.0)
+        return 1.0 / (float(num_batches_tracked) + 1.0)
     return float(momentum)
 
 
@@ -509,6 +512,37 @@ def _select_grads(ctx, dx, dw, db, offset=1):
         dw if need[offset] else None,
         db if need[offset + 1] else None,
     )
+
+
+# ``Function.apply`` is a Python wrapper around the C++ ``_FunctionBase.apply``. Outside
+# functorch transforms (vmap, grad, ...) it only adds argument binding for ``setup_context``
+# functions (ours have none) and a pytree walk over the arguments that unwraps dead functorch
+# wrappers (none can reach us outside a transform): ~3 us a call, 10 % of a small BatchNorm.
+# The C++ entry is used directly in that case; inside a transform, the full wrapper.
+_direct_apply = getattr(torch._C, "_FunctionBase", object).__dict__.get("apply")
+
+
+def _apply(fn: type[torch.autograd.Function], *args):
+    """``fn.apply(*args)``, without the Python wrapper's cost where it does nothing."""
+    if _direct_apply is None or torch._C._are_functorch_transforms_active():
+        return fn.apply(*args)
+    return _direct_apply.__get__(None, fn)(*args)
+
+
+def _train_step(
+    input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, guard
+):
+    """A checked training call on the kernels: with autograd when a graph will be recorded."""
+    args = (input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
+    # autograd.Function costs ~8 us a call, a quarter of torch's whole op on a small batch:
+    # skip it when nothing will be differentiated.
+    if torch.is_grad_enabled() and (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        return _apply(_TrainFn, *args, guard)
+    return _train_forward(*args, guard)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -812,15 +846,8 @@ def _batch_norm(
         return torch.ops.batchnorm.batch_norm_eval(
             input, running_mean, running_var, weight, bias, eps
         )
-    # autograd.Function costs ~8 us a call, a quarter of torch's whole op on a small batch:
-    # skip it when nothing will be differentiated.
-    needs_graph = torch.is_grad_enabled() and (
-        input.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    )
     if training:
-        args = (
+        return _train_step(
             input,
             weight,
             bias,
@@ -831,9 +858,12 @@ def _batch_norm(
             eps,
             _Guard(nonfinite, where, on_skip),
         )
-        return _TrainFn.apply(*args) if needs_graph else _train_forward(*args)[0]
-    if needs_graph:
-        return _EvalFn.apply(input, running_mean, running_var, weight, bias, eps)
+    if torch.is_grad_enabled() and (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    ):
+        return _apply(_EvalFn, input, running_mean, running_var, weight, bias, eps)
     return _eval_forward(input, running_mean, running_var, weight, bias, eps)
 
 
@@ -850,25 +880,79 @@ def _fallback(
     guard,
 ):
     """torch's native op, with this package's counter, cumulative average and non-finite guard."""
-    _warn_fallback_once(input)
+    if not _kernels_take(input):  # not for running statistics that require grad
+        _warn_fallback_once(input)
     if not training or running_mean is None:
         return _native_batch_norm(
             input, running_mean, running_var, weight, bias, training, 0.0, eps
         )
-    # torch's op folds the batch straight into the buffers. Let it write into fresh ones with
-    # momentum 1 instead: they then hold exactly the batch's mean and unbiased variance, in the
-    # buffers' dtype, to be checked before anything the caller owns is touched.
-    batch_mean = torch.zeros_like(running_mean, requires_grad=False)
-    batch_var = torch.zeros_like(running_var, requires_grad=False)
+    return _native_train(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, guard
+    )
+
+
+def _native_train(
+    input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, guard
+):
+    """A training step on torch's op, with this package's running update and non-finite guard.
+
+    ``running_mean`` and ``running_var`` are given (the caller has checked the arguments).
+    """
+    batch_mean, batch_var, both = _scratch_stats(running_mean)
     output = _native_batch_norm(input, batch_mean, batch_var, weight, bias, True, 1.0, eps)
-    if not bool(torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()):
-        _reject_batch(guard, batch_mean.double().cpu().numpy(), batch_var.double().cpu().numpy())
-        return output
-    with torch.no_grad():
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        factor = momentum if momentum is not None else 1.0 / float(num_batches_tracked)
-        # torch's own update rule and order of operations.
-        running_mean.mul_(1.0 - factor).add_(batch_mean, alpha=factor)
-        running_var.mul_(1.0 - factor).add_(batch_var, alpha=factor)
+    _fold_batch(
+        both, batch_mean, batch_var, running_mean, running_var, num_batches_tracked, momentum, guard
+    )
     return output
+
+
+def _scratch_stats(running_mean: torch.Tensor):
+    """Zeroed stand-ins for the running statistics in one call of torch's training op.
+
+    torch's op folds the batch straight into the buffers it is given,
+    ``new = (1 - momentum) old + momentum batch``. Given these with momentum 1, they end up
+    holding exactly the batch's mean and unbiased variance, in the buffers' dtype, for
+    :func:`_fold_batch` to check before anything the caller owns is touched. Zeros, not empty
+    memory: ``0 * NaN`` is NaN.
+
+    Returns:
+        ``(mean, var, both)``: two ``(C,)`` tensors and one ``(2, C)`` array holding both, a
+        NumPy array on the CPU (3 us cheaper a call than torch's allocation and views, next to
+        a ~20 us op on a small batch), a tensor elsewhere.
+    """
+    dtype = _NUMPY_DTYPE.get(running_mean.dtype)
+    if dtype is not None and running_mean.is_cpu:
+        both = np.zeros((2, running_mean.shape[0]), dtype)
+        return torch.from_numpy(both[0]), torch.from_numpy(both[1]), both
+    both = torch.zeros(
+        (2, running_mean.shape[0]), dtype=running_mean.dtype, device=running_mean.device
+    )
+    return (*both.unbind(), both)
+
+
+def _fold_batch(
+    both, batch_mean, batch_var, running_mean, running_var, num_batches_tracked, momentum, guard
+) -> None:
+    """Fold a batch's statistics (from :func:`_scratch_stats`) into the running buffers.
+
+    The kernels' rule: nothing changes unless every statistic is finite (a variance too large
+    for the buffers' dtype was already stored as Inf by torch's op), and then
+    ``running <- running + factor (batch - running)``, ``factor`` being the momentum or, when
+    it is None, ``1 / num_batches_tracked`` counting this batch; the counter advances last.
+    One ``_foreach_lerp_`` updates both buffers and bumps their version counters.
+    """
+    if isinstance(both, np.ndarray):
+        finite = bool(np.isfinite(both).all())
+    else:
+        finite = bool(torch.isfinite(both).all())
+    if not finite:
+        batch = np.asarray(both) if isinstance(both, np.ndarray) else both.double().cpu().numpy()
+        _reject_batch(guard, batch[0], batch[1])
+        return
+    factor = _batch_weight(num_batches_tracked, momentum)
+    if running_mean.requires_grad or running_var.requires_grad:
+        with torch.no_grad():  # updated as torch.nn updates them: outside the graph
+            torch._foreach_lerp_((running_mean, running_var), (batch_mean, batch_var), factor)
+    else:
+        torch._foreach_lerp_((running_mean, running_var), (batch_mean, batch_var), factor)
+    _count_batch(num_batches_tracked)
