@@ -97,6 +97,37 @@ def test_shortcut_and_full_path_agree_step_by_step(
     assert fast.nonfinite_batches_skipped == (1 if config.get("track_running_stats", True) else 0)
 
 
+@pytest.mark.parametrize("config", [{}, {"affine": False}, {"bias": False}], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_shortcut_and_full_path_agree_in_evaluation(
+    config, dtype, layout, full_path_calls, monkeypatch, gen
+):
+    # The suite keeps evaluation on the kernels at every size (conftest), so this compares the
+    # shortcut's kernel call with the full path's; the routing to torch's op is tested in
+    # test_eval_routing.py.
+    shape = (6, 3, 4, 5)
+    batches = [make_input(shape, dtype, layout, gen) for _ in range(2)]
+    grad_out = make_input(shape, dtype, "contiguous", gen)
+    fast = batchnorm.BatchNorm2d(3, dtype=dtype, **config)
+    randomize_bn_state(fast, gen)
+    full = batchnorm.BatchNorm2d(3, dtype=dtype, **config)
+    full.load_state_dict(fast.state_dict())
+    fast.eval(), full.eval()
+
+    got = _run(fast, batches, grad_out)
+    assert full_path_calls == []
+    _without_shortcut(monkeypatch)
+    want = _run(full, batches, grad_out)
+    assert len(full_path_calls) == len(batches)
+    for (y, grads, state, _), (y_w, grads_w, state_w, _) in zip(got, want, strict=True):
+        torch.testing.assert_close(y, y_w, rtol=0, atol=0)
+        for g, g_w in zip(grads, grads_w, strict=True):
+            torch.testing.assert_close(g, g_w, rtol=0, atol=0)
+        for key in state:
+            torch.testing.assert_close(state[key], state_w[key], rtol=0, atol=0, msg=key)
+
+
 def test_shortcut_raise_policy_raises_and_changes_nothing(full_path_calls, gen):
     layer = batchnorm.BatchNorm2d(3, nonfinite="raise")
     randomize_bn_state(layer, gen)
@@ -157,6 +188,25 @@ BROKEN = {
     "nonfinite-policy": (_break_nonfinite_policy, ValueError, r"nonfinite"),
     "counter-size": (_break_counter_size, TypeError, r"1-element tensor"),
 }
+
+
+EVAL_BROKEN = {
+    name: BROKEN[name]
+    for name in ("weight-shape", "weight-dtype", "running-var-shape", "running-mean-dtype")
+}
+
+
+@pytest.mark.parametrize(("breaking", "error", "match"), EVAL_BROKEN.values(), ids=EVAL_BROKEN)
+def test_broken_state_in_evaluation_reaches_the_full_checks(
+    breaking, error, match, full_path_calls, gen
+):
+    layer = batchnorm.BatchNorm2d(3).eval()
+    breaking(layer)
+    before = snapshot_state(layer)
+    with pytest.raises(error, match=match):
+        layer(make_input((4, 3, 2, 2), torch.float32, "contiguous", gen))
+    assert len(full_path_calls) == 1
+    assert_state_unchanged(layer, before)
 
 
 @pytest.mark.parametrize(("breaking", "error", "match"), BROKEN.values(), ids=BROKEN.keys())

@@ -81,6 +81,7 @@ from .functional import (
     _layout,
     _numpy,
     _optional,
+    _records_graph,
     _reject_batch,
     _torch_thread_count,
     backend_for,
@@ -340,12 +341,7 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.modules.batchnorm._BatchNorm):
         invstd = 1.0 / np.sqrt(var + eps)
         sync = _Sync(peers, where, backend, int(total.count), mean, invstd)
         weight, bias = self.weight, self.bias
-        needs_graph = torch.is_grad_enabled() and (
-            input.requires_grad
-            or (weight is not None and weight.requires_grad)
-            or (bias is not None and bias.requires_grad)
-        )
-        if needs_graph:
+        if _records_graph(input, weight, bias):
             output = _SyncBatchNormFn.apply(input, weight, bias, sync)
         else:
             output = _normalize(input, weight, bias, sync)

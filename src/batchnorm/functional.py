@@ -536,13 +536,25 @@ def _train_step(
     args = (input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps)
     # autograd.Function costs ~8 us a call, a quarter of torch's whole op on a small batch:
     # skip it when nothing will be differentiated.
-    if torch.is_grad_enabled() and (
+    if _records_graph(input, weight, bias):
+        return _apply(_TrainFn, *args, guard)
+    return _train_forward(*args, guard)[0]
+
+
+def _records_graph(input, weight, bias) -> bool:
+    """Whether autograd will record this call (and so a backward pass may follow)."""
+    return torch.is_grad_enabled() and (
         input.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
-    ):
-        return _apply(_TrainFn, *args, guard)
-    return _train_forward(*args, guard)[0]
+    )
+
+
+def _eval_step(input, running_mean, running_var, weight, bias, eps):
+    """A checked evaluation call on the kernels: with autograd when a graph will be recorded."""
+    if _records_graph(input, weight, bias):
+        return _apply(_EvalFn, input, running_mean, running_var, weight, bias, eps)
+    return _eval_forward(input, running_mean, running_var, weight, bias, eps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -858,13 +870,7 @@ def _batch_norm(
             eps,
             _Guard(nonfinite, where, on_skip),
         )
-    if torch.is_grad_enabled() and (
-        input.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    ):
-        return _apply(_EvalFn, input, running_mean, running_var, weight, bias, eps)
-    return _eval_forward(input, running_mean, running_var, weight, bias, eps)
+    return _eval_step(input, running_mean, running_var, weight, bias, eps)
 
 
 def _fallback(

@@ -159,18 +159,20 @@ class _BatchNormMixin(_InputChecks):
             return self._train_plain_case(
                 input, weight, bias, running_mean, running_var, counter, eps
             )
-        if (
-            running_mean is None
-            or running_var is None
-            or not _functional._native_is_faster(input, training=False)
+        if running_mean is None or running_var is None:
+            return None
+        if _functional._native_is_faster(input, training=False):
+            try:
+                return torch.batch_norm(
+                    input, weight, bias, running_mean, running_var, False, 0.0, eps, False
+                )
+            except (RuntimeError, TypeError, ValueError):
+                return None
+        if input.numel() == 0 or not _plain_per_channel(
+            input, weight, bias, running_mean, running_var
         ):
             return None
-        try:
-            return torch.batch_norm(
-                input, weight, bias, running_mean, running_var, False, 0.0, eps, False
-            )
-        except (RuntimeError, TypeError, ValueError):
-            return None
+        return _functional._eval_step(input, running_mean, running_var, weight, bias, eps)
 
     def _train_plain_case(self, input, weight, bias, running_mean, running_var, counter, eps):
         """The training half of :meth:`_forward_plain_case`: what ``check_batch_norm_args``
@@ -180,29 +182,20 @@ class _BatchNormMixin(_InputChecks):
             nonfinite != "skip" and nonfinite != "raise"
         ):
             return None
-        channels = input.shape[1]
-        values = input.numel()
-        if values <= channels:  # empty, or one value per channel: the full path's errors
+        if input.numel() <= input.shape[1]:  # empty, or one value per channel: full path
             return None
-        dtype = input.dtype
-        shape = (channels,)
-        for t in (weight, bias):
-            if t is not None and (t.dtype != dtype or t.shape != shape or not t.is_cpu):
-                return None
         if self.track_running_stats:
             if (
                 running_mean is None
                 or running_var is None
                 or (momentum is None and counter is None)
+                or (counter is not None and (counter.numel() != 1 or not counter.is_cpu))
             ):
-                return None
-            for t in (running_mean, running_var):
-                if t.dtype != dtype or t.shape != shape or not t.is_cpu or t.requires_grad:
-                    return None
-            if counter is not None and (counter.numel() != 1 or not counter.is_cpu):
                 return None
         else:
             running_mean = running_var = counter = None
+        if not _plain_per_channel(input, weight, bias, running_mean, running_var):
+            return None
         return _functional._train_step(
             input,
             weight,
@@ -214,6 +207,23 @@ class _BatchNormMixin(_InputChecks):
             eps,
             _functional._Guard(nonfinite, self._where, self._count_skipped_batch),
         )
+
+
+def _plain_per_channel(input, weight, bias, running_mean, running_var) -> bool:
+    """Whether the per-channel tensors given (None = absent) are what the kernels take without
+    the full check: ``(C,)`` tensors on the CPU in the input's dtype, running statistics that
+    do not require grad (those take torch's op, outside the graph; see functional._fallback)."""
+    dtype = input.dtype
+    shape = (input.shape[1],)
+    for t in (weight, bias):
+        if t is not None and (t.dtype != dtype or t.shape != shape or not t.is_cpu):
+            return False
+    for t in (running_mean, running_var):
+        if t is not None and (
+            t.dtype != dtype or t.shape != shape or not t.is_cpu or t.requires_grad
+        ):
+            return False
+    return True
 
 
 class BatchNorm1d(_BatchNormMixin, torch.nn.BatchNorm1d):
