@@ -296,3 +296,26 @@ def test_warning_names_the_layer_on_the_shortcut(gen):
         layer(x)
     assert layer.nonfinite_batches_skipped == 1
     assert int(layer.num_batches_tracked) == 0
+
+
+def test_functional_call_uses_the_tensors_it_is_given(gen):
+    # torch.func.functional_call swaps the module's parameters and buffers for the call: the
+    # shortcut, which reads the module's dicts, must see the swapped-in tensors.
+    ours, theirs = batchnorm.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    x = make_input((4, 3, 5, 5), torch.float32, "contiguous", gen)
+    given = {
+        "weight": torch.rand(3, generator=gen) + 0.5,
+        "bias": torch.randn(3, generator=gen),
+        "running_mean": torch.randn(3, generator=gen),
+        "running_var": torch.rand(3, generator=gen) + 0.5,
+        "num_batches_tracked": torch.tensor(3),
+    }
+    theirs_given = {k: v.clone() for k, v in given.items()}
+    before = snapshot_state(ours)
+    got = torch.func.functional_call(ours, given, (x,))
+    want = torch.func.functional_call(theirs, theirs_given, (x,))
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+    for key in given:
+        torch.testing.assert_close(given[key], theirs_given[key], **TOL[torch.float32], msg=key)
+    assert int(given["num_batches_tracked"]) == 4
+    assert_state_unchanged(ours, before)
