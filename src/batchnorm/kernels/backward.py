@@ -50,6 +50,7 @@ from ._config import (
     nchw_variant,
     nhwc_plan,
     nhwc_variant,
+    njit_kernel,
     njit_parallel,
 )
 
@@ -113,6 +114,49 @@ def _reduce_rows(dy, x, mean, sum_dy_out, sum_dy_xmu_out):
         sum_dy_xmu_out[c] = total_dy_xmu
 
 
+@njit_kernel
+def cols_group_sums(dy, x, mean, r_start, r_stop, block_rows, g_dy, g_dy_xmu, b_dy, b_dy_xmu):
+    """Add the per-channel sums of ``dy`` and ``dy * (x - mean)`` over rows ``r_start`` up to
+    ``r_stop`` of ``(M, C)`` arrays to ``g_dy`` and ``g_dy_xmu`` (float64), block by block.
+
+    The work of one group in :func:`_reduce_cols`, and the whole of it (one group holding every
+    row) in the serial channels-last backward. ``b_dy``/``b_dy_xmu`` are ``(C,)`` scratch.
+    """
+    n_chan = x.shape[1]
+    for r0 in range(r_start, r_stop, block_rows):
+        r1 = min(r_stop, r0 + block_rows)
+        for c in range(n_chan):
+            b_dy[c] = 0.0
+            b_dy_xmu[c] = 0.0
+        # Inner loops along the contiguous channel axis: they vectorise. SPEEDTIP: two rows
+        # per update of the per-channel sums, which otherwise bound the loop by storing them
+        # back once per row (see moments.cols_group_moments).
+        r = r0
+        while r + 2 <= r1:
+            x_a = x[r]
+            x_b = x[r + 1]
+            dy_a = dy[r]
+            dy_b = dy[r + 1]
+            for c in range(n_chan):
+                g_a = np.float64(dy_a[c])
+                g_b = np.float64(dy_b[c])
+                mu = mean[c]
+                b_dy[c] += g_a + g_b
+                b_dy_xmu[c] += g_a * (x_a[c] - mu) + g_b * (x_b[c] - mu)
+            r += 2
+        if r < r1:
+            x_row = x[r]
+            dy_row = dy[r]
+            for c in range(n_chan):
+                g_val = np.float64(dy_row[c])
+                b_dy[c] += g_val
+                b_dy_xmu[c] += g_val * (x_row[c] - mean[c])
+        # Block sums are added to the group's running sums: short sums, bounded rounding.
+        for c in range(n_chan):
+            g_dy[c] += b_dy[c]
+            g_dy_xmu[c] += b_dy_xmu[c]
+
+
 @njit_parallel
 def _reduce_cols(dy, x, mean, sum_dy_out, sum_dy_xmu_out):
     """Per-channel sums of ``dy`` and ``dy * (x - mean)`` for ``(M, C)`` arrays."""
@@ -127,42 +171,10 @@ def _reduce_cols(dy, x, mean, sum_dy_out, sum_dy_xmu_out):
     for g in prange(n_groups):
         r_start = (g * n_blocks // n_groups) * block_rows
         r_stop = min(n_rows, ((g + 1) * n_blocks // n_groups) * block_rows)
-        g_dy = group_dy[g]
-        g_dy_xmu = group_dy_xmu[g]
-        b_dy = block_dy[g]
-        b_dy_xmu = block_dy_xmu[g]
-        for r0 in range(r_start, r_stop, block_rows):
-            r1 = min(r_stop, r0 + block_rows)
-            for c in range(n_chan):
-                b_dy[c] = 0.0
-                b_dy_xmu[c] = 0.0
-            # Inner loops along the contiguous channel axis: they vectorise. SPEEDTIP: two rows
-            # per update of the per-channel sums, which otherwise bound the loop by storing them
-            # back once per row (see moments._moments_cols).
-            r = r0
-            while r + 2 <= r1:
-                x_a = x[r]
-                x_b = x[r + 1]
-                dy_a = dy[r]
-                dy_b = dy[r + 1]
-                for c in range(n_chan):
-                    g_a = np.float64(dy_a[c])
-                    g_b = np.float64(dy_b[c])
-                    mu = mean[c]
-                    b_dy[c] += g_a + g_b
-                    b_dy_xmu[c] += g_a * (x_a[c] - mu) + g_b * (x_b[c] - mu)
-                r += 2
-            if r < r1:
-                x_row = x[r]
-                dy_row = dy[r]
-                for c in range(n_chan):
-                    g_val = np.float64(dy_row[c])
-                    b_dy[c] += g_val
-                    b_dy_xmu[c] += g_val * (x_row[c] - mean[c])
-            # Block sums are added to the group's running sums: short sums, bounded rounding.
-            for c in range(n_chan):
-                g_dy[c] += b_dy[c]
-                g_dy_xmu[c] += b_dy_xmu[c]
+        cols_group_sums(
+            dy, x, mean, r_start, r_stop, block_rows, group_dy[g], group_dy_xmu[g],
+            block_dy[g], block_dy_xmu[g],
+        )  # fmt: skip
 
     # Serial sum in group order: fixed, independent of the thread count.
     for c in range(n_chan):
