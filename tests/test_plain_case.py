@@ -48,9 +48,7 @@ def _run(layer, batches, grad_out):
             y = layer(x)
         y.backward(grad_out)
         grads = [x.grad] + [p.grad for p in layer.parameters()]
-        record.append(
-            (y.detach(), grads, snapshot_state(layer), [str(w.message) for w in caught])
-        )
+        record.append((y.detach(), grads, snapshot_state(layer), [str(w.message) for w in caught]))
     return record
 
 
@@ -64,20 +62,22 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_shortcut_and_full_path_agree_step_by_step(
-    config, dtype, layout, full_path_calls, monkeypatch, gen
-):
+def _compare_paths(monkeypatch, full_path_calls, gen, config, dtype, layout, training):
+    """Run the same steps through the shortcut and the full path; assert bit-equal results.
+
+    In training the second of three batches holds a NaN, for the non-finite guard to skip.
+    Returns the two layers, for what the caller checks beyond that.
+    """
     shape = (6, 3, 4, 5)
-    batches = [make_input(shape, dtype, layout, gen) for _ in range(3)]
-    batches[1][0, 1, 0, 0] = float("nan")  # one batch the non-finite guard skips
+    batches = [make_input(shape, dtype, layout, gen) for _ in range(3 if training else 2)]
+    if training:
+        batches[1][0, 1, 0, 0] = float("nan")
     grad_out = make_input(shape, dtype, "contiguous", gen)
     fast = batchnorm.BatchNorm2d(3, dtype=dtype, **config)
     randomize_bn_state(fast, gen)
     full = batchnorm.BatchNorm2d(3, dtype=dtype, **config)
     full.load_state_dict(fast.state_dict())
+    fast.train(training), full.train(training)
 
     got = _run(fast, batches, grad_out)
     assert full_path_calls == []
@@ -93,6 +93,16 @@ def test_shortcut_and_full_path_agree_step_by_step(
         for key in state:
             torch.testing.assert_close(state[key], state_w[key], rtol=0, atol=0, msg=key)
         assert msgs == msgs_w
+    return fast, full
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_shortcut_and_full_path_agree_step_by_step(
+    config, dtype, layout, full_path_calls, monkeypatch, gen
+):
+    fast, full = _compare_paths(monkeypatch, full_path_calls, gen, config, dtype, layout, True)
     assert fast.nonfinite_batches_skipped == full.nonfinite_batches_skipped
     assert fast.nonfinite_batches_skipped == (1 if config.get("track_running_stats", True) else 0)
 
@@ -106,26 +116,7 @@ def test_shortcut_and_full_path_agree_in_evaluation(
     # The suite keeps evaluation on the kernels at every size (conftest), so this compares the
     # shortcut's kernel call with the full path's; the routing to torch's op is tested in
     # test_eval_routing.py.
-    shape = (6, 3, 4, 5)
-    batches = [make_input(shape, dtype, layout, gen) for _ in range(2)]
-    grad_out = make_input(shape, dtype, "contiguous", gen)
-    fast = batchnorm.BatchNorm2d(3, dtype=dtype, **config)
-    randomize_bn_state(fast, gen)
-    full = batchnorm.BatchNorm2d(3, dtype=dtype, **config)
-    full.load_state_dict(fast.state_dict())
-    fast.eval(), full.eval()
-
-    got = _run(fast, batches, grad_out)
-    assert full_path_calls == []
-    _without_shortcut(monkeypatch)
-    want = _run(full, batches, grad_out)
-    assert len(full_path_calls) == len(batches)
-    for (y, grads, state, _), (y_w, grads_w, state_w, _) in zip(got, want, strict=True):
-        torch.testing.assert_close(y, y_w, rtol=0, atol=0)
-        for g, g_w in zip(grads, grads_w, strict=True):
-            torch.testing.assert_close(g, g_w, rtol=0, atol=0)
-        for key in state:
-            torch.testing.assert_close(state[key], state_w[key], rtol=0, atol=0, msg=key)
+    _compare_paths(monkeypatch, full_path_calls, gen, config, dtype, layout, False)
 
 
 def test_shortcut_raise_policy_raises_and_changes_nothing(full_path_calls, gen):

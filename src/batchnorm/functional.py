@@ -68,11 +68,13 @@ def _layout(x: torch.Tensor) -> str | None:
 # Measured (eval size sweep, module level, float32, 2 threads, docs/NOTES.md): torch/ours
 # 0.33-0.93 from 1e5 to 7.6e6 values ((N, 64, H, W) contiguous and channels-last, (N, 256)),
 # except contiguous 7.6e6 (30 MB, 1.38); 2.8-3.3 at 1.6e7 and 3.3e7.
-# Training is never routed, although torch's op (with this package's guard around it,
-# _native_train) would be faster for small inputs, because it is not accurate in float32: it
-# loses the variance to cancellation when the mean is large next to the spread. Normalized
-# output vs the float64 reference, (256, 100): mean 100 / std 1 error 3.6e-5, 1e3 / 1: 3.5e-4,
-# 100 / 0.01: 3.2e-3, 1e4 / 0.01: 0.22; the kernels 1.2e-7 (float32 rounding) in every case.
+# Training is never routed. torch's training op is not accurate in float32: it loses the
+# variance to cancellation when the mean is large next to the spread. Normalized output vs the
+# float64 reference, (256, 100): mean 100 / std 1 error 3.6e-5, 1e3 / 1: 3.5e-4, 100 / 0.01:
+# 3.2e-3, 1e4 / 0.01: 0.22; the kernels 1.2e-7 (float32 rounding) in every case. (Its speed
+# advantage on small training inputs went with the layers' plain case, modules.py.) Its
+# evaluation op has the same weakness to a lesser degree (4e-2 at 1e4 / 0.01): setting this
+# bound to 0 keeps evaluation on the kernels, at 0.45-0.9x torch's speed for those sizes.
 EVAL_NATIVE_BYTES = 32 << 20
 
 
