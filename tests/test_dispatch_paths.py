@@ -121,3 +121,34 @@ def test_parallel_path_keeps_torch_thread_count(threads, monkeypatch):
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout", "expected"),
+    [
+        ((40, 4), "contiguous", "train_serial"),  # (N, C) is the nhwc layout: 160 <= 187.5
+        ((50, 4), "contiguous", "train_parallel"),  # 200 values
+        ((10, 4, 2, 2), "channels_last", "train_serial"),  # 160 values
+        ((10, 4, 2, 2), "contiguous", "train_parallel"),  # nchw: 160 > 100
+        ((6, 4, 2, 2), "contiguous", "train_serial"),  # 96 values
+    ],
+    ids=["nc-160", "nc-200", "cl-160", "nchw-160", "nchw-96"],
+)
+def test_channels_last_training_forward_stays_serial_longer(shape, layout, expected, monkeypatch):
+    # SERIAL_MAX_ELEMENTS = 100 makes the channels-last training bound 187.5 values.
+    monkeypatch.setattr(functional, "SERIAL_MAX_ELEMENTS", 100)
+    monkeypatch.setattr(functional, "NHWC_TRAIN_SERIAL_SCALE", 15 / 8)
+    chosen = []
+    select = functional._kernel
+
+    def recording(op, kernel_layout, dtype):
+        chosen.append(op)
+        return select(op, kernel_layout, dtype)
+
+    monkeypatch.setattr(functional, "_kernel", recording)
+    layer = OURS[len(shape)](shape[1])
+    x = make_layout(torch.randn(shape), layout)
+    with torch.no_grad():
+        y = layer(x)
+    assert chosen == [expected]
+    torch.testing.assert_close(y, MODULES[len(shape)](shape[1])(x), **TOL[torch.float32])

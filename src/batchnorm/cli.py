@@ -409,13 +409,18 @@ def _size(nbytes: int) -> str:
     raise AssertionError("unreachable")
 
 
+def _nhwc_train_serial_max(functional) -> int:
+    return int(functional.SERIAL_MAX_ELEMENTS * functional.NHWC_TRAIN_SERIAL_SCALE)
+
+
 def _dispatch_lines() -> list[str]:
     """The size rules of the dispatch and the state of the output cache, read from the code."""
     from . import functional, outputs
 
     cache = outputs.output_cache_info()
     return [
-        f"training: serial kernels up to {functional.SERIAL_MAX_ELEMENTS:,} values, parallel above",
+        f"training: serial kernels up to {functional.SERIAL_MAX_ELEMENTS:,} values "
+        f"({_nhwc_train_serial_max(functional):,} for a channels-last forward), parallel above",
         f"evaluation: inputs under {_size(functional.EVAL_NATIVE_BYTES)} run on torch's op "
         "(measured faster there)",
         f"output cache: outputs of {_size(outputs.MIN_BYTES)} or more reuse buffers; limit "

@@ -162,6 +162,11 @@ def _native_batch_norm(input, running_mean, running_var, weight, bias, training,
 # then backward: (N, 256) at 32K values 25/33 and 24/37, 65K 38/36 and 42/54, 98K 62/41 and
 # 63/56; (N, 64, 256) at 32K 16/23 and 17/27, 65K 28/32 and 30/38, 98K 41/41 and 57/54.
 SERIAL_MAX_ELEMENTS = 1 << 16
+# The channels-last training forward stays serial up to this multiple of it: its serial kernel
+# sums blocks like the parallel one (kernels/serial.py) and measured faster up to ~1.2e5 values
+# (module level, float32, parallel / serial: (300, 256) 1.18, (391, 256) 1.10, (450, 256)
+# 1.09, (24, 64, 8, 8) channels-last 1.11; at 131072 values 0.94-1.02).
+NHWC_TRAIN_SERIAL_SCALE = 15 / 8
 
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 # Largest finite value of each kernel dtype: batch statistics beyond it would be stored as Inf.
@@ -345,7 +350,8 @@ def _train_forward(
         running_mean_a = running_var_a = _ABSENT[x.dtype]
     limit = _LIMIT[xa.dtype]
     args = (xa, weight_a, bias_a, eps, ya, mean, var, running_mean_a, running_var_a, factor, limit)
-    if x.numel() <= SERIAL_MAX_ELEMENTS:
+    serial_max = SERIAL_MAX_ELEMENTS * (NHWC_TRAIN_SERIAL_SCALE if layout == "nhwc" else 1)
+    if x.numel() <= serial_max:
         updated = _kernel("train_serial", layout, xa.dtype)(*args)
     else:
         with _torch_thread_count():
