@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import batchnorm
-from batchnorm import NonFiniteStatisticsError, NonFiniteStatisticsWarning, modules
+from batchnorm import NonFiniteStatisticsError, NonFiniteStatisticsWarning, functional, modules
 from conftest import TOL, assert_state_unchanged, make_input, randomize_bn_state, snapshot_state
 
 
@@ -310,3 +310,19 @@ def test_functional_call_uses_the_tensors_it_is_given(gen):
         torch.testing.assert_close(given[key], theirs_given[key], **TOL[torch.float32], msg=key)
     assert int(given["num_batches_tracked"]) == 4
     assert_state_unchanged(ours, before)
+
+
+def test_autograd_function_wrapper_is_used_when_the_direct_entry_is_missing(monkeypatch, gen):
+    # The direct C++ entry of autograd.Function is private; without it (a future torch), the
+    # public wrapper must serve, with the same result.
+    x = make_input((6, 3, 4, 5), torch.float64, "contiguous", gen).requires_grad_(True)
+    layer = batchnorm.BatchNorm2d(3, dtype=torch.float64)
+    y = layer(x)
+    (dx,) = torch.autograd.grad(y.square().sum(), x)
+    monkeypatch.setattr(functional, "_direct_apply", None)
+    layer.load_state_dict(batchnorm.BatchNorm2d(3, dtype=torch.float64).state_dict())
+    y_wrapped = layer(x)
+    (dx_wrapped,) = torch.autograd.grad(y_wrapped.square().sum(), x)
+    assert type(y_wrapped.grad_fn).__name__ == type(y.grad_fn).__name__ == "_TrainFnBackward"
+    torch.testing.assert_close(y_wrapped, y, rtol=0, atol=0)
+    torch.testing.assert_close(dx_wrapped, dx, rtol=0, atol=0)

@@ -527,12 +527,14 @@ def _select_grads(ctx, dx, dw, db, offset=1):
 # functions (ours have none) and a pytree walk over the arguments that unwraps dead functorch
 # wrappers (none can reach us outside a transform): ~3 us a call, 10 % of a small BatchNorm.
 # The C++ entry is used directly in that case; inside a transform, the full wrapper.
+# Both are private: if a torch release drops either, every call takes the public wrapper.
 _direct_apply = getattr(torch._C, "_FunctionBase", object).__dict__.get("apply")
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
 
 
 def _apply(fn: type[torch.autograd.Function], *args):
     """``fn.apply(*args)``, without the Python wrapper's cost where it does nothing."""
-    if _direct_apply is None or torch._C._are_functorch_transforms_active():
+    if _direct_apply is None or _transforms_active is None or _transforms_active():
         return fn.apply(*args)
     return _direct_apply.__get__(None, fn)(*args)
 
