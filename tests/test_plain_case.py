@@ -181,32 +181,22 @@ BROKEN = {
 }
 
 
-EVAL_BROKEN = {
-    name: BROKEN[name]
-    for name in ("weight-shape", "weight-dtype", "running-var-shape", "running-mean-dtype")
-}
+EVAL_BROKEN = ("weight-shape", "weight-dtype", "running-var-shape", "running-mean-dtype")
+BROKEN_CASES = [
+    pytest.param(mode, *BROKEN[name], id=f"{mode}-{name}")
+    for mode in ("train", "eval")
+    for name in BROKEN
+    if mode == "train" or name in EVAL_BROKEN
+]
 
 
-@pytest.mark.parametrize(("breaking", "error", "match"), EVAL_BROKEN.values(), ids=EVAL_BROKEN)
-def test_broken_state_in_evaluation_reaches_the_full_checks(
-    breaking, error, match, full_path_calls, gen
-):
-    layer = batchnorm.BatchNorm2d(3).eval()
-    breaking(layer)
-    before = snapshot_state(layer)
-    with pytest.raises(error, match=match):
-        layer(make_input((4, 3, 2, 2), torch.float32, "contiguous", gen))
-    assert len(full_path_calls) == 1
-    assert_state_unchanged(layer, before)
-
-
-@pytest.mark.parametrize(("breaking", "error", "match"), BROKEN.values(), ids=BROKEN.keys())
+@pytest.mark.parametrize(("mode", "breaking", "error", "match"), BROKEN_CASES)
 def test_broken_state_reaches_the_full_checks_and_changes_nothing(
-    breaking, error, match, full_path_calls, gen
+    mode, breaking, error, match, full_path_calls, gen
 ):
     # Without its own test for each of these, the shortcut would hand the kernels arrays of
     # the wrong size or type (out-of-bounds reads and writes), or fold a batch it should not.
-    layer = batchnorm.BatchNorm2d(3)
+    layer = batchnorm.BatchNorm2d(3).train(mode == "train")
     breaking(layer)
     before = snapshot_state(layer)
     with pytest.raises(error, match=match):
