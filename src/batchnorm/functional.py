@@ -845,11 +845,12 @@ def _batch_norm(
             num_batches_tracked,
             _Guard(nonfinite, where, on_skip),
         )
-    if _native_is_faster(input, training) and not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if _native_is_faster(input, training) and not compiling:
         # Faster on torch's op at this size (see EVAL_NATIVE_BYTES); nothing is mutated
         # in evaluation mode, so no semantics of this package are lost on the way.
         return _native_batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
-    if torch.compiler.is_compiling():
+    if compiling:
         if training:
             y, mean, var = torch.ops.batchnorm.batch_norm_train(input, weight, bias, eps)
             if running_mean is not None:
@@ -962,7 +963,7 @@ def _fold_batch(
     else:
         finite = bool(torch.isfinite(both).all())
     if not finite:
-        batch = np.asarray(both) if isinstance(both, np.ndarray) else both.double().cpu().numpy()
+        batch = both if isinstance(both, np.ndarray) else both.double().cpu().numpy()
         _reject_batch(guard, batch[0], batch[1])
         return
     factor = _batch_weight(num_batches_tracked, momentum)
