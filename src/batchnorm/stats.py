@@ -12,7 +12,10 @@ across the blocks of a kernel. :func:`finalize` turns a summary into the mean, t
 ``var`` (divide by :math:`n`, what batch norm normalises with) and the unbiased ``var_unbiased``
 (divide by :math:`n - 1`, what torch stores in ``running_var``).
 
-Pure NumPy, float64 throughout; no torch.
+NumPy arrays, float64 throughout; no torch. The arithmetic is the kernels':
+:meth:`Moments.from_array` runs the moments kernel (:mod:`batchnorm.kernels.moments`) and
+:func:`merge_moments` the one scalar merge :func:`batchnorm.kernels.moments.chan_merge`, so a
+summary computed or merged here has the bits the layers' own statistics have.
 
 Example:
     >>> a = Moments.from_array(np.array([[1.0], [2.0]]))
@@ -29,6 +32,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+
+from .kernels import moments as _kernels
 
 __all__ = ["Moments", "finalize", "merge_all", "merge_moments"]
 
@@ -70,8 +75,9 @@ class Moments:
     def from_array(cls, x) -> Moments:
         r"""Summarise the channels (axis 1) of an ``(N, C, *)`` array.
 
-        The mean is taken first and M2 is then summed about it (two passes), so a large mean
-        does not cancel a small spread.
+        Computed by the moments kernel in float64: shifted one-pass blocks, summed again about
+        their own mean where the shift would cancel, so a large mean does not cancel a small
+        spread (see :mod:`batchnorm.kernels.moments`).
 
         Args:
             x: Array-like of shape ``(N, C, *)``, any real dtype; converted to float64.
@@ -97,12 +103,10 @@ class Moments:
         count = x.size // num_features if num_features else 0
         if count == 0:
             return cls.empty(num_features)
-        axes = (0, *range(2, x.ndim))
-        mean = x.mean(axis=axes)
-        # Inf - Inf is NaN on purpose: a channel holding an Inf has an undefined spread.
-        with np.errstate(invalid="ignore"):
-            centred = x - mean.reshape((1, -1) + (1,) * (x.ndim - 2))
-        m2 = (centred * centred).sum(axis=axes)
+        data = np.ascontiguousarray(x).reshape(x.shape[0], num_features, -1)
+        mean = np.empty(num_features)
+        m2 = np.empty(num_features)
+        _kernels.moments_nchw(data, mean, m2)
         return cls(count, mean, m2)
 
 
@@ -114,13 +118,13 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
         \bar{x} = \bar{x}_a + \delta\,\tfrac{n_b}{n}, \quad
         M2 = M2_a + M2_b + \delta^2\,\tfrac{n_a n_b}{n}
 
-    A side with count 0 is an exact identity: the other side is returned unchanged (bit for bit),
-    whatever mean and M2 the empty side carries; two empty sides give mean and M2 of 0. Equal
-    means merge exactly (a constant channel keeps an M2 of 0). Where the update form of the
-    mean is not finite, the weighted average
+    Per channel this is :func:`batchnorm.kernels.moments.chan_merge`, the merge the kernels use
+    between their blocks. A side with count 0 is an exact identity: the other side is returned
+    unchanged (bit for bit), whatever mean and M2 the empty side carries; two empty sides give
+    mean and M2 of 0. Equal means merge exactly (a constant channel keeps an M2 of 0). Where
+    the update form of the mean is not finite, the weighted average
     :math:`\tfrac{n_a}{n}\bar{x}_a + \tfrac{n_b}{n}\bar{x}_b` is used, which keeps an infinite
-    mean infinite when finite data is merged into it (the same rule as
-    :mod:`batchnorm.kernels.moments`).
+    mean infinite when finite data is merged into it.
 
     Args:
         a: First summary.
@@ -146,22 +150,18 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
             f"merge_moments(): expected statistics with the same number of channels, got "
             f"{a.mean.shape} and {b.mean.shape}."
         )
-    n_a = np.asarray(a.count, dtype=np.float64)
-    n_b = np.asarray(b.count, dtype=np.float64)
-    n = n_a + n_b
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        w_a = n_a / n
-        w_b = n_b / n
-        delta = b.mean - a.mean
-        m2 = a.m2 + b.m2 + delta * delta * (n_a * w_b)
-        mean = a.mean + delta * w_b
-        # Inf + (x - Inf) * w is NaN: fall back to the weighted form for non-finite means.
-        mean = np.where(np.isfinite(mean), mean, w_a * a.mean + w_b * b.mean)
-    # An empty side contributes nothing, exactly: select the other side rather than trusting
-    # 0-weights (0 * Inf would be NaN, and 1.0 * mean + 0.0 * mean can round). Two empty sides
-    # give the canonical empty summary (zeros).
-    mean = np.where(n == 0, 0.0, np.where(n_b == 0, a.mean, np.where(n_a == 0, b.mean, mean)))
-    m2 = np.where(n == 0, 0.0, np.where(n_b == 0, a.m2, np.where(n_a == 0, b.m2, m2)))
+    channels = a.mean.shape[0]
+    counts = [
+        np.ascontiguousarray(np.broadcast_to(np.asarray(m.count, np.float64), (channels,)))
+        for m in (a, b)
+    ]
+    parts = [np.ascontiguousarray(v, dtype=np.float64) for v in (a.mean, a.m2, b.mean, b.m2)]
+    merged_count = np.empty(channels)
+    mean = np.empty(channels)
+    m2 = np.empty(channels)
+    _kernels.merge_moments_into(
+        counts[0], parts[0], parts[1], counts[1], parts[2], parts[3], merged_count, mean, m2
+    )
     return Moments(a.count + b.count, mean, m2)
 
 

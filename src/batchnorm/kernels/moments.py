@@ -32,9 +32,10 @@ Numerics:
     6 bits (relative error <= ~1.4e-14, see ``_one_pass_m2``), which holds whenever the block
     mean lies within ~7.9 block SDs of ``p_b``. Otherwise the block, still in cache, is summed
     again about its own mean (two-pass, so a large mean cannot cancel a small variance).
-    Blocks are merged with Chan et al.'s update (Chan, Golub & LeVeque 1979), and the pivot is
-    added back once at the end. Without the pivot, the merge would see block means near 1e4
-    rounded to ~1e-12 and differing by ~1e-4, and that rounding, squared into
+    Blocks are merged with Chan et al.'s update (Chan, Golub & LeVeque 1979; :func:`chan_merge`,
+    the one merge of the package), and the pivot is added back once at the end. Without the
+    pivot, the merge would see block means near 1e4 rounded to ~1e-12 and differing by ~1e-4,
+    and that rounding, squared into
     :math:`\delta^2 n_a n_b / n`, cost ~1e-12 of relative variance; with it, a channel of mean
     1e4 and standard deviation 1e-2 matches an extended-precision two-pass to ~1e-16 (measured
     on (64, 8, 3136) float32). NaN and Inf propagate: a NaN anywhere in a channel makes that
@@ -72,7 +73,14 @@ from ._config import (
     njit_parallel,
 )
 
-__all__ = ["moments_nchw", "moments_nhwc"]
+__all__ = [
+    "chan_merge",
+    "merge_moments_into",
+    "moments_nchw",
+    "moments_nhwc",
+    "rows_block_moments",
+    "rows_channel_moments",
+]
 
 
 @njit_kernel
@@ -119,48 +127,154 @@ def _one_pass_m2(total, total_sq, mean):
 
 
 @njit_kernel
-def _merged_mean(mean_a, mean_b, delta, w_a, w_b):
-    r"""Mean of two merged parts: the update form, or the weighted form when that is not finite.
-
-    The update form :math:`\bar{x}_a + \delta\,n_b/n` is exact when the means are equal; the
-    weighted form keeps an Inf mean Inf when finite data joins it (``Inf + (x - Inf) * w`` is
-    NaN).
-    """
-    mean = mean_a + delta * w_b
-    if not math.isfinite(mean):
-        mean = w_a * mean_a + w_b * mean_b
-    return mean
-
-
-@njit_kernel
-def _merge_rows_into(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    r"""Merge per-channel statistics ``b`` into ``a`` in place (Chan et al.'s parallel update).
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    r"""Count, mean and M2 of the union of two disjoint parts (Chan, Golub & LeVeque 1979).
 
     .. math::
         n = n_a + n_b, \quad \delta = \bar{x}_b - \bar{x}_a, \quad
         \bar{x} = \bar{x}_a + \delta\,\tfrac{n_b}{n}, \quad
-        M2 = M2_a + M2_b + \delta^2 \tfrac{n_a n_b}{n}
+        M2 = M2_a + M2_b + \delta^2\,\tfrac{n_a n_b}{n}
+
+    The one scalar merge of the package: the kernels' block merges and
+    :func:`batchnorm.stats.merge_moments` both call it, so a merge gives the same bits
+    wherever it happens.
+
+    A part with count 0 is an exact identity (the other part is returned as it is, whatever
+    mean and M2 the empty one carries, since ``0 * Inf`` would be NaN); two empty parts give
+    ``(0, 0, 0)``. Where the update form of the mean is not finite, the weighted form
+    :math:`\tfrac{n_a}{n}\bar{x}_a + \tfrac{n_b}{n}\bar{x}_b` is used: it keeps an infinite
+    mean infinite when finite data joins it (``Inf + (x - Inf) * w`` is NaN).
 
     Args:
-        n_a: Count of ``a`` (float64, > 0).
+        n_a: Count of the first part (float64, >= 0).
+        mean_a: Its mean.
+        m2_a: Its sum of squared deviations from ``mean_a``.
+        n_b: Count of the second part (float64, >= 0).
+        mean_b: Its mean.
+        m2_b: Its M2.
+
+    Returns:
+        ``(n, mean, m2)`` of the union, float64.
+    """
+    if n_b == 0.0:
+        if n_a == 0.0:
+            return np.float64(0.0), np.float64(0.0), np.float64(0.0)
+        return np.float64(n_a), np.float64(mean_a), np.float64(m2_a)
+    if n_a == 0.0:
+        return np.float64(n_b), np.float64(mean_b), np.float64(m2_b)
+    n = np.float64(n_a + n_b)
+    w_a = n_a / n
+    w_b = n_b / n
+    delta = np.float64(mean_b - mean_a)
+    m2 = m2_a + m2_b + delta * delta * (n_a * w_b)
+    mean = mean_a + delta * w_b
+    if not math.isfinite(mean):
+        mean = w_a * mean_a + w_b * mean_b
+    return n, np.float64(mean), np.float64(m2)
+
+
+@njit_kernel
+def merge_moments_into(n_a, mean_a, m2_a, n_b, mean_b, m2_b, n_out, mean_out, m2_out):
+    """:func:`chan_merge` per channel: ``(n_out, mean_out, m2_out) = merge(a, b)``.
+
+    Args:
+        n_a, mean_a, m2_a: ``(C,)`` float64 counts, means and M2 of the first part.
+        n_b, mean_b, m2_b: The same for the second part.
+        n_out, mean_out, m2_out: ``(C,)`` float64 outputs; may be the arrays of ``a``.
+    """
+    for c in range(mean_a.shape[0]):
+        n_out[c], mean_out[c], m2_out[c] = chan_merge(
+            n_a[c], mean_a[c], m2_a[c], n_b[c], mean_b[c], m2_b[c]
+        )
+
+
+@njit_kernel
+def _merge_rows_into(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Merge per-channel statistics ``b`` (one count for all channels) into ``a`` in place.
+
+    Args:
+        n_a: Count of ``a`` (float64).
         mean_a: Means of ``a`` (relative to the channel pivots), shape ``(C,)``; overwritten.
         m2_a: M2 of ``a``, shape ``(C,)``; overwritten with the merged M2.
-        n_b: Count of ``b`` (float64, > 0).
+        n_b: Count of ``b`` (float64).
         mean_b: Means of ``b`` (same pivots), shape ``(C,)``.
         m2_b: M2 of ``b``, shape ``(C,)``.
 
     Returns:
         The merged count ``n_a + n_b``.
     """
-    n = n_a + n_b
-    w_a = n_a / n
-    w_b = n_b / n
-    cross = n_a * w_b
     for c in range(mean_a.shape[0]):
-        delta = mean_b[c] - mean_a[c]
-        m2_a[c] = m2_a[c] + m2_b[c] + delta * delta * cross
-        mean_a[c] = _merged_mean(mean_a[c], mean_b[c], delta, w_a, w_b)
-    return n
+        _, mean_a[c], m2_a[c] = chan_merge(n_a, mean_a[c], m2_a[c], n_b, mean_b[c], m2_b[c])
+    return n_a + n_b
+
+
+@njit_kernel
+def rows_block_moments(xr, n_chan, c, n0, n1, s0, s1, pivot):
+    """Count, mean (relative to ``pivot``) and M2 of one block of channel ``c``.
+
+    The block is samples ``n0..n1-1`` times the slice ``s0..s1-1`` of the spatial axis of an
+    ``(N, C, S)`` array viewed as ``xr`` of shape ``(N * C, S)``. One read for the shifted
+    sums; a second, from L1, only when :func:`_one_pass_m2` asks for it.
+
+    Returns:
+        ``(count, mean - pivot, m2)``, float64.
+    """
+    # Shift by the block's own first value: its sums then hold numbers of the size of the
+    # block's spread, and (pb - pivot) is the block's offset from the channel's pivot.
+    pb = _pivot(xr[n0 * n_chan + c, s0])
+    total = np.float64(0.0)
+    total_sq = np.float64(0.0)
+    for n in range(n0, n1):
+        # SPEEDTIP: slice first and loop from 0. With `range(s0, s1)` Numba cannot prove
+        # the index non-negative, keeps its wraparound check and the loop does not
+        # vectorise: 37 ms vs 16.5 ms single-threaded on (64, 64, 3136) float32.
+        row = xr[n * n_chan + c, s0:s1]
+        for s in range(row.shape[0]):
+            d = row[s] - pb
+            total += d
+            total_sq += d * d
+    count = np.float64((n1 - n0) * (s1 - s0))
+    mu = total / count
+    dev, redo = _one_pass_m2(total, total_sq, mu)
+    if redo:
+        # Too much cancellation (see _one_pass_m2): sum again, about the block's own mean.
+        # The block is <= BLOCK_ELEMS values, so this read comes from L1, not DRAM.
+        centre = pb + mu
+        dev = np.float64(0.0)
+        for n in range(n0, n1):
+            row = xr[n * n_chan + c, s0:s1]
+            for s in range(row.shape[0]):
+                e = row[s] - centre
+                dev += e * e
+    return count, (pb - pivot) + mu, dev
+
+
+@njit_kernel
+def rows_channel_moments(x, c):
+    """Mean and M2 of channel ``c`` of an ``(N, C, S)`` array, on one thread.
+
+    The same blocks, in the same merge order, as :func:`_moments_rows`, so the serial fused
+    kernels get the parallel kernel's bits.
+
+    Returns:
+        ``(mean, m2)``, float64.
+    """
+    n_batch, n_chan, n_spatial = x.shape
+    rows, groups, chunks = nchw_plan(n_batch, n_spatial)
+    xr = x.reshape((n_batch * n_chan, n_spatial))
+    pivot = _pivot(xr[c, 0])
+    n_a = np.float64(0.0)
+    mean_a = np.float64(0.0)
+    m2_a = np.float64(0.0)
+    for g in range(groups):
+        n0 = g * rows
+        n1 = min(n_batch, n0 + rows)
+        for k in range(chunks):
+            s0 = k * n_spatial // chunks
+            s1 = (k + 1) * n_spatial // chunks
+            n_b, mean_b, m2_b = rows_block_moments(xr, n_chan, c, n0, n1, s0, s1, pivot)
+            n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
+    return pivot + mean_a, m2_a
 
 
 @njit_parallel
@@ -192,34 +306,7 @@ def _moments_rows(x, mean_out, m2_out):
         n1 = min(n_batch, n0 + rows)
         s0 = k * n_spatial // chunks
         s1 = (k + 1) * n_spatial // chunks
-        # Shift by the block's own first value: its sums then hold numbers of the size of the
-        # block's spread, and (pb - pivot) is the block's offset from the channel's pivot.
-        pb = _pivot(xr[n0 * n_chan + c, s0])
-        total = np.float64(0.0)
-        total_sq = np.float64(0.0)
-        for n in range(n0, n1):
-            # SPEEDTIP: slice first and loop from 0. With `range(s0, s1)` Numba cannot prove
-            # the index non-negative, keeps its wraparound check and the loop does not
-            # vectorise: 37 ms vs 16.5 ms single-threaded on (64, 64, 3136) float32.
-            row = xr[n * n_chan + c, s0:s1]
-            for s in range(row.shape[0]):
-                d = row[s] - pb
-                total += d
-                total_sq += d * d
-        count = np.float64((n1 - n0) * (s1 - s0))
-        mu = total / count
-        dev, redo = _one_pass_m2(total, total_sq, mu)
-        if redo:
-            # Too much cancellation (see _one_pass_m2): sum again, about the block's own mean.
-            # The block is <= BLOCK_ELEMS values, so this read comes from L1, not DRAM.
-            centre = pb + mu
-            dev = np.float64(0.0)
-            for n in range(n0, n1):
-                row = xr[n * n_chan + c, s0:s1]
-                for s in range(row.shape[0]):
-                    e = row[s] - centre
-                    dev += e * e
-        mu = (pb - pivot[c]) + mu
+        count, mu, dev = rows_block_moments(xr, n_chan, c, n0, n1, s0, s1, pivot[c])
         part_count[slot] = count
         part_mean[slot] = mu
         part_m2[slot] = dev
@@ -232,14 +319,9 @@ def _moments_rows(x, mean_out, m2_out):
         mean_a = part_mean[base]
         m2_a = part_m2[base]
         for j in range(1, per_chan):
-            n_b = part_count[base + j]
-            n = n_a + n_b
-            w_a = n_a / n
-            w_b = n_b / n
-            delta = part_mean[base + j] - mean_a
-            m2_a = m2_a + part_m2[base + j] + delta * delta * (n_a * w_b)
-            mean_a = _merged_mean(mean_a, part_mean[base + j], delta, w_a, w_b)
-            n_a = n
+            n_a, mean_a, m2_a = chan_merge(
+                n_a, mean_a, m2_a, part_count[base + j], part_mean[base + j], part_m2[base + j]
+            )
         mean_out[c] = pivot[c] + mean_a
         m2_out[c] = m2_a
 
@@ -324,13 +406,9 @@ def cols_group_moments(x, b_start, b_stop, block_rows, pivot, g_mean, g_m2, scra
                     b_m2[c] += e * e
         for c in range(n_chan):
             b_mean[c] = (b_pivot[c] - pivot[c]) + b_mean[c]
-        if count == 0.0:
-            for c in range(n_chan):
-                g_mean[c] = b_mean[c]
-                g_m2[c] = b_m2[c]
-            count = nb
-        else:
-            count = _merge_rows_into(count, g_mean, g_m2, nb, b_mean, b_m2)
+        # The first block merges into the empty summary, which chan_merge takes as the identity
+        # whatever g_mean and g_m2 hold.
+        count = _merge_rows_into(count, g_mean, g_m2, nb, b_mean, b_m2)
     return count
 
 

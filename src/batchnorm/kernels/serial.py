@@ -14,16 +14,16 @@ Parallel decomposition:
 Numerics:
     Accumulation and arithmetic are float64 for float32 and float64 input; outputs are rounded
     to their dtype once, at the store. A large mean cannot cancel a small variance: the
-    ``nchw`` kernel is two-pass (mean first, then squared deviations about it), the ``nhwc``
-    kernel uses the parallel kernel's shifted one-pass blocks with their exact second look
-    (:func:`.moments.cols_group_moments`).
+    kernels use the parallel kernels' shifted one-pass blocks with their exact second look
+    (:func:`.moments.rows_channel_moments`, :func:`.moments.cols_group_moments`), in the same
+    merge order, so serial and parallel statistics are bit-identical.
 
 Race freedom and determinism:
     Serial; the result depends only on the input.
 
 Memory passes:
-    Training forward 3 reads of ``x`` (sum, squared deviations, normalize; ``nhwc``: 2, the
-    sums in one) and 1 write of ``y``;
+    Training forward 2 reads of ``x`` (the shifted sums, normalize; a block with too much
+    cancellation is read once more, from cache) and 1 write of ``y``;
     evaluation 1 read, 1 write; backward 2 reads of ``dy`` and ``x`` each and 1 write of ``dx``.
     All but the first read of each array hit the cache at the sizes these kernels serve.
 
@@ -39,7 +39,7 @@ import numpy as np
 
 from ._config import nhwc_plan, njit_kernel
 from .backward import cols_group_sums
-from .moments import channel_pivots, cols_group_moments
+from .moments import channel_pivots, cols_group_moments, rows_channel_moments
 
 __all__ = [
     "backward_serial_nchw",
@@ -122,20 +122,8 @@ def train_serial_nchw(
     n_batch, n_chan, n_spatial = x.shape
     count = n_batch * n_spatial
     for c in range(n_chan):
-        # np.float64, not 0.0: under NUMBA_DISABLE_JIT a Python float plus a float32 stays
-        # float32 (NEP 50), and the accumulation must be float64 in both modes.
-        total = np.float64(0.0)
-        for n in range(n_batch):
-            row = x[n, c]
-            for s in range(n_spatial):
-                total += row[s]
-        mu = total / count
-        dev = np.float64(0.0)
-        for n in range(n_batch):
-            row = x[n, c]
-            for s in range(n_spatial):
-                d = row[s] - mu
-                dev += d * d
+        # The parallel kernel's blocks and merge order, serially: the same bits either way.
+        mu, dev = rows_channel_moments(x, c)
         var = dev / count
         scale, shift = _affine(c, 1.0 / math.sqrt(var + eps), weight, bias)
         for n in range(n_batch):
