@@ -11,30 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._figures import figure_and_axes, figure_class
+
 __all__ = ["COLORS", "LABELS", "plot_accuracy", "plot_figure1", "plot_percentiles"]
 
 # One colour pair for the whole lab (ColorBrewer Dark2, distinguishable with the common forms
 # of colour blindness): the network without BN, and the network with BN.
 COLORS = {"baseline": "#d95f02", "bn": "#1b9e77"}
 LABELS = {"baseline": "without BN", "bn": "with BN"}
-
-
-def _figure_class():
-    try:
-        from matplotlib.figure import Figure
-    except ModuleNotFoundError as err:
-        raise ModuleNotFoundError(
-            "batchnorm.lab.plots: expected matplotlib to be installed, got no module "
-            "'matplotlib'. Install the lab extra: pip install \"batchnorm[lab]\"."
-        ) from err
-    return Figure
-
-
-def _axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
-    if ax is not None:
-        return ax.figure, ax
-    figure = _figure_class()(figsize=figsize, dpi=100, layout="constrained")
-    return figure, figure.add_subplot()
 
 
 def plot_accuracy(result: Any, ax: Any = None) -> Any:
@@ -47,7 +31,7 @@ def plot_accuracy(result: Any, ax: Any = None) -> Any:
     Returns:
         The figure. Lines are the mean over seeds; the band spans the seeds' min to max.
     """
-    figure, ax = _axes(ax, (5.0, 3.8))
+    figure, ax = figure_and_axes(ax, (5.0, 3.8))
     n = len(result.seeds)
     for name in ("baseline", "bn"):
         acc = result.test_accuracy[name]
@@ -97,7 +81,7 @@ def plot_percentiles(
         raise ValueError(
             f"plot_percentiles(): expected network in {list(COLORS)!r}, got {network!r}."
         )
-    figure, ax = _axes(ax, (5.0, 3.8))
+    figure, ax = figure_and_axes(ax, (5.0, 3.8))
     trace = result.traces[network][seed_index]
     unit = result.config.unit
     q = trace.quantiles[:, unit, :]
@@ -134,7 +118,7 @@ def plot_figure1(result: Any) -> Any:
     Returns:
         The figure.
     """
-    figure = _figure_class()(figsize=(13.0, 4.2), dpi=100, layout="constrained")
+    figure = figure_class()(figsize=(13.0, 4.2), dpi=100, layout="constrained")
     ax_a, ax_b, ax_c = figure.subplots(1, 3)
     plot_accuracy(result, ax=ax_a)
     plot_percentiles(result, "baseline", ax=ax_b)

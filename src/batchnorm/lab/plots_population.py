@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .experiments.population import COMPARED, EXACT, METHODS, REFERENCE
-from .plots import _axes, _figure_class
+from ._figures import figure_and_axes, figure_class
+from .experiments._population_spec import COMPARED, EXACT, METHODS, REFERENCE
 
 __all__ = [
     "COLORS",
@@ -74,7 +74,7 @@ def plot_inference_accuracy(result: Any, ax: Any = None) -> Any:
     Returns:
         The figure.
     """
-    figure, ax = _axes(ax, (5.0, 3.8))
+    figure, ax = figure_and_axes(ax, (5.0, 3.8))
     for method in METHODS:
         acc = result.test_accuracy[method]
         _band(
@@ -119,7 +119,7 @@ def plot_difference_to_ema(result: Any, metric: str = "test_accuracy", ax: Any =
             f"plot_difference_to_ema(): expected metric in {list(_METRIC_LABELS)!r}, got "
             f"{metric!r}."
         )
-    figure, ax = _axes(ax, (5.0, 3.8))
+    figure, ax = figure_and_axes(ax, (5.0, 3.8))
     values = result.test_accuracy if metric == "test_accuracy" else result.test_loss
     keep = result.steps > 0
     steps = result.steps[keep]
@@ -174,7 +174,7 @@ def plot_statistics_gap(result: Any, gap: str = "mean_shift", ax: Any = None) ->
         raise ValueError(
             f"plot_statistics_gap(): expected gap in {list(_GAP_LABELS)!r}, got {gap!r}."
         )
-    figure, ax = _axes(ax, (5.0, 3.8))
+    figure, ax = figure_and_axes(ax, (5.0, 3.8))
     colors = _layer_colors(len(result.layers))
     drawn = False
     for method in COMPARED:
@@ -251,7 +251,7 @@ def plot_variance_ratio(result: Any, ax: Any = None) -> Any:
     low, high = min(low, *bars.values(), 0.0), max(high, *bars.values(), 0.0)
     pad = 0.05 * (high - low) or 1.0
     low, high = low - pad, high + pad
-    figure, ax = _axes(ax, (5.0, 3.8))
+    figure, ax = figure_and_axes(ax, (5.0, 3.8))
     jitter = np.random.default_rng(0)
     offsets = np.linspace(-0.25, 0.25, len(COMPARED))
     seeds = max(len(r) for r in ratios.values())
@@ -318,7 +318,7 @@ def plot_population(result: Any) -> Any:
     Returns:
         The figure.
     """
-    figure = _figure_class()(figsize=(15.0, 9.8), dpi=100, layout="constrained")
+    figure = figure_class()(figsize=(15.0, 9.8), dpi=100, layout="constrained")
     axes = figure.subplots(2, 3)
     plot_inference_accuracy(result, ax=axes[0, 0])
     plot_difference_to_ema(result, "test_accuracy", ax=axes[0, 1])
