@@ -61,22 +61,37 @@ def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     raise ValueError(f"unknown layout {layout!r}")
 
 
-@pytest.fixture(autouse=True)
-def _eval_on_our_kernels(request, monkeypatch):
-    """Run evaluation-mode calls on our kernels, whatever their size.
+@pytest.fixture(params=["shipped", "eval-kernels"])
+def eval_routing(request):
+    """Run a test twice: with the shipped routing, and with evaluation on the kernels.
 
-    In use, small evaluation-mode inputs go to torch's op (``EVAL_NATIVE_BYTES``,
-    measured faster there); the suite's inputs are small, so without this the eval kernels
-    would hardly be tested. Tests of that routing itself opt out with
-    ``@pytest.mark.native_eval_routing``.
+    Shipped, small evaluation-mode inputs go to torch's op (``eval_native_bytes``, measured
+    faster there); the suite's inputs are small, so a test of evaluation numerics also runs
+    with ``eval_native_bytes=0`` to reach the eval kernels.
     """
-    if request.node.get_closest_marker("native_eval_routing"):
+    if request.param == "shipped":
+        yield request.param
         return
-    try:  # the kernel tests must keep running when the torch layer does not import
-        import batchnorm.functional as functional
-    except Exception:
-        return
-    monkeypatch.setattr(functional, "EVAL_NATIVE_BYTES", 0)
+    from batchnorm import use_routing
+
+    with use_routing(eval_native_bytes=0):
+        yield request.param
+
+
+# The same two routings for tests that cannot take a function-scoped fixture (hypothesis):
+# parametrize with it and run the body under ``use_routing(**routing)``.
+EVAL_ROUTINGS = pytest.mark.parametrize(
+    "routing", [{}, {"eval_native_bytes": 0}], ids=["shipped", "eval-kernels"]
+)
+
+
+@pytest.fixture
+def eval_on_kernels():
+    """Evaluation-mode calls on the kernels whatever their size (for tests of the kernels)."""
+    from batchnorm import use_routing
+
+    with use_routing(eval_native_bytes=0) as policy:
+        yield policy
 
 
 @pytest.fixture

@@ -39,12 +39,11 @@ def test_info_prints_versions_and_backend_table(capsys):
     assert set(rows["meta", "float32"]) == {"torch"}
 
 
-def test_info_states_the_dispatch_sizes_from_the_code(capsys, monkeypatch):
-    from batchnorm import functional
+def test_info_states_the_routing_policy_in_force(capsys):
+    from batchnorm import use_routing
 
-    monkeypatch.setattr(functional, "SERIAL_MAX_ELEMENTS", 12345)
-    monkeypatch.setattr(functional, "EVAL_NATIVE_BYTES", 3 << 20)
-    assert cli.main(["info"]) == 0
+    with use_routing(serial_max_elements=12345, eval_native_bytes=3 << 20):
+        assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert (
         "training: serial kernels up to 12,345 values (23,146 for a channels-last forward), "
@@ -52,6 +51,14 @@ def test_info_states_the_dispatch_sizes_from_the_code(capsys, monkeypatch):
     )
     assert "evaluation: inputs under 3 MiB run on torch's op" in out
     assert "output cache: outputs of 4 MiB or more reuse buffers; limit 1 GiB" in out
+
+
+def test_info_states_that_kernels_are_off(capsys):
+    from batchnorm import use_routing
+
+    with use_routing(kernels=False):
+        assert cli.main(["info"]) == 0
+    assert "kernels: off (every call runs on torch's op)" in capsys.readouterr().out
 
 
 def test_warmup_reports_time(capsys):

@@ -122,7 +122,7 @@ def test_convert_keeps_forward_hooks_and_optimizer(gen):
 
 
 @pytest.mark.parametrize("torch_cls", list(TORCH_TO_OURS), ids=lambda c: c.__name__)
-def test_convert_root_batchnorm(torch_cls, gen):
+def test_convert_root_batchnorm(eval_routing, torch_cls, gen):
     bn = torch_cls(3).eval()
     randomize_bn_state(bn, gen)
     state = snapshot_state(bn)
@@ -175,10 +175,9 @@ class MyBN(torch.nn.BatchNorm2d):
     ("make_odd", "type_name"),
     [
         (lambda: MyBN(4), "MyBN"),
-        (lambda: torch.nn.SyncBatchNorm(4), "SyncBatchNorm"),
         (lambda: torch.nn.LazyBatchNorm2d(), "LazyBatchNorm2d"),
     ],
-    ids=["user_subclass", "sync_batchnorm", "lazy"],
+    ids=["user_subclass", "lazy"],
 )
 @pytest.mark.parametrize("to", ["batchnorm", "torch"])
 def test_convert_rejects_unknown_batchnorm_subclass_without_partial_conversion(
@@ -204,15 +203,28 @@ def test_convert_rejects_unknown_target(to):
     assert type(net[0]) is torch.nn.BatchNorm1d
 
 
-def test_convert_leaves_our_sync_batchnorm_and_refuses_it_to_torch(gen):
+def test_convert_switches_sync_batchnorm_both_ways_and_keeps_state_and_group(gen):
+    # torch.nn.SyncBatchNorm has a twin here (the family table), so it converts like the
+    # BatchNorm*d layers: the same module, parameters, buffers and process group.
+    group = object()
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 1), batchnorm.SyncBatchNorm(4), torch.nn.BatchNorm2d(4)
+        torch.nn.Conv2d(3, 4, 1), torch.nn.SyncBatchNorm(4, process_group=group)
     )
+    randomize_bn_state(model[1], gen)
     snapshot = snapshot_state(model)
+    layer, weight = model[1], model[1].weight
     batchnorm.convert(model)
-    assert type(model[1]) is batchnorm.SyncBatchNorm and type(model[2]) is batchnorm.BatchNorm2d
-    with pytest.raises(TypeError, match=r"'1' of type batchnorm.SyncBatchNorm.*revert_sync"):
-        batchnorm.convert(model, to="torch")
-    # Validated first: the convertible layer was not switched back either.
-    assert type(model[2]) is batchnorm.BatchNorm2d
+    assert type(model[1]) is batchnorm.SyncBatchNorm and model[1] is layer
+    assert model[1].weight is weight and model[1].process_group is group
     assert_state_unchanged(model, snapshot)
+    batchnorm.convert(model, to="torch")
+    assert type(model[1]) is torch.nn.SyncBatchNorm and model[1].process_group is group
+    assert_state_unchanged(model, snapshot)
+
+
+def test_convert_sync_batchnorm_runs_like_torch_without_a_process_group(gen):
+    # Without torch.distributed, both SyncBatchNorms are plain BatchNorm over any rank >= 2.
+    ours = batchnorm.convert(torch.nn.Sequential(torch.nn.SyncBatchNorm(3)))[0]
+    theirs = torch.nn.SyncBatchNorm(3)
+    x = make_input((4, 3, 5), torch.float64, "contiguous", gen)
+    torch.testing.assert_close(ours.double()(x), theirs.double()(x), **TOL[torch.float64])

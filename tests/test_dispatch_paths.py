@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import batchnorm
-from batchnorm import functional
+from batchnorm import _stages, use_routing
 from conftest import TOL, make_layout, shape_id
 
 PATH_SHAPES = [(7, 3), (300, 5), (4, 3, 5, 6), (2, 64, 3, 3), (3, 5, 7), (5, 2, 3, 4, 3)]
@@ -30,10 +30,11 @@ OURS = {
 
 
 @pytest.fixture(params=["serial", "parallel"])
-def path(request, monkeypatch):
+def path(request):
+    # Evaluation on the kernels too: this file is about the kernels' two paths.
     limit = 1 << 60 if request.param == "serial" else 0
-    monkeypatch.setattr(functional, "SERIAL_MAX_ELEMENTS", limit)
-    return request.param
+    with use_routing(serial_max_elements=limit, eval_native_bytes=0):
+        yield request.param
 
 
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["m0.1", "cumulative"])
@@ -73,19 +74,20 @@ def test_module_matches_torch_on_both_paths(path, shape, dtype, layout, momentum
 
 
 @pytest.mark.parametrize("shape", [(300, 5), (4, 3, 5, 6)], ids=shape_id)
-def test_serial_and_parallel_paths_agree_in_float64(shape, monkeypatch):
+def test_serial_and_parallel_paths_agree_in_float64(shape):
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.rand(shape[1], generator=gen, dtype=torch.float64, requires_grad=True)
     g = torch.randn(shape, generator=gen, dtype=torch.float64)
     results = []
     for limit in (0, 1 << 60):
-        monkeypatch.setattr(functional, "SERIAL_MAX_ELEMENTS", limit)
-        rm, rv = (
-            torch.zeros(shape[1], dtype=torch.float64),
-            torch.ones(shape[1], dtype=torch.float64),
-        )
-        y = batchnorm.batch_norm(x, rm, rv, w, None, training=True)
+        with use_routing(serial_max_elements=limit):
+            rm, rv = (
+                torch.zeros(shape[1], dtype=torch.float64),
+                torch.ones(shape[1], dtype=torch.float64),
+            )
+            y = batchnorm.batch_norm(x, rm, rv, w, None, training=True)
+        # Outside the block: the backward routes as its forward did.
         dx, dw = torch.autograd.grad(y, (x, w), g)
         results.append((y, dx, dw, rm, rv))
     for a, b in zip(*results, strict=True):
@@ -106,18 +108,18 @@ def test_running_update_through_numpy_bumps_the_version_counter():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_parallel_path_keeps_torch_thread_count(threads, monkeypatch):
+def test_parallel_path_keeps_torch_thread_count(threads):
     # Numba's OpenMP layer shares torch's runtime; a parallel kernel must not change the
     # thread count the user gave torch.
-    monkeypatch.setattr(functional, "SERIAL_MAX_ELEMENTS", 0)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        layer = batchnorm.BatchNorm2d(4)
-        x = torch.randn(8, 4, 6, 6, requires_grad=True)
-        layer(x).sum().backward()
-        layer.eval()
-        layer(x)
+        with use_routing(serial_max_elements=0, eval_native_bytes=0):
+            layer = batchnorm.BatchNorm2d(4)
+            x = torch.randn(8, 4, 6, 6, requires_grad=True)
+            layer(x).sum().backward()
+            layer.eval()
+            layer(x)
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
@@ -135,20 +137,18 @@ def test_parallel_path_keeps_torch_thread_count(threads, monkeypatch):
     ids=["nc-160", "nc-200", "cl-160", "nchw-160", "nchw-96"],
 )
 def test_channels_last_training_forward_stays_serial_longer(shape, layout, expected, monkeypatch):
-    # SERIAL_MAX_ELEMENTS = 100 makes the channels-last training bound 187.5 values.
-    monkeypatch.setattr(functional, "SERIAL_MAX_ELEMENTS", 100)
-    monkeypatch.setattr(functional, "NHWC_TRAIN_SERIAL_SCALE", 15 / 8)
+    # serial_max_elements = 100 makes the channels-last training bound 187.5 values.
     chosen = []
-    select = functional._kernel
+    select = _stages.kernel
 
     def recording(op, kernel_layout, dtype):
         chosen.append(op)
         return select(op, kernel_layout, dtype)
 
-    monkeypatch.setattr(functional, "_kernel", recording)
+    monkeypatch.setattr(_stages, "kernel", recording)
     layer = OURS[len(shape)](shape[1])
     x = make_layout(torch.randn(shape), layout)
-    with torch.no_grad():
+    with torch.no_grad(), use_routing(serial_max_elements=100, nhwc_train_serial_scale=15 / 8):
         y = layer(x)
     assert chosen == [expected]
     torch.testing.assert_close(y, MODULES[len(shape)](shape[1])(x), **TOL[torch.float32])

@@ -30,9 +30,8 @@ from torch import nn
 
 import batchnorm
 from _distributed import RankFailure, _loopback_interface, run_distributed
-from batchnorm import distributed
+from batchnorm import SyncBatchNorm, _stages, convert_sync_batchnorm, revert_sync_batchnorm
 from batchnorm._validate import NonFiniteStatisticsError, NonFiniteStatisticsWarning
-from batchnorm.distributed import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
 from batchnorm.frozen import FrozenBatchNorm2d
 from conftest import (
     TOL,
@@ -174,13 +173,13 @@ def _run_case(rank: int, case: Case, group=None, sizes=None) -> dict:
     sizes = sizes or case.sizes
     layer = _initial_layer(SyncBatchNorm, case, process_group=group)
     backends = []
-    local_moments = distributed._local_moments
+    local_moments = _stages.moments
 
-    def spy(x, backend):
-        backends.append(backend)
-        return local_moments(x, backend)
+    def spy(x, route):
+        backends.append("torch" if route == "torch" else "numba")
+        return local_moments(x, route)
 
-    distributed._local_moments = spy
+    _stages.moments = spy
     steps = []
     try:
         for step in range(STEPS):
@@ -200,7 +199,7 @@ def _run_case(rank: int, case: Case, group=None, sizes=None) -> dict:
             )
             layer.zero_grad(set_to_none=True)
     finally:
-        distributed._local_moments = local_moments
+        _stages.moments = local_moments
     return {"steps": steps, "state": snapshot_state(layer), "backends": backends}
 
 
@@ -536,9 +535,9 @@ def test_sync_bn_other_devices_use_torch_ops_in_float32():
     # No GPU here: the dispatch is checked on the meta device, which stands for any non-CPU one.
     x = torch.empty(4, C, 2, 2, device="meta", dtype=torch.float16)
     assert batchnorm.backend_for(x) == "torch"
-    assert distributed._accumulate_dtype(x) == torch.float32
-    assert distributed._accumulate_dtype(x.double()) == torch.float64
-    assert distributed._accumulate_dtype(torch.empty(2, C, dtype=torch.float16)) == torch.float64
+    assert _stages.accumulate_dtype(x) == torch.float32
+    assert _stages.accumulate_dtype(x.double()) == torch.float64
+    assert _stages.accumulate_dtype(torch.empty(2, C, dtype=torch.float16)) == torch.float64
 
 
 # --- training under DistributedDataParallel on CPU -------------------------------------------

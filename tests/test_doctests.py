@@ -18,11 +18,11 @@ MODULES = [
     "batchnorm.tools.fold",
     "batchnorm.tools.population",
     "batchnorm.distributed",
+    "batchnorm.routing",
+    "batchnorm.tools.families",
 ]
 
 
-# The examples show the package as users get it, small evaluation-mode inputs on torch's op.
-@pytest.mark.native_eval_routing
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples_run(name):
     module = importlib.import_module(name)

@@ -1,8 +1,8 @@
 """Small evaluation-mode inputs go to torch's native op (measured faster there), large ones to
-our kernels; training never leaves the kernels. See ``functional.EVAL_NATIVE_BYTES``.
+our kernels; training never leaves the kernels. See ``RoutingPolicy.eval_native_bytes``.
 
-The rest of the suite turns this routing off (tests/conftest.py) so that it tests the eval
-kernels on small inputs; these tests keep it on.
+These tests run the shipped routing, as the whole suite does; the routing decisions for every
+kind of input are tested as a table in ``tests/test_routing.py``.
 """
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ import pytest
 import torch
 
 import batchnorm
-from batchnorm import functional
 from conftest import TOL, make_input, randomize_bn_state
 
-pytestmark = pytest.mark.native_eval_routing
+EVAL_NATIVE_BYTES = batchnorm.routing_policy().eval_native_bytes
 
 
 @pytest.fixture
@@ -39,8 +38,8 @@ def test_backend_for_reports_the_routing():
     small = torch.zeros(4, 3)
     # 32 MiB exactly: the first size that stays on the kernels (float32), and float64 of half
     # as many rows.
-    large = torch.zeros(functional.EVAL_NATIVE_BYTES // 32, 8)
-    below = torch.zeros(functional.EVAL_NATIVE_BYTES // 32 - 1, 8)
+    large = torch.zeros(EVAL_NATIVE_BYTES // 32, 8)
+    below = torch.zeros(EVAL_NATIVE_BYTES // 32 - 1, 8)
     assert batchnorm.backend_for(small) == "numba"
     assert batchnorm.backend_for(small, training=False) == "torch"
     assert batchnorm.backend_for(large, training=False) == "numba"
@@ -69,7 +68,7 @@ def test_small_eval_input_runs_on_native_op_and_matches_torch(layout, grad, spy,
 
 def test_large_eval_input_and_every_training_input_stay_on_the_kernels(spy, gen):
     layer = batchnorm.BatchNorm1d(8)
-    big = make_input((functional.EVAL_NATIVE_BYTES // 32, 8), torch.float32, "contiguous", gen)
+    big = make_input((EVAL_NATIVE_BYTES // 32, 8), torch.float32, "contiguous", gen)
     small = make_input((6, 8), torch.float32, "contiguous", gen)
     layer.train()
     layer(small)

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import batchnorm
-import batchnorm.functional as bnf
-from batchnorm import reference
+from batchnorm import _stages, reference
 from batchnorm._validate import NonFiniteStatisticsWarning
 from batchnorm.functional import backend_for, batch_norm
 from conftest import (
@@ -240,7 +239,9 @@ def test_batch_norm_increments_num_batches_tracked_only_when_updating(
 @pytest.mark.parametrize("grad_kind", ["expanded", "channels_last", "strided", "transposed"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_batch_norm_backward_accepts_any_grad_layout(grad_kind, training, layout, gen):
+def test_batch_norm_backward_accepts_any_grad_layout(
+    eval_routing, grad_kind, training, layout, gen
+):
     dtype = torch.float32
     shape = (4, 3, 5, 6)
     x = make_input(shape, dtype, layout, gen)
@@ -275,7 +276,9 @@ BLOCK_SHAPES = [
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=shape_id)
-def test_batch_norm_matches_reference_across_block_boundaries(shape, dtype, layout, training, gen):
+def test_batch_norm_matches_reference_across_block_boundaries(
+    eval_routing, shape, dtype, layout, training, gen
+):
     x = make_input(shape, dtype, layout, gen, scale=3.0, offset=2.0)
     grad = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
     weight, bias, rm, rv = _channel_tensors(shape[1], dtype, gen)
@@ -385,7 +388,7 @@ def test_batch_norm_rejects_parameter_on_other_device_without_touching_buffers()
     _assert_untouched(buffers, snapshot)
 
 
-def test_batch_norm_one_value_per_channel_allowed_in_eval(gen):
+def test_batch_norm_one_value_per_channel_allowed_in_eval(eval_routing, gen):
     rm, rv, _ = _buffers()
     x = make_input((1, 3), torch.float32, "contiguous", gen)
     torch.testing.assert_close(
@@ -398,7 +401,7 @@ def test_batch_norm_one_value_per_channel_allowed_in_eval(gen):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4, 4)], ids=shape_id)
-def test_batch_norm_empty_batch_returns_empty_and_keeps_state(shape, training):
+def test_batch_norm_empty_batch_returns_empty_and_keeps_state(eval_routing, shape, training):
     rm, rv, nbt = buffers = _buffers()
     snapshot = [b.clone() for b in buffers]
     x = torch.empty(shape)
@@ -468,15 +471,15 @@ def test_backend_for_is_exported_at_top_level():
 
 @pytest.fixture
 def native_calls(monkeypatch):
-    """Spy on the torch-native fallback hook of batchnorm.functional; returns the call log."""
+    """Spy on the one way the package calls torch's op; returns the call log."""
     calls = []
-    real = bnf._native_batch_norm
+    real = _stages.native_batch_norm
 
     def spy(input, *args, **kwargs):
         calls.append((input.dtype, input.device.type))
         return real(input, *args, **kwargs)
 
-    monkeypatch.setattr(bnf, "_native_batch_norm", spy)
+    monkeypatch.setattr(_stages, "native_batch_norm", spy)
     return calls
 
 
@@ -484,7 +487,7 @@ def native_calls(monkeypatch):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_batch_norm_dispatch_uses_kernels_not_native_for_float(
-    dtype, layout, training, native_calls, gen
+    dtype, layout, training, native_calls, eval_on_kernels, gen
 ):
     x = make_input((4, 3, 5, 6), dtype, layout, gen)
     _, _, rm, rv = _channel_tensors(3, dtype, gen)
@@ -494,7 +497,9 @@ def test_batch_norm_dispatch_uses_kernels_not_native_for_float(
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_batch_norm_dispatch_falls_back_to_native_for_half(dtype, training, native_calls, gen):
+def test_batch_norm_dispatch_falls_back_to_native_for_half(
+    eval_routing, dtype, training, native_calls, gen
+):
     x = make_input((4, 3, 5, 6), dtype, "contiguous", gen)
     # torch's CPU op takes float32 parameters and statistics with a half input.
     weight, bias, rm, rv = _channel_tensors(3, torch.float32, gen)
@@ -527,7 +532,7 @@ def test_batch_norm_dispatch_falls_back_to_native_for_strided_and_stays_correct(
     _assert_matches_reference(ours, ref, torch.float64)
 
 
-def test_batch_norm_dispatch_falls_back_to_native_on_meta_device(native_calls):
+def test_batch_norm_dispatch_falls_back_to_native_on_meta_device(eval_routing, native_calls):
     # A non-CPU device without hardware: shapes only, but the dispatch decision is real.
     x = torch.empty(4, 3, 5, 6, device="meta")
     rm, rv = torch.zeros(3, device="meta"), torch.ones(3, device="meta")

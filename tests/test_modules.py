@@ -200,7 +200,7 @@ def test_module_bias_false_has_no_bias_parameter():
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", [(7, 3), (3, 5, 7), (4, 3, 5, 6), (5, 2, 3, 4, 3)], ids=shape_id)
-def test_module_eval_leaves_buffers_exactly_unchanged(shape, layout, gen):
+def test_module_eval_leaves_buffers_exactly_unchanged(eval_routing, shape, layout, gen):
     ours, _ = _module_pair(shape, torch.float32, gen)
     ours(make_input(shape, torch.float32, layout, gen))  # one training step: nbt = 1
     ours.eval()
@@ -213,7 +213,9 @@ def test_module_eval_leaves_buffers_exactly_unchanged(shape, layout, gen):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(7, 3), (3, 5, 7), (4, 3, 5, 6), (5, 2, 3, 4, 3)], ids=shape_id)
-def test_module_eval_output_of_one_example_ignores_the_batch(shape, dtype, layout, gen):
+def test_module_eval_output_of_one_example_ignores_the_batch(
+    eval_routing, shape, dtype, layout, gen
+):
     ours, _ = _module_pair(shape, dtype, gen)
     ours.eval()
     x = make_input(shape, dtype, layout, gen)
@@ -227,7 +229,7 @@ def test_module_eval_output_of_one_example_ignores_the_batch(shape, dtype, layou
         assert torch.equal(ours(other)[0], y[0])
 
 
-def test_module_eval_without_running_stats_uses_batch_statistics(gen):
+def test_module_eval_without_running_stats_uses_batch_statistics(eval_routing, gen):
     # track_running_stats=False: torch.nn normalizes with the batch's statistics in eval too.
     ours, theirs = _module_pair((6, 4, 3, 3), torch.float64, gen, track_running_stats=False)
     ours.eval(), theirs.eval()
@@ -310,7 +312,7 @@ def test_forward_rejects_one_value_per_channel_in_eval_without_running_stats():
     _assert_rejected(module, torch.ones(1, 3), ValueError, r"more than 1 value per channel")
 
 
-def test_forward_accepts_one_value_per_channel_in_eval_with_running_stats(gen):
+def test_forward_accepts_one_value_per_channel_in_eval_with_running_stats(eval_routing, gen):
     ours, theirs = _module_pair((1, 3), torch.float32, gen)
     ours.eval(), theirs.eval()
     x = make_input((1, 3), torch.float32, "contiguous", gen)
@@ -413,7 +415,7 @@ def test_constructor_accepts_boundary_arguments(kwargs):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (0, 3, 2, 2), (0, 3, 2, 2, 2)], ids=shape_id)
-def test_module_empty_batch_returns_empty_and_keeps_state(shape, training):
+def test_module_empty_batch_returns_empty_and_keeps_state(eval_routing, shape, training):
     name = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}[len(shape)]
     module = _trained_module(name).train(training)
     snapshot = snapshot_state(module)
@@ -445,7 +447,7 @@ def test_state_dict_keys_and_version_match_torch(name, kwargs):
     assert ours.state_dict()._metadata[""]["version"] == 2
 
 
-def test_state_dict_loads_torch_state_into_ours(gen):
+def test_state_dict_loads_torch_state_into_ours(eval_routing, gen):
     theirs = torch.nn.BatchNorm2d(5)
     randomize_bn_state(theirs, gen)
     theirs(make_input((4, 5, 3, 3), torch.float32, "contiguous", gen))  # nbt = 1
@@ -457,7 +459,7 @@ def test_state_dict_loads_torch_state_into_ours(gen):
     torch.testing.assert_close(ours(x), theirs(x), **TOL[torch.float32])
 
 
-def test_state_dict_loads_our_state_into_torch(gen):
+def test_state_dict_loads_our_state_into_torch(eval_routing, gen):
     ours = batchnorm.BatchNorm2d(5)
     randomize_bn_state(ours, gen)
     for _ in range(3):
@@ -511,7 +513,7 @@ def test_state_dict_missing_num_batches_tracked_at_version_2_is_reported():
     [((4, 2), "contiguous"), ((3, 2, 2, 2), "contiguous"), ((3, 2, 2, 2), "channels_last")],
     ids=["4x2", "3x2x2x2-contiguous", "3x2x2x2-channels_last"],
 )
-def test_module_gradcheck_and_gradgradcheck(shape, layout, training, gen):
+def test_module_gradcheck_and_gradgradcheck(eval_routing, shape, layout, training, gen):
     dtype = torch.float64
     module, _ = _module_pair(shape, dtype, gen)
     module.train(training)
@@ -532,7 +534,9 @@ def test_module_gradcheck_and_gradgradcheck(shape, layout, training, gen):
     [((4, 3, 5, 6), torch.channels_last), ((2, 3, 2, 4, 3), torch.channels_last_3d)],
     ids=["2d", "3d"],
 )
-def test_module_output_keeps_channels_last_like_torch(shape, memory_format, training, gen):
+def test_module_output_keeps_channels_last_like_torch(
+    eval_routing, shape, memory_format, training, gen
+):
     ours, theirs = _module_pair(shape, torch.float32, gen)
     ours.train(training), theirs.train(training)
     x = make_input(shape, torch.float32, "contiguous", gen).contiguous(memory_format=memory_format)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import batchnorm
-from batchnorm import functional
+from batchnorm import use_routing
 from batchnorm._validate import NonFiniteStatisticsError, NonFiniteStatisticsWarning
 from conftest import (
     TOL,
@@ -34,11 +34,10 @@ POISONS = {
 
 
 @pytest.fixture(params=["serial", "parallel"])
-def path(request, monkeypatch):
-    monkeypatch.setattr(
-        functional, "SERIAL_MAX_ELEMENTS", 1 << 60 if request.param == "serial" else 0
-    )
-    return request.param
+def path(request):
+    limit = 1 << 60 if request.param == "serial" else 0
+    with use_routing(serial_max_elements=limit, eval_native_bytes=0):
+        yield request.param
 
 
 def _poisoned(shape, dtype, layout, gen, value, channel=1):
@@ -166,7 +165,7 @@ def test_converted_torch_layer_gets_the_skip_policy(gen):
     assert layer.nonfinite_batches_skipped == 1
 
 
-def test_eval_mode_never_warns(gen):
+def test_eval_mode_never_warns(eval_routing, gen):
     ours, _ = _pair((6, 3), torch.float32, gen)
     ours.eval()
     with warnings.catch_warnings():

@@ -202,7 +202,7 @@ def test_module_outputs_reuse_buffers_and_match_torch(memory_format):
     assert hits() - start >= 2  # the input gradients of earlier steps were reused
 
 
-def test_kept_outputs_are_not_overwritten_by_later_calls():
+def test_kept_outputs_are_not_overwritten_by_later_calls(eval_on_kernels):
     x = torch.randn(SHAPE)
     bn = batchnorm.BatchNorm2d(8).eval()
     first = bn(x)

@@ -1,4 +1,4 @@
-"""The layers' shortcut for the common case (``_forward_plain_case``) against the full path.
+"""The layers' shortcut for the common case (``_route._plain_case``) against the full path.
 
 The shortcut skips ``check_batch_norm_args`` and reads parameters and buffers from the module's
 dicts; it must serve exactly the calls the full path would serve the same way, and hand every
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import batchnorm
-from batchnorm import NonFiniteStatisticsError, NonFiniteStatisticsWarning, functional, modules
+from batchnorm import NonFiniteStatisticsError, NonFiniteStatisticsWarning, _autograd, _route
 from conftest import TOL, assert_state_unchanged, make_input, randomize_bn_state, snapshot_state
 
 
@@ -23,18 +23,18 @@ from conftest import TOL, assert_state_unchanged, make_input, randomize_bn_state
 def full_path_calls(monkeypatch):
     """Count the full path's first step, the layer's input check (the shortcut makes none)."""
     calls = []
-    check = modules.check_module_input
+    check = _route.check_layer_input
 
     def counting(*args, **kwargs):
         calls.append(args[0])
         return check(*args, **kwargs)
 
-    monkeypatch.setattr(modules, "check_module_input", counting)
+    monkeypatch.setattr(_route, "check_layer_input", counting)
     return calls
 
 
 def _without_shortcut(monkeypatch):
-    monkeypatch.setattr(batchnorm.BatchNorm2d, "_forward_plain_case", lambda self, x: None)
+    monkeypatch.setattr(_route, "_plain_case", lambda layer, x: None)
 
 
 def _run(layer, batches, grad_out):
@@ -111,11 +111,10 @@ def test_shortcut_and_full_path_agree_step_by_step(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_shortcut_and_full_path_agree_in_evaluation(
-    config, dtype, layout, full_path_calls, monkeypatch, gen
+    eval_routing, config, dtype, layout, full_path_calls, monkeypatch, gen
 ):
-    # The suite keeps evaluation on the kernels at every size (conftest), so this compares the
-    # shortcut's kernel call with the full path's; the routing to torch's op is tested in
-    # test_eval_routing.py.
+    # Both routings: the shortcut's direct call of torch's op (shipped, small inputs) and its
+    # kernel call (eval_native_bytes=0) against the full path's.
     _compare_paths(monkeypatch, full_path_calls, gen, config, dtype, layout, False)
 
 
@@ -309,10 +308,10 @@ def test_autograd_function_wrapper_is_used_when_the_direct_entry_is_missing(monk
     layer = batchnorm.BatchNorm2d(3, dtype=torch.float64)
     y = layer(x)
     (dx,) = torch.autograd.grad(y.square().sum(), x)
-    monkeypatch.setattr(functional, "_direct_apply", None)
+    monkeypatch.setattr(_autograd, "_direct_apply", None)
     layer.load_state_dict(batchnorm.BatchNorm2d(3, dtype=torch.float64).state_dict())
     y_wrapped = layer(x)
     (dx_wrapped,) = torch.autograd.grad(y_wrapped.square().sum(), x)
-    assert type(y_wrapped.grad_fn).__name__ == type(y.grad_fn).__name__ == "_TrainFnBackward"
+    assert type(y_wrapped.grad_fn).__name__ == type(y.grad_fn).__name__ == "TrainFnBackward"
     torch.testing.assert_close(y_wrapped, y, rtol=0, atol=0)
     torch.testing.assert_close(dx_wrapped, dx, rtol=0, atol=0)

@@ -15,9 +15,18 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchnorm import reference
+from batchnorm import reference, use_routing
 from batchnorm.functional import batch_norm
-from conftest import TOL, bn_classes, from_np, labelled, make_input, make_layout, to_np64
+from conftest import (
+    EVAL_ROUTINGS,
+    TOL,
+    bn_classes,
+    from_np,
+    labelled,
+    make_input,
+    make_layout,
+    to_np64,
+)
 
 EPS = 1e-5
 MAX_ELEMS = 50_000
@@ -212,15 +221,21 @@ def test_batch_norm_stable_for_large_mean_small_std_float32_fixed_case(layout):
     torch.testing.assert_close(y.double(), from_np(ry), **TOL[torch.float32])
 
 
+@EVAL_ROUTINGS
 @given(
     shape=bn_shapes(max_rank=4),
     num_batches=st.integers(1, 4),
     layout=dense_layouts,
     seed=seeds,
 )
-def test_eval_after_cumulative_pass_equals_algorithm_2(shape, num_batches, layout, seed):
+def test_eval_after_cumulative_pass_equals_algorithm_2(routing, shape, num_batches, layout, seed):
     """momentum=None over B equal batches leaves the paper's population estimate
     (Alg. 2, steps 8-10) in the buffers; eval is then Alg. 2, step 11."""
+    with use_routing(**routing):
+        _check_eval_after_cumulative_pass(shape, num_batches, layout, seed)
+
+
+def _check_eval_after_cumulative_pass(shape, num_batches, layout, seed):
     gen = torch.Generator().manual_seed(seed)
     dtype = torch.float64
     ours_cls, _ = bn_classes(len(shape))
@@ -287,8 +302,14 @@ def test_running_mean_equals_closed_form_ema_after_k_steps(dtype):
     assert math.isclose(sum(weights) + (1 - a) ** k, 1.0)
 
 
+@EVAL_ROUTINGS
 @given(shape=bn_shapes(max_rank=3), dtype=dtypes, seed=seeds)
-def test_functional_matches_torch_functional_on_drawn_shapes_eval(shape, dtype, seed):
+def test_functional_matches_torch_functional_on_drawn_shapes_eval(routing, shape, dtype, seed):
+    with use_routing(**routing):
+        _check_functional_eval(shape, dtype, seed)
+
+
+def _check_functional_eval(shape, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     x = make_input(shape, dtype, "contiguous", gen, scale=2.0)
     c = shape[1]

@@ -71,7 +71,7 @@ def _train(model, data, labels, memory_format):
     [torch.contiguous_format, torch.channels_last],
     ids=["contiguous", "channels_last"],
 )
-def test_training_loss_curve_matches_torch(memory_format):
+def test_training_loss_curve_matches_torch(eval_routing, memory_format):
     gen = torch.Generator().manual_seed(2024)
     data = torch.randn(64, 3, 8, 8, generator=gen) * 2 + 0.5
     labels = torch.randint(0, 10, (64,), generator=gen)

@@ -22,6 +22,7 @@ _EXPORTS = {
     "FrozenBatchNorm1d": "frozen",
     "FrozenBatchNorm2d": "frozen",
     "FrozenBatchNorm3d": "frozen",
+    "RoutingPolicy": "routing",
     "LayerStatistics": "tools.population",
     "OutputCacheInfo": "outputs",
     "NonFiniteStatisticsError": "_validate",
@@ -32,14 +33,16 @@ _EXPORTS = {
     "check_fold": "tools.fold",
     "clear_output_cache": "outputs",
     "convert": "tools.convert",
-    "convert_sync_batchnorm": "distributed",
+    "convert_sync_batchnorm": "tools.convert",
     "fold": "tools.fold",
     "freeze": "tools.freeze",
     "output_cache_info": "outputs",
     "recompute_statistics": "tools.population",
-    "revert_sync_batchnorm": "distributed",
+    "revert_sync_batchnorm": "tools.convert",
+    "routing_policy": "routing",
     "set_output_cache_limit": "outputs",
     "unfreeze": "tools.freeze",
+    "use_routing": "routing",
 }
 
 __all__ = [
@@ -54,6 +57,7 @@ __all__ = [
     "NonFiniteStatisticsError",
     "NonFiniteStatisticsWarning",
     "OutputCacheInfo",
+    "RoutingPolicy",
     "SyncBatchNorm",
     "__version__",
     "backend_for",
@@ -67,14 +71,16 @@ __all__ = [
     "output_cache_info",
     "recompute_statistics",
     "revert_sync_batchnorm",
+    "routing_policy",
     "set_output_cache_limit",
     "unfreeze",
+    "use_routing",
 ]
 assert set(__all__) == {*_EXPORTS, "__version__"}, "__all__ and _EXPORTS must list the same names"
 
 if TYPE_CHECKING:
     from ._validate import NonFiniteStatisticsError, NonFiniteStatisticsWarning
-    from .distributed import SyncBatchNorm, convert_sync_batchnorm, revert_sync_batchnorm
+    from .distributed import SyncBatchNorm
     from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
     from .functional import backend_for, batch_norm
     from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -85,7 +91,8 @@ if TYPE_CHECKING:
         output_cache_info,
         set_output_cache_limit,
     )
-    from .tools.convert import convert
+    from .routing import RoutingPolicy, routing_policy, use_routing
+    from .tools.convert import convert, convert_sync_batchnorm, revert_sync_batchnorm
     from .tools.fold import check_fold, fold
     from .tools.freeze import freeze, unfreeze
     from .tools.population import LayerStatistics, recompute_statistics

@@ -10,17 +10,27 @@ before it validates the batch size).
 from __future__ import annotations
 
 import numbers
+import warnings
 
+import numpy as np
 import torch
 
 __all__ = [
     "NONFINITE_POLICIES",
     "NonFiniteStatisticsError",
     "NonFiniteStatisticsWarning",
+    "caller_name",
     "check_batch_norm_args",
     "check_constructor_args",
+    "check_input",
+    "check_layer_input",
+    "check_mask",
     "check_module_input",
     "check_nonfinite_policy",
+    "check_normalize_args",
+    "check_update_args",
+    "layer_name",
+    "report_nonfinite",
 ]
 
 # What to do with a training batch whose statistics are NaN or infinite (in the dtype of the
@@ -52,13 +62,53 @@ _ALLOWED_PARAM_DTYPES = {
 }
 
 
-def _name(where) -> str:
+def caller_name(where) -> str:
     """The caller's name for a message: ``where`` itself, or its value if it is a callable.
 
-    Modules pass a bound method so that the name is only formatted when there is an error to
+    Layers pass a callable so that the name is only formatted when there is an error to
     report: forward runs on every batch, errors almost never.
     """
     return where() if callable(where) else where
+
+
+_name = caller_name
+
+
+def layer_name(layer) -> str:
+    """How a message names a layer: its class and ``num_features``, as the user built it."""
+    return f"{type(layer).__name__}(num_features={layer.num_features})"
+
+
+def report_nonfinite(nonfinite: str, where, mean, var) -> None:
+    """Report a training batch left out of the running statistics: raise, or warn.
+
+    Args:
+        nonfinite: ``"raise"`` (raise :class:`NonFiniteStatisticsError`) or ``"skip"`` (warn
+            with :class:`NonFiniteStatisticsWarning`).
+        where: The caller's name (or a callable returning it).
+        mean, var: The batch's per-channel statistics; the non-finite channels are named.
+    """
+    mean = np.asarray(mean, dtype=np.float64)
+    var = np.asarray(var, dtype=np.float64)
+    bad = np.flatnonzero(~(np.isfinite(mean) & np.isfinite(var)))
+    shown = ", ".join(map(str, bad[:8])) + (", ..." if bad.size > 8 else "")
+    what = (
+        f"the batch's mean or variance is NaN or infinite (in channels {shown})"
+        if bad.size
+        else "the batch's variance is too large for the running statistics' dtype"
+    )
+    if nonfinite == "raise":
+        raise NonFiniteStatisticsError(
+            f"{_name(where)}: expected finite batch statistics, but {what}; the running "
+            "statistics and num_batches_tracked were left unchanged."
+        )
+    warnings.warn(
+        NonFiniteStatisticsWarning(
+            f"{_name(where)}: {what}; this batch was left out of the running statistics "
+            "(and not counted in num_batches_tracked). Pass nonfinite='raise' to stop instead."
+        ),
+        stacklevel=3,
+    )
 
 
 def _floating_dtype_name(dtype: torch.dtype) -> str:
@@ -161,9 +211,202 @@ def check_module_input(
         )
 
 
+def check_layer_input(where, layer, input, state_dtype: torch.dtype | None) -> None:
+    """:func:`check_module_input` with the rank rule and shape hint the layer's class declares.
+
+    ``layer.input_ranks`` is a tuple of accepted ranks, or ``None`` for any rank >= 2
+    (SyncBatchNorm); ``layer.input_shape`` a hint such as ``"(N, {C}, H, W)"``.
+    """
+    ranks = layer.input_ranks
+
+    def shape_hint() -> str:
+        return layer.input_shape.format(C=layer.num_features)
+
+    if ranks is None:
+        if isinstance(input, torch.Tensor) and input.dim() < 2:
+            raise ValueError(
+                f"{_name(where)}: expected input of shape {shape_hint()} with at least 2 dims, "
+                f"got {input.dim()}-D input of shape {tuple(input.shape)}."
+            )
+        ranks = (input.dim(),) if isinstance(input, torch.Tensor) else (2,)
+    check_module_input(where, input, layer.num_features, ranks, shape_hint, state_dtype)
+
+
+def check_mask(where, input, mask) -> None:
+    """A mask of excluded positions: boolean, shaped like the input without its channel axis.
+
+    Raises:
+        TypeError: ``mask`` is not a boolean tensor.
+        ValueError: Its shape or device does not match the input's.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        given = type(mask).__name__ if not isinstance(mask, torch.Tensor) else mask.dtype
+        raise TypeError(f"{_name(where)}: expected mask to be a boolean tensor, got {given}.")
+    expected = (input.shape[0], *input.shape[2:])
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"{_name(where)}: expected mask of shape {expected} (the input's shape without "
+            f"the channel axis), got {tuple(mask.shape)}."
+        )
+    if mask.device != input.device:
+        raise ValueError(
+            f"{_name(where)}: expected mask on the input's device {input.device}, "
+            f"got {mask.device}."
+        )
+
+
+def check_update_args(where, running_mean, running_var, moments, momentum, counter) -> None:
+    """The arguments of a running-statistics update (:func:`batchnorm.functional.update_running`).
+
+    Raises:
+        TypeError: Buffers that are not floating-point tensors, a per-channel count, a
+            non-numeric ``momentum``, a counter that is not a 1-element tensor.
+        ValueError: Buffers of another shape or device than each other or the statistics, a
+            count of 1, ``momentum`` outside ``[0, 1]``, ``momentum=None`` without a counter.
+    """
+    channels = moments.mean.shape[0]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+            given = type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype
+            raise TypeError(
+                f"{_name(where)}: expected {name} to be a floating-point tensor, got {given}."
+            )
+        if t.shape != (channels,):
+            raise ValueError(
+                f"{_name(where)}: expected {name} of shape ({channels},) to match the "
+                f"statistics' {channels} channels, got shape {tuple(t.shape)}."
+            )
+    if running_var.device != running_mean.device:
+        raise ValueError(
+            f"{_name(where)}: expected running_var on running_mean's device "
+            f"{running_mean.device}, got {running_var.device}."
+        )
+    count = moments.count
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral):
+        raise TypeError(
+            f"{_name(where)}: expected statistics with one count for all channels (an int), "
+            f"got {type(count).__name__}."
+        )
+    if count == 1:
+        raise ValueError(
+            f"{_name(where)}: expected more than 1 value per channel (the unbiased variance of "
+            "one value is undefined), got 1."
+        )
+    if momentum is None:
+        if counter is None:
+            raise ValueError(
+                f"{_name(where)}: momentum=None (cumulative average) needs "
+                "num_batches_tracked, got None."
+            )
+    elif isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"{_name(where)}: expected momentum in [0, 1] or None, got {momentum!r}.")
+    elif not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{_name(where)}: expected momentum in [0, 1] or None, got {momentum!r}.")
+    if counter is not None and (not isinstance(counter, torch.Tensor) or counter.numel() != 1):
+        raise TypeError(
+            f"{_name(where)}: expected num_batches_tracked to be a 1-element tensor or None, "
+            f"got {counter!r}."
+        )
+
+
 def _elsewhere(t: torch.Tensor, on_cpu: bool, device: torch.device | None) -> bool:
     """Whether ``t`` is not on the input's device (``on_cpu``, or ``device`` when not on CPU)."""
     return not t.is_cpu if on_cpu else t.device != device
+
+
+def check_input(where, input) -> None:
+    """The input of a functional call: a floating-point tensor of shape ``(N, C, *)``."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(
+            f"{_name(where)}: expected a torch.Tensor input, got {type(input).__name__}."
+        )
+    if input.dim() < 2:
+        raise ValueError(
+            f"{_name(where)}: expected input of shape (N, C, *) with at least 2 dims, "
+            f"got shape {tuple(input.shape)}."
+        )
+    if not input.dtype.is_floating_point:
+        raise TypeError(
+            f"{_name(where)}: expected a floating-point input, "
+            f"got {_floating_dtype_name(input.dtype)}."
+        )
+
+
+def _check_per_channel(where, input, named, allowed) -> None:
+    """Each ``(name, tensor or None)`` of ``named``: a ``(C,)`` tensor on the input's device
+    with a dtype in ``allowed`` (``None``: any floating dtype); those checked with ``allowed``
+    must share one dtype."""
+    channels = input.shape[1]
+    # ``tensor.device`` builds a new object each time (~0.4 us; this check runs on every batch):
+    # compare the cheap ``is_cpu`` flags when the input is on the CPU, devices otherwise.
+    on_cpu = input.is_cpu
+    device = None if on_cpu else input.device
+    shared_dtype = None
+    for name, t in named:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"{_name(where)}: expected {name} to be a tensor or None, got {type(t).__name__}."
+            )
+        if t.shape != (channels,):
+            raise ValueError(
+                f"{_name(where)}: expected {name} of shape ({channels},) to match the input's "
+                f"{channels} channels, got shape {tuple(t.shape)}."
+            )
+        if _elsewhere(t, on_cpu, device):
+            raise ValueError(
+                f"{_name(where)}: expected {name} on the input's device {input.device}, "
+                f"got {t.device}."
+            )
+        if allowed is None:
+            if not t.dtype.is_floating_point:
+                raise TypeError(
+                    f"{_name(where)}: expected {name} with a floating-point dtype, "
+                    f"got {_floating_dtype_name(t.dtype)}."
+                )
+            continue
+        if t.dtype not in allowed:
+            raise TypeError(
+                f"{_name(where)}: expected {name} with dtype "
+                f"{' or '.join(_floating_dtype_name(d) for d in allowed)} to go with a "
+                f"{_floating_dtype_name(input.dtype)} input, got {_floating_dtype_name(t.dtype)}."
+            )
+        if shared_dtype is None:
+            shared_dtype = t.dtype
+        elif t.dtype != shared_dtype:
+            given = [f"{n} {_floating_dtype_name(u.dtype)}" for n, u in named if u is not None]
+            raise TypeError(
+                f"{_name(where)}: expected {', '.join(n for n, _ in named)} to share one dtype, "
+                f"got {', '.join(given)}."
+            )
+
+
+def _check_eps(where, eps) -> None:
+    if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
+        raise TypeError(f"{_name(where)}: expected eps to be a float, got {eps!r}.")
+
+
+def check_normalize_args(where, input, mean, var, weight, bias, eps) -> None:
+    """Validate a normalization with given statistics (:func:`batchnorm.functional.normalize`).
+
+    ``mean`` and ``var`` may have any floating dtype (float64 statistics normalize a float32
+    input in float64); ``weight`` and ``bias`` follow :func:`check_batch_norm_args`.
+
+    Raises:
+        TypeError: Non-tensor or non-floating input or statistics, parameters of the wrong
+            dtype, a non-numeric ``eps``.
+        ValueError: Fewer than 2 dims, a per-channel tensor of the wrong shape or device, a
+            missing ``mean`` or ``var``.
+    """
+    check_input(where, input)
+    for name, t in (("mean", mean), ("var", var)):
+        if t is None:
+            raise ValueError(f"{_name(where)}: expected {name} to be a (C,) tensor, got None.")
+    _check_per_channel(where, input, (("mean", mean), ("var", var)), None)
+    allowed = _ALLOWED_PARAM_DTYPES.get(input.dtype, (input.dtype,))
+    _check_per_channel(where, input, (("weight", weight), ("bias", bias)), allowed)
+    _check_eps(where, eps)
 
 
 def check_batch_norm_args(
@@ -188,67 +431,25 @@ def check_batch_norm_args(
             ``momentum=None`` without ``num_batches_tracked``, or a single value per channel
             when batch statistics are used.
     """
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(
-            f"{_name(where)}: expected a torch.Tensor input, got {type(input).__name__}."
-        )
-    if input.dim() < 2:
-        raise ValueError(
-            f"{_name(where)}: expected input of shape (N, C, *) with at least 2 dims, "
-            f"got shape {tuple(input.shape)}."
-        )
-    if not input.dtype.is_floating_point:
-        raise TypeError(
-            f"{_name(where)}: expected a floating-point input, "
-            f"got {_floating_dtype_name(input.dtype)}."
-        )
+    check_input(where, input)
     channels = input.shape[1]
-    dtype = input.dtype
-    # ``tensor.device`` builds a new object each time (~0.4 us; this check runs on every batch):
-    # compare the cheap ``is_cpu`` flags when the input is on the CPU, devices otherwise.
     on_cpu = input.is_cpu
     device = None if on_cpu else input.device
     # torch accepts one mixed-precision combination: a half/bfloat16 input with float32
     # parameters and statistics. Everything else must share the input's dtype; checking here
     # keeps torch's own error (raised after the counter moved) from being reached.
-    allowed = _ALLOWED_PARAM_DTYPES.get(dtype, (dtype,))
-    shared_dtype = None
-    for name, t in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(
-                f"{_name(where)}: expected {name} to be a tensor or None, got {type(t).__name__}."
-            )
-        if t.shape != (channels,):
-            raise ValueError(
-                f"{_name(where)}: expected {name} of shape ({channels},) to match the input's "
-                f"{channels} channels, got shape {tuple(t.shape)}."
-            )
-        if _elsewhere(t, on_cpu, device):
-            raise ValueError(
-                f"{_name(where)}: expected {name} on the input's device {input.device}, "
-                f"got {t.device}."
-            )
-        if t.dtype not in allowed:
-            raise TypeError(
-                f"{_name(where)}: expected {name} with dtype "
-                f"{' or '.join(_floating_dtype_name(d) for d in allowed)} to go with a "
-                f"{_floating_dtype_name(dtype)} input, got {_floating_dtype_name(t.dtype)}."
-            )
-        if shared_dtype is None:
-            shared_dtype = t.dtype
-        elif t.dtype != shared_dtype:
-            given = [u.dtype for u in (running_mean, running_var, weight, bias) if u is not None]
-            raise TypeError(
-                f"{_name(where)}: expected weight, bias, running_mean and running_var to share "
-                f"one dtype, got {', '.join(_floating_dtype_name(d) for d in given)}."
-            )
+    allowed = _ALLOWED_PARAM_DTYPES.get(input.dtype, (input.dtype,))
+    _check_per_channel(
+        where,
+        input,
+        (
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+            ("weight", weight),
+            ("bias", bias),
+        ),
+        allowed,
+    )
     if (running_mean is None) != (running_var is None):
         raise ValueError(
             f"{_name(where)}: expected running_mean and running_var both given or both None, "
@@ -259,8 +460,7 @@ def check_batch_norm_args(
             f"{_name(where)}: expected running_mean and running_var in evaluation mode "
             "(training=False normalizes with them), got None."
         )
-    if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
-        raise TypeError(f"{_name(where)}: expected eps to be a float, got {eps!r}.")
+    _check_eps(where, eps)
     if momentum is None:
         if training and running_mean is not None and num_batches_tracked is None:
             raise ValueError(

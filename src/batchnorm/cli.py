@@ -399,33 +399,17 @@ def _cmd_info(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _size(nbytes: int) -> str:
-    """``nbytes`` in the largest binary unit that keeps it at least 1 (``32 MiB``)."""
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def _nhwc_train_serial_max(functional) -> int:
-    return int(functional.SERIAL_MAX_ELEMENTS * functional.NHWC_TRAIN_SERIAL_SCALE)
-
-
 def _dispatch_lines() -> list[str]:
-    """The size rules of the dispatch and the state of the output cache, read from the code."""
-    from . import functional, outputs
+    """The routing policy in force and the state of the output cache, read from the code."""
+    from . import outputs
+    from .routing import format_bytes, routing_policy
 
     cache = outputs.output_cache_info()
     return [
-        f"training: serial kernels up to {functional.SERIAL_MAX_ELEMENTS:,} values "
-        f"({_nhwc_train_serial_max(functional):,} for a channels-last forward), parallel above",
-        f"evaluation: inputs under {_size(functional.EVAL_NATIVE_BYTES)} run on torch's op "
-        "(measured faster there)",
-        f"output cache: outputs of {_size(outputs.MIN_BYTES)} or more reuse buffers; limit "
-        f"{_size(cache.limit)}, holding {_size(cache.held)} ({_size(cache.idle)} idle) in "
-        f"{cache.buffers} buffers",
+        *routing_policy().describe(),
+        f"output cache: outputs of {format_bytes(outputs.MIN_BYTES)} or more reuse buffers; "
+        f"limit {format_bytes(cache.limit)}, holding {format_bytes(cache.held)} "
+        f"({format_bytes(cache.idle)} idle) in {cache.buffers} buffers",
     ]
 
 

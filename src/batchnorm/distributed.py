@@ -4,9 +4,11 @@ Under data parallelism each process sees only its shard of the mini-batch, and p
 BatchNorm then normalizes with the shard's statistics. :class:`SyncBatchNorm` normalizes every
 shard with the statistics of the *concatenated* batch of all processes of a group, on any
 device torch.distributed works on: gloo on CPU (where ``torch.nn.SyncBatchNorm`` refuses to
-run) as well as NCCL on CUDA. :func:`convert_sync_batchnorm` and
-:func:`revert_sync_batchnorm` switch the BatchNorm layers of a model between the two kinds in
-place.
+run) as well as NCCL on CUDA. :func:`batchnorm.convert_sync_batchnorm` and
+:func:`batchnorm.revert_sync_batchnorm` (in :mod:`batchnorm.tools.convert`) switch the
+BatchNorm layers of a model between the two kinds in place. This module holds the layer and its
+collectives; the statistics, normalization, backward stages and running update are
+:mod:`batchnorm.functional`'s, the same the single-process layers run.
 
 Forward (training), per channel, with rank :math:`r` holding :math:`n_r` values per channel:
 
@@ -55,6 +57,7 @@ to agree before any vector whose length depends on ``num_features`` is sent.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import NamedTuple
 
@@ -63,33 +66,25 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from . import kernels
 from ._validate import (
-    _name,
+    caller_name,
     check_batch_norm_args,
-    check_module_input,
+    check_layer_input,
     check_nonfinite_policy,
+    layer_name,
 )
 from .functional import (
-    _LIMIT,
-    _count_batch,
-    _empty_output,
-    _float64,
-    _Guard,
-    _kernel,
-    _kernel_array,
-    _layout,
-    _numpy,
-    _optional,
-    _records_graph,
-    _reject_batch,
-    _torch_thread_count,
-    backend_for,
+    backward_input,
+    backward_sums,
+    batch_moments,
+    forward_layer,
+    normalize,
+    update_running,
 )
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormMixin
+from .modules import BatchNormBase
 from .stats import Moments, finalize, merge_all
 
-__all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "revert_sync_batchnorm"]
+__all__ = ["SyncBatchNorm", "forget_sync_state", "last_input_rank"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +99,7 @@ _OK = 0.0
 _REJECTED = 1.0  # this rank's input failed validation; it joined only to unblock the others
 
 
-class SyncBatchNorm(_BatchNormMixin, torch.nn.modules.batchnorm._BatchNorm):
+class SyncBatchNorm(BatchNormBase, torch.nn.modules.batchnorm._BatchNorm):
     r"""Batch Normalization with statistics over all processes of a torch.distributed group.
 
     In training mode, when ``torch.distributed`` is initialized and the group (``process_group``,
@@ -205,8 +200,8 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.modules.batchnorm._BatchNorm):
         torch.Size([8, 3, 4, 4])
     """
 
-    _ranks = ()  # unused: any rank >= 2 is accepted (see _check_input_dim)
-    _shape_hint = "(N, {C}, *)"
+    input_ranks = None  # any rank >= 2
+    input_shape = "(N, {C}, *)"
     process_group = None  # class default, for layers class-swapped in by convert_sync_batchnorm
 
     def __init__(
@@ -240,24 +235,17 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.modules.batchnorm._BatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None):
-        """:func:`convert_sync_batchnorm`, under torch's classmethod name."""
-        return convert_sync_batchnorm(module, process_group)
+        """:func:`batchnorm.convert_sync_batchnorm`, under torch's classmethod name."""
+        # The conversions live with the other model-tree tools, above this module; torch's
+        # name for it is kept here for code written against torch.nn.SyncBatchNorm.
+        from .tools.convert import convert_sync_batchnorm
 
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if isinstance(input, torch.Tensor) and input.dim() < 2:
-            raise ValueError(
-                f"{self._where()}: expected input of shape {self._shape_text()} with at least "
-                f"2 dims, got {input.dim()}-D input of shape {tuple(input.shape)}."
-            )
-        ranks = (input.dim(),) if isinstance(input, torch.Tensor) else (2,)
-        check_module_input(
-            self._where, input, self.num_features, ranks, self._shape_text, self._state_dtype()
-        )
+        return convert_sync_batchnorm(module, process_group)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         group = self._sync_group()
         if group is None:
-            output = super().forward(input)  # exactly batchnorm.BatchNorm*d
+            output = forward_layer(self, input)  # exactly batchnorm.BatchNorm*d
         else:
             output = self._sync_forward(input, group)
         # Remembered so that revert_sync_batchnorm can pick the BatchNorm*d of this rank for a
@@ -274,7 +262,7 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.modules.batchnorm._BatchNorm):
         if not (dist.is_available() and dist.is_initialized()):
             if self.process_group is not None:
                 raise RuntimeError(
-                    f"{self._where()}: expected torch.distributed to be initialized when "
+                    f"{layer_name(self)}: expected torch.distributed to be initialized when "
                     "process_group is given, got an uninitialized default group. Call "
                     "init_process_group() first, or set process_group=None."
                 )
@@ -282,14 +270,14 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.modules.batchnorm._BatchNorm):
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         if dist.get_rank(group) < 0:
             raise RuntimeError(
-                f"{self._where()}: expected this process (global rank {dist.get_rank()}) to be "
+                f"{layer_name(self)}: expected this process (global rank {dist.get_rank()}) to be "
                 "a member of process_group, got a group it does not belong to. Give each "
                 "process the group it is in."
             )
         return group if dist.get_world_size(group) > 1 else None
 
     def _sync_forward(self, input, group) -> torch.Tensor:
-        where = self._where
+        where = functools.partial(layer_name, self)
         peers = _Peers(group)
         device = _packet_device(input, self)
         self._agree_on_num_features(peers, device)
@@ -298,7 +286,7 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.modules.batchnorm._BatchNorm):
         running_var = self.running_var if tracking else None
         num_batches_tracked = self.num_batches_tracked if tracking else None
         try:
-            self._check_input_dim(input)
+            check_layer_input(where, self, input, _state_dtype(self))
             check_nonfinite_policy(where, self.nonfinite)
             # The shared per-call checks (devices and dtypes of the parameters and buffers,
             # eps, momentum). They run on an empty slice because their one-value-per-channel
@@ -319,8 +307,7 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.modules.batchnorm._BatchNorm):
             _join_as_rejected(peers, self.num_features, device, where)
             raise
         eps = float(self.eps)
-        backend = backend_for(input)
-        local = _local_moments(input, backend)
+        local = batch_moments(input, where=where)
         packet = torch.from_numpy(
             np.concatenate(
                 [[_STATISTICS, self.num_features, _OK, local.count], local.mean, local.m2]
@@ -330,27 +317,34 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.modules.batchnorm._BatchNorm):
         total = _merge_blocks(blocks, peers, self.num_features, where)
         if total.count == 0:
             # Every rank is empty: what BatchNorm does with an empty batch (nothing changes).
-            return super().forward(input)
+            return forward_layer(self, input)
         if total.count == 1:
             raise ValueError(
-                f"{_name(where)}: expected more than 1 value per channel over all ranks of the "
-                f"process group when training, got 1 (this rank's input has shape "
+                f"{caller_name(where)}: expected more than 1 value per channel over all ranks of "
+                f"the process group when training, got 1 (this rank's input has shape "
                 f"{tuple(input.shape)})."
             )
         mean, var, _ = finalize(total)
         invstd = 1.0 / np.sqrt(var + eps)
-        sync = _Sync(peers, where, backend, int(total.count), mean, invstd)
+        sync = _Sync(peers, where, int(total.count), mean, var, invstd, eps)
         weight, bias = self.weight, self.bias
-        if _records_graph(input, weight, bias):
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (input, weight, bias)
+        ):
             output = _SyncBatchNormFn.apply(input, weight, bias, sync)
         else:
             output = _normalize(input, weight, bias, sync)
         if tracking and running_mean is not None:
-            factor = _batch_weight(num_batches_tracked, self.momentum)
-            if _update_running(running_mean, running_var, mean, var, sync.count, factor):
-                _count(num_batches_tracked)
-            else:
-                _reject_batch(_Guard(self.nonfinite, where, self._count_skipped_batch), mean, var)
+            update_running(
+                running_mean,
+                running_var,
+                total,
+                self.momentum,
+                num_batches_tracked=num_batches_tracked,
+                nonfinite=self.nonfinite,
+                where=where,
+                on_skip=functools.partial(_count_skipped, self),
+            )
         return output
 
     def _agree_on_num_features(self, peers: _Peers, device: torch.device) -> None:
@@ -366,14 +360,15 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.modules.batchnorm._BatchNorm):
         packet = torch.tensor(
             [_HANDSHAKE, float(self.num_features)], dtype=torch.float64, device=device
         )
-        blocks = _all_gather(peers, packet, self._where, "num_features")
-        _check_kind(blocks, _HANDSHAKE, peers, self._where)
+        where = functools.partial(layer_name, self)
+        blocks = _all_gather(peers, packet, where, "num_features")
+        _check_kind(blocks, _HANDSHAKE, peers, where)
         features = [int(c) for c in blocks[:, 1]]
         if any(c != self.num_features for c in features):
             pairs = zip(peers.ranks, features, strict=True)
             shown = ", ".join(f"{c} on global rank {r}" for r, c in pairs)
             raise RuntimeError(
-                f"{self._where()}: expected the same num_features on every rank of the process "
+                f"{layer_name(self)}: expected the same num_features on every rank of the process "
                 f"group, got {shown}. Every rank must build the same model."
             )
         self.__dict__["_sync_checked"] = key
@@ -408,7 +403,7 @@ def _packet_device(input, module: torch.nn.Module) -> torch.device:
 def _collective_failed(where, peers: _Peers, what: str, err: Exception) -> RuntimeError:
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return RuntimeError(
-        f"{_name(where)}: expected every rank of the process group (global ranks "
+        f"{caller_name(where)}: expected every rank of the process group (global ranks "
         f"{list(peers.ranks)}) to take part in exchanging the {what}, but the collective "
         f"failed with {first_line!r}. A rank probably exited, crashed or timed out, or the "
         "ranks called their synchronized layers in different orders; the process group is "
@@ -441,14 +436,16 @@ def _join_as_rejected(peers: _Peers, num_features: int, device, where) -> None:
     try:
         _all_gather(peers, packet, where, "batch statistics")
     except RuntimeError:  # the caller's own error matters more than the courtesy collective
-        logger.exception("%s: could not tell the other ranks of a rejected input", _name(where))
+        logger.exception(
+            "%s: could not tell the other ranks of a rejected input", caller_name(where)
+        )
 
 
 def _check_kind(blocks: np.ndarray, kind: float, peers: _Peers, where) -> None:
     wrong = [r for r, block in zip(peers.ranks, blocks, strict=True) if block[0] != kind]
     if wrong:
         raise RuntimeError(
-            f"{_name(where)}: expected every rank of the process group to be exchanging the "
+            f"{caller_name(where)}: expected every rank of the process group to be exchanging the "
             f"same layer's data, got a different collective from global rank(s) {wrong}. The "
             "ranks must call their synchronized layers in the same order and the same number "
             "of times."
@@ -464,7 +461,7 @@ def _merge_blocks(blocks: np.ndarray, peers: _Peers, num_features: int, where) -
     rejected = [r for r, block in zip(peers.ranks, blocks, strict=True) if block[2] != _OK]
     if rejected:
         raise RuntimeError(
-            f"{_name(where)}: expected a valid input on every rank of the process group, got "
+            f"{caller_name(where)}: expected a valid input on every rank of the process group, got "
             f"an input rejected on global rank(s) {rejected} (see the error raised there); "
             "nothing was updated on any rank."
         )
@@ -484,97 +481,34 @@ def _merge_blocks(blocks: np.ndarray, peers: _Peers, num_features: int, where) -
 class _Sync(NamedTuple):
     """What the normalization and its backward need from one synchronized forward.
 
-    ``mean`` and ``invstd`` are the global statistics, float64 NumPy arrays of shape ``(C,)``;
-    ``count`` is the global number of values per channel.
+    ``mean``, ``var`` and ``invstd`` are the global statistics, float64 NumPy arrays of shape
+    ``(C,)``; ``count`` is the global number of values per channel.
     """
 
     peers: _Peers
     where: object
-    backend: str
     count: int
     mean: np.ndarray
+    var: np.ndarray
     invstd: np.ndarray
+    eps: float
 
 
-def _accumulate_dtype(x: torch.Tensor) -> torch.dtype:
-    """Dtype of the torch-op path's arithmetic: float64 on CPU, float32 elsewhere.
-
-    GPUs run float64 at 1/2 to 1/64 of their float32 rate and BatchNorm is memory-bound, so a
-    float64 copy of the activations would cost time and memory; torch's own CUDA BatchNorm
-    accumulates in float32 too. float64 input stays float64.
-    """
-    if x.device.type == "cpu" or x.dtype == torch.float64:
-        return torch.float64
-    return torch.float32
+def _state_dtype(layer) -> torch.dtype | None:
+    for t in (layer.weight, layer.running_mean):
+        if t is not None:
+            return t.dtype
+    return None
 
 
-def _broadcast_shape(x: torch.Tensor) -> tuple[int, ...]:
-    return (1, -1) + (1,) * (x.dim() - 2)
-
-
-def _reduce_dims(x: torch.Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]
-
-
-def _local_moments(x: torch.Tensor, backend: str) -> Moments:
-    """This rank's ``(count, mean, M2)`` per channel, float64; empty input gives the empty one."""
-    channels = x.shape[1]
-    count = x.numel() // channels
-    if count == 0:
-        return Moments.empty(channels)
-    if backend == "numba":
-        layout = _layout(x)
-        xa = _kernel_array(_numpy(x), layout)
-        mean = np.empty(channels)
-        m2 = np.empty(channels)
-        with _torch_thread_count():
-            _kernel("moments", layout, xa.dtype)(xa, mean, m2)
-        return Moments(count, mean, m2)
-    with torch.no_grad():
-        var, mean = torch.var_mean(x.to(_accumulate_dtype(x)), dim=_reduce_dims(x), correction=0)
-        stats = torch.stack([mean, var]).double().cpu().numpy()
-    # M2 = m * biased variance: the sum of squared deviations the merge works with.
-    return Moments(count, stats[0], stats[1] * count)
+def _count_skipped(layer) -> None:
+    layer.nonfinite_batches_skipped += 1
 
 
 def _normalize(x, weight, bias, sync: _Sync) -> torch.Tensor:
     """``y = (x - mean) * invstd * weight + bias`` with the global statistics."""
-    if x.numel() == 0:
-        return torch.empty_like(x)
-    channels = x.shape[1]
-    if sync.backend == "numba":
-        layout = _layout(x)
-        xa = _kernel_array(_numpy(x), layout)
-        y, ya = _empty_output(x, layout)
-        scale = sync.invstd * _float64(_optional(weight, x.dtype), channels, 1.0)
-        shift = _float64(_optional(bias, x.dtype), channels, 0.0)
-        with _torch_thread_count():
-            _kernel("normalize", layout, xa.dtype)(xa, sync.mean, scale, shift, ya)
-        return y
-    acc = _accumulate_dtype(x)
-    shape = _broadcast_shape(x)
-    mean_t, invstd_t = (
-        torch.from_numpy(a).to(device=x.device, dtype=acc).reshape(shape)
-        for a in (sync.mean, sync.invstd)
-    )
-    with torch.no_grad():
-        scale_t = invstd_t if weight is None else invstd_t * weight.detach().to(acc).reshape(shape)
-        centred = x.detach().to(acc) - mean_t
-        y = centred * scale_t
-        if bias is not None:
-            y += bias.detach().to(acc).reshape(shape)
-        return y.to(x.dtype)
-
-
-def _match_layout(dy: torch.Tensor, x: torch.Tensor, layout: str) -> torch.Tensor:
-    # The gradient arrives in whatever layout autograd produced (often an expanded view from a
-    # sum); the kernels need it in x's memory layout.
-    if layout == "nchw" or x.dim() == 2:
-        return dy.contiguous()
-    if dy.stride() != x.stride():
-        dy = dy.permute(0, *range(2, dy.dim()), 1).contiguous()
-        return dy.permute(0, dy.dim() - 1, *range(1, dy.dim() - 1))
-    return dy
+    mean, var = (torch.from_numpy(a).to(x.device) for a in (sync.mean, sync.var))
+    return normalize(x, mean, var, weight, bias, sync.eps, where=sync.where)
 
 
 def _backward(dy, x, weight, sync: _Sync, need_dx: bool):
@@ -585,53 +519,25 @@ def _backward(dy, x, weight, sync: _Sync, need_dx: bool):
     whether the input needs a gradient is the same on every rank.
     """
     channels = x.shape[1]
-    empty = x.numel() == 0
-    if sync.backend == "numba":
-        layout = _layout(x)
-        sum_dy = np.zeros(channels)
-        sum_dy_xmu = np.zeros(channels)
-        if not empty:
-            dy = _match_layout(dy, x, layout)
-            xa = _kernel_array(_numpy(x), layout)
-            dya = _kernel_array(_numpy(dy), layout)
-            with _torch_thread_count():
-                _kernel("backward_reduce", layout, xa.dtype)(dya, xa, sync.mean, sum_dy, sum_dy_xmu)
-    else:
-        acc = _accumulate_dtype(x)
-        shape = _broadcast_shape(x)
-        mean_t = torch.from_numpy(sync.mean).to(device=x.device, dtype=acc).reshape(shape)
-        dy_acc = dy.to(acc)
-        xmu = x.detach().to(acc) - mean_t
-        dims = _reduce_dims(x)
-        sums = torch.stack([dy_acc.sum(dim=dims), (dy_acc * xmu).sum(dim=dims)])
-        sum_dy, sum_dy_xmu = sums.double().cpu().numpy()
+    sum_dy, sum_dy_xmu = backward_sums(dy, x, sync.mean)
     param_dtype = weight.dtype if weight is not None else x.dtype
-    dweight = torch.from_numpy(sum_dy_xmu * sync.invstd).to(device=x.device, dtype=param_dtype)
-    dbias = torch.from_numpy(sum_dy.copy()).to(device=x.device, dtype=param_dtype)
+    invstd = torch.from_numpy(sync.invstd).to(x.device)
+    dweight = (sum_dy_xmu * invstd).to(param_dtype)
+    dbias = sum_dy.to(param_dtype)
     if not need_dx:
         return None, dweight, dbias
-    packet = torch.from_numpy(np.concatenate([sum_dy, sum_dy_xmu])).to(x.device)
-    totals = _all_reduce(sync.peers, packet, sync.where, "gradient sums").cpu().numpy()
-    total_dy, total_dy_xmu = totals[:channels], totals[channels:]
-    if empty:
-        return torch.empty_like(x), dweight, dbias
-    m = sync.count
-    k_dy = sync.invstd * _float64(_optional(weight, x.dtype), channels, 1.0)
-    # dx = k_dy * dy + k_xmu * (x - mean) + k_const, the formula of the module docstring.
-    k_xmu = -k_dy * sync.invstd**2 * total_dy_xmu / m
-    k_const = -k_dy * total_dy / m
-    if sync.backend == "numba":
-        dx, dxa = _empty_output(x, layout)
-        with _torch_thread_count():
-            _kernel("backward_apply", layout, xa.dtype)(
-                dya, xa, sync.mean, k_dy, k_xmu, k_const, dxa
-            )
-        return dx, dweight, dbias
-    k_dy_t, k_xmu_t, k_const_t = (
-        torch.from_numpy(k).to(device=x.device, dtype=acc).reshape(shape)
-        for k in (k_dy, k_xmu, k_const)
+    packet = torch.cat([sum_dy, sum_dy_xmu])
+    totals = _all_reduce(sync.peers, packet, sync.where, "gradient sums")
+    dx = backward_input(
+        dy,
+        x,
+        sync.mean,
+        sync.invstd,
+        weight,
+        totals[:channels],
+        totals[channels:],
+        sync.count,
     )
-    dx = (dy_acc * k_dy_t + xmu * k_xmu_t + k_const_t).to(x.dtype)
     return dx, dweight, dbias
 
 
@@ -652,209 +558,24 @@ class _SyncBatchNormFn(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------
-# Running statistics
+# What the conversions need to know of a layer's synchronization state
 # --------------------------------------------------------------------------------------------
 
-
-def _batch_weight(num_batches_tracked, momentum) -> float:
-    """The new batch's weight: ``momentum``, or ``1 / num_batches_tracked`` counting this batch."""
-    if momentum is None and num_batches_tracked is not None:
-        return 1.0 / (float(num_batches_tracked.item()) + 1.0)
-    return float(momentum)
+# Instance attributes this module keeps on a layer: the group whose num_features were checked,
+# and the rank of the last input.
+_STATE_ATTRIBUTES = ("_sync_checked", "_input_dim")
 
 
-def _update_running(running_mean, running_var, mean, var, count: int, factor: float) -> bool:
-    """torch's running-average update with the global statistics, unless they are not finite.
+def last_input_rank(layer: SyncBatchNorm) -> int | None:
+    """The rank of the last input ``layer`` processed, or ``None`` before its first forward.
 
-    The arithmetic is :func:`batchnorm.kernels.update_running` (float64, rounded once), in
-    place on CPU float32/float64 buffers, on a float64 copy written back otherwise.
+    :func:`batchnorm.revert_sync_batchnorm` uses it to pick ``BatchNorm1d/2d/3d`` for a layer
+    built as :class:`SyncBatchNorm`.
     """
-    if running_mean.device.type == "cpu" and running_mean.dtype in (torch.float32, torch.float64):
-        running_mean_a, running_var_a = _numpy(running_mean), _numpy(running_var)
-        updated = kernels.update_running(
-            running_mean_a, running_var_a, mean, var, count, factor, _LIMIT[running_mean_a.dtype]
-        )
-        if updated:
-            # Written through NumPy, which autograd cannot see (as in functional.py).
-            torch.autograd.graph.increment_version(running_mean)
-            torch.autograd.graph.increment_version(running_var)
-        return updated
-    copies = [t.detach().double().cpu().numpy() for t in (running_mean, running_var)]
-    limit = float(torch.finfo(running_mean.dtype).max)
-    if not kernels.update_running(*copies, mean, var, count, factor, limit):
-        return False
-    with torch.no_grad():
-        running_mean.copy_(torch.from_numpy(copies[0]))
-        running_var.copy_(torch.from_numpy(copies[1]))
-    return True
+    return layer.__dict__.get("_input_dim")
 
 
-def _count(num_batches_tracked) -> None:
-    if num_batches_tracked is None:
-        return
-    if num_batches_tracked.device.type == "cpu":
-        _count_batch(num_batches_tracked)
-    else:
-        with torch.no_grad():
-            num_batches_tracked.add_(1)
-
-
-# --------------------------------------------------------------------------------------------
-# Conversion
-# --------------------------------------------------------------------------------------------
-
-_TO_SYNC = (
-    torch.nn.BatchNorm1d,
-    torch.nn.BatchNorm2d,
-    torch.nn.BatchNorm3d,
-    BatchNorm1d,
-    BatchNorm2d,
-    BatchNorm3d,
-    torch.nn.SyncBatchNorm,
-)
-_OURS = (BatchNorm1d, BatchNorm2d, BatchNorm3d)
-_FOR_INPUT_DIM = {2: BatchNorm1d, 3: BatchNorm1d, 4: BatchNorm2d, 5: BatchNorm3d}
-# Instance attributes this module sets on a layer, removed again by revert_sync_batchnorm.
-_OWN_ATTRIBUTES = ("_sync_original_class", "_sync_checked", "_input_dim")
-
-
-def _is_batchnorm_like(module: torch.nn.Module) -> bool:
-    # As batchnorm.convert decides: BatchNorm's running-statistics machinery, minus the
-    # instance norms, which share the base class but are a different operation.
-    return isinstance(module, torch.nn.modules.batchnorm._NormBase) and not isinstance(
-        module, torch.nn.modules.instancenorm._InstanceNorm
-    )
-
-
-def _path_text(path: str) -> str:
-    return repr(path) if path else "the root module"
-
-
-def _type_text(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def convert_sync_batchnorm(model: torch.nn.Module, process_group=None) -> torch.nn.Module:
-    """Make every BatchNorm layer of ``model`` a :class:`SyncBatchNorm`, in place.
-
-    ``torch.nn.BatchNorm1d/2d/3d``, ``batchnorm.BatchNorm1d/2d/3d`` and
-    ``torch.nn.SyncBatchNorm`` layers change class: the very same module objects, with the same
-    Parameter objects (an optimizer built before keeps working), buffers, hooks, training
-    mode, device and dtype, and for this package's layers their ``nonfinite`` policy. Each
-    remembers its original class for :func:`revert_sync_batchnorm`. Every converted layer, and
-    every layer that already was a :class:`SyncBatchNorm`, synchronizes over ``process_group``
-    afterwards (a ``torch.nn.SyncBatchNorm``'s own group is replaced too). Frozen layers
-    (:mod:`batchnorm.frozen`) and instance norms are not BatchNorm layers and are left alone.
-
-    Args:
-        model: Any module; the root may itself be a BatchNorm layer.
-        process_group: The group to synchronize over; ``None`` for the default (world) group.
-
-    Returns:
-        ``model`` itself, converted in place (the root too), for chaining.
-
-    Raises:
-        TypeError: ``model`` is not a module, or holds a BatchNorm-like layer of another class
-            (a user subclass, an uninitialized lazy layer): converting it would drop its
-            behaviour. The whole tree is checked first, so then nothing is converted.
-
-    Example:
-        >>> import torch
-        >>> from batchnorm.distributed import convert_sync_batchnorm, revert_sync_batchnorm
-        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-        >>> weight = net[1].weight
-        >>> type(convert_sync_batchnorm(net)[1]).__name__, net[1].weight is weight
-        ('SyncBatchNorm', True)
-        >>> type(revert_sync_batchnorm(net)[1]) is torch.nn.BatchNorm2d
-        True
-    """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(
-            f"convert_sync_batchnorm(): expected a torch.nn.Module, got {type(model).__name__}."
-        )
-    swaps, already = [], []
-    for path, module in model.named_modules():
-        cls = type(module)
-        if cls in _TO_SYNC:
-            swaps.append(module)
-        elif cls is SyncBatchNorm:
-            already.append(module)
-        elif _is_batchnorm_like(module):
-            raise TypeError(
-                f"convert_sync_batchnorm(): cannot convert {_path_text(path)} of type "
-                f"{_type_text(cls)}: only torch.nn.BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm and "
-                "batchnorm.BatchNorm1d/2d/3d are converted, and converting a subclass would "
-                "drop its behaviour. Replace it yourself or convert its base class."
-            )
-    for module in swaps:
-        original = type(module)
-        module.__class__ = SyncBatchNorm
-        module.__dict__["_sync_original_class"] = original
-    for module in (*swaps, *already):
-        module.process_group = process_group
-    return model
-
-
-def revert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
-    """Turn every :class:`SyncBatchNorm` of ``model`` back into a per-process layer, in place.
-
-    A layer converted by :func:`convert_sync_batchnorm` gets its original class back (same
-    module and Parameter objects, as for the conversion). A layer *built* as
-    :class:`SyncBatchNorm` has no original class; it becomes the ``batchnorm.BatchNorm1d``,
-    ``2d`` or ``3d`` that accepts the rank of the last input it processed (2-D or 3-D input:
-    ``BatchNorm1d``). Turned into one of torch's classes, a layer loses this package's
-    ``nonfinite`` policy and skip counter; turned into anything but ``torch.nn.SyncBatchNorm``,
-    it loses ``process_group``.
-
-    Args:
-        model: Any module; the root may itself be a :class:`SyncBatchNorm`.
-
-    Returns:
-        ``model`` itself, reverted in place, for chaining.
-
-    Raises:
-        TypeError: ``model`` is not a module; or it holds a :class:`SyncBatchNorm` built as such
-            that has not processed an input yet (or only inputs of rank 6 or more), so its
-            BatchNorm class is unknown (run one forward pass, or replace it yourself); or a
-            subclass of :class:`SyncBatchNorm`. The whole tree is checked first, so then
-            nothing is reverted.
-    """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(
-            f"revert_sync_batchnorm(): expected a torch.nn.Module, got {type(model).__name__}."
-        )
-    plan = []
-    for path, module in model.named_modules():
-        if not isinstance(module, SyncBatchNorm):
-            continue
-        if type(module) is not SyncBatchNorm:
-            raise TypeError(
-                f"revert_sync_batchnorm(): cannot revert {_path_text(path)} of type "
-                f"{_type_text(type(module))}, a subclass of SyncBatchNorm: reverting it would "
-                "drop its behaviour. Replace it yourself."
-            )
-        target = module.__dict__.get("_sync_original_class")
-        if target is None:
-            target = _FOR_INPUT_DIM.get(module.__dict__.get("_input_dim"))
-        if target is None:
-            raise TypeError(
-                f"revert_sync_batchnorm(): cannot revert {_path_text(path)}, a SyncBatchNorm "
-                "built as such: expected it to have processed an input of rank 2 to 5, which "
-                "decides between BatchNorm1d, 2d and 3d, got "
-                + (
-                    "no input yet. Run one forward pass first, or replace it yourself."
-                    if module.__dict__.get("_input_dim") is None
-                    else f"{module.__dict__['_input_dim']}-D input. Replace it yourself."
-                )
-            )
-        plan.append((module, target))
-    for module, target in plan:
-        for name in _OWN_ATTRIBUTES:
-            module.__dict__.pop(name, None)
-        if target is not torch.nn.SyncBatchNorm:
-            module.__dict__.pop("process_group", None)
-        if target not in _OURS:
-            module.__dict__.pop("nonfinite", None)
-            module.__dict__.pop("nonfinite_batches_skipped", None)
-        module.__class__ = target
-    return model
+def forget_sync_state(layer: torch.nn.Module) -> None:
+    """Remove what this module remembers on ``layer`` (before it stops being a SyncBatchNorm)."""
+    for name in _STATE_ATTRIBUTES:
+        layer.__dict__.pop(name, None)

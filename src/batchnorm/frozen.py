@@ -57,16 +57,33 @@ Example:
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 
-from ._validate import check_constructor_args
-from .functional import _batch_norm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _InputChecks
+from ._validate import check_constructor_args, check_layer_input, layer_name
+from .functional import normalize
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-__all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d"]
+__all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "FrozenOrigin"]
 
 
-class _FrozenBatchNormBase(_InputChecks, torch.nn.Module):
+class FrozenOrigin(NamedTuple):
+    """What :func:`batchnorm.unfreeze` turns a frozen layer back into.
+
+    Attributes:
+        cls: The BatchNorm class the layer was frozen from.
+        momentum: Its ``momentum``.
+        nonfinite: Its non-finite policy (``None`` for torch.nn's classes, which have none).
+    """
+
+    cls: type
+    momentum: float | None
+    nonfinite: str | None
+
+
+class _FrozenBatchNormBase(torch.nn.Module):
     """State, ``state_dict`` migration and forward shared by the three ranks.
 
     A subclass of :class:`torch.nn.Module` only, on purpose: see the module docstring.
@@ -76,21 +93,15 @@ class _FrozenBatchNormBase(_InputChecks, torch.nn.Module):
     # written by a frozen layer carry the metadata a BatchNorm layer expects, and vice versa.
     _version = 2
 
-    _ranks: tuple[int, ...]
-    _shape_hint: str
+    # A frozen layer accepts exactly the inputs of the BatchNorm it stands for: each rank's
+    # class takes that class's input_ranks and input_shape, not a second copy of them.
+    input_ranks: tuple[int, ...]
+    input_shape: str
 
-    # What tools.freeze.unfreeze turns the layer back into. Class attributes hold the defaults
-    # for a layer built directly (each rank sets _unfrozen_class); freeze() overrides them on
-    # the instance. They are not in the state_dict: a checkpoint holds tensors, not classes.
-    _unfrozen_class: type[torch.nn.Module]
-    _unfrozen_momentum: float | None = 0.1
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        # A frozen layer accepts exactly the inputs of the BatchNorm it stands for: its ranks
-        # and shape hint are that class's, not a second copy of them.
-        super().__init_subclass__(**kwargs)
-        cls._ranks = cls._unfrozen_class._ranks
-        cls._shape_hint = cls._unfrozen_class._shape_hint
+    # What tools.freeze.unfreeze turns the layer back into, set by freeze(); None for a layer
+    # built directly (unfreeze then picks this package's BatchNorm of the same rank). Not in
+    # the state_dict: a checkpoint holds tensors, not classes.
+    frozen_from: FrozenOrigin | None = None
 
     def __init__(
         self,
@@ -146,26 +157,20 @@ class _FrozenBatchNormBase(_InputChecks, torch.nn.Module):
             f"bias={self.bias is not None}, trainable_affine={self.trainable_affine}"
         )
 
-    def _state_dtype(self) -> torch.dtype:
-        # The statistics always exist here (weight and bias may not): they set the dtype.
-        return self.running_mean.dtype
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
+        where = functools.partial(layer_name, self)
+        # The statistics always exist here (weight and bias may not): they set the dtype.
+        check_layer_input(where, self, input, self.running_mean.dtype)
         # Always the evaluation transform, whatever self.training says: that independence from
-        # the mode is the whole point of the class. Nothing is updated (training=False, no
-        # counter), so momentum is irrelevant.
-        return _batch_norm(
+        # the mode is the whole point of the class. Nothing is updated.
+        return normalize(
             input,
             self.running_mean,
             self.running_var,
             self.weight,
             self.bias,
-            False,
-            0.0,
             self.eps,
-            None,
-            where=self._where,
+            where=where,
         )
 
     def _load_from_state_dict(
@@ -266,7 +271,8 @@ _CLASS_DOC = r"""Frozen BatchNorm over {what}: a fixed per-channel affine map of
 
 
 class FrozenBatchNorm1d(_FrozenBatchNormBase):
-    _unfrozen_class = BatchNorm1d
+    input_ranks = BatchNorm1d.input_ranks
+    input_shape = BatchNorm1d.input_shape
     __doc__ = _CLASS_DOC.format(
         name="FrozenBatchNorm1d",
         bn="BatchNorm1d",
@@ -278,7 +284,8 @@ class FrozenBatchNorm1d(_FrozenBatchNormBase):
 
 
 class FrozenBatchNorm2d(_FrozenBatchNormBase):
-    _unfrozen_class = BatchNorm2d
+    input_ranks = BatchNorm2d.input_ranks
+    input_shape = BatchNorm2d.input_shape
     __doc__ = _CLASS_DOC.format(
         name="FrozenBatchNorm2d",
         bn="BatchNorm2d",
@@ -290,7 +297,8 @@ class FrozenBatchNorm2d(_FrozenBatchNormBase):
 
 
 class FrozenBatchNorm3d(_FrozenBatchNormBase):
-    _unfrozen_class = BatchNorm3d
+    input_ranks = BatchNorm3d.input_ranks
+    input_shape = BatchNorm3d.input_shape
     __doc__ = _CLASS_DOC.format(
         name="FrozenBatchNorm3d",
         bn="BatchNorm3d",

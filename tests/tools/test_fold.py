@@ -444,7 +444,7 @@ def test_check_fold_is_zero_for_a_copy(gen):
     assert check_fold(model, copy.deepcopy(model), x) == 0.0
 
 
-def test_check_fold_reports_a_perturbation_and_restores_modes(gen):
+def test_check_fold_reports_a_perturbation_and_restores_modes(eval_routing, gen):
     model = _seeded(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), gen, torch.float32)
     x = make_input((2, 3, 5, 5), torch.float32, generator=gen)
     folded = _fold_quietly(model)
@@ -487,7 +487,7 @@ def test_check_fold_rejects_mismatched_outputs():
         check_fold(nn.Linear(3, 3), "folded", x)
 
 
-def test_fold_folds_our_sync_batchnorm_in_eval_mode(gen):
+def test_fold_folds_our_sync_batchnorm_in_eval_mode(eval_routing, gen):
     """In evaluation mode batchnorm.SyncBatchNorm never synchronises: it folds like BatchNorm."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), batchnorm.SyncBatchNorm(4), nn.ReLU())
     randomize_bn_state(model[1], gen)

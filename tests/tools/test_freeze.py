@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import batchnorm
-from batchnorm import functional
+from batchnorm import routing_policy
 from batchnorm.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from batchnorm.tools.freeze import freeze, unfreeze
 from conftest import (
@@ -80,19 +80,21 @@ def _eval_bn_and_frozen(rank, channels, dtype, gen, trainable_affine=False, **kw
 # --------------------------------------------------------------------------------------------
 
 # A batch of one in training mode (which BatchNorm refuses), each rank, a 1x1 map, and one
-# input above functional.SERIAL_MAX_ELEMENTS, which runs on the parallel kernels.
+# input above routing_policy().serial_max_elements, which runs on the parallel kernels.
 FORWARD_SHAPES = [(1, 3), (7, 3), (3, 5, 7), (2, 3, 1, 1), (4, 3, 5, 6), (5, 2, 3, 4, 3)]
 LARGE_SHAPE = (4, 8, 48, 48)
 
 
 def test_large_shape_is_above_the_serial_threshold():
-    assert math.prod(LARGE_SHAPE) > functional.SERIAL_MAX_ELEMENTS
+    assert math.prod(LARGE_SHAPE) > routing_policy().serial_max_elements
 
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no_affine"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [*FORWARD_SHAPES, LARGE_SHAPE], ids=shape_id)
-def test_frozen_forward_matches_eval_batchnorm_in_both_modes(shape, dtype, affine, gen):
+def test_frozen_forward_matches_eval_batchnorm_in_both_modes(
+    eval_routing, shape, dtype, affine, gen
+):
     bn, frozen = _eval_bn_and_frozen(len(shape), shape[1], dtype, gen, affine=affine)
     state = snapshot_state(frozen)
     x = make_input(shape, dtype, generator=gen, scale=2.0, offset=0.5)
@@ -209,7 +211,7 @@ def test_frozen_defaults_and_repr():
     )
 
 
-def test_frozen_trainable_affine_trains_weight_and_bias_never_statistics(gen):
+def test_frozen_trainable_affine_trains_weight_and_bias_never_statistics(eval_routing, gen):
     net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     randomize_bn_state(net[1], gen)
     weight_param = net[1].weight
@@ -375,7 +377,7 @@ def _prepared_net(gen, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_freeze_nested_model_gives_eval_outputs_in_train_mode(dtype, gen):
+def test_freeze_nested_model_gives_eval_outputs_in_train_mode(eval_routing, dtype, gen):
     net = _prepared_net(gen, dtype)
     original = copy.deepcopy(net)
     conv = net.features[0]
@@ -443,7 +445,9 @@ def test_unfreeze_restores_classes_momentum_and_training_behaviour(gen):
 
 
 @pytest.mark.parametrize("bn_cls", BN_CLASSES, ids=_class_id)
-def test_freeze_root_batchnorm_returns_new_layer_and_unfreeze_returns_original_class(bn_cls, gen):
+def test_freeze_root_batchnorm_returns_new_layer_and_unfreeze_returns_original_class(
+    eval_routing, bn_cls, gen
+):
     bn = bn_cls(3, eps=1e-4, momentum=0.05, dtype=torch.float64)
     randomize_bn_state(bn, gen)
     bn.eval()

@@ -20,7 +20,7 @@ import batchnorm
 from _distributed import run_distributed
 from batchnorm import reference
 from batchnorm._validate import NonFiniteStatisticsError, NonFiniteStatisticsWarning
-from batchnorm.tools import population
+from batchnorm.tools import _population_pass
 from batchnorm.tools.convert import convert
 from batchnorm.tools.population import LayerStatistics, recompute_statistics
 from conftest import (
@@ -407,7 +407,7 @@ def test_recompute_statistics_progress_bar_total_is_capped_by_max_batches(monkey
         def close(self):
             pass
 
-    monkeypatch.setattr(population, "tqdm", FakeBar)
+    monkeypatch.setattr(_population_pass, "tqdm", FakeBar)
     batches = _batches((3, 4, 5), seed=14)
 
     recompute_statistics(_model(), batches, max_batches=2)

@@ -37,7 +37,7 @@ from .fused import (
     train_parallel_nchw,
     train_parallel_nhwc,
 )
-from .moments import moments_nchw, moments_nhwc
+from .moments import merge_moments_into, moments_nchw, moments_nhwc
 from .normalize import normalize_nchw, normalize_nhwc
 from .serial import (
     backward_serial_nchw,
@@ -203,6 +203,9 @@ def warmup(dtypes: Iterable[str] = DTYPE_NAMES) -> None:
             _run_all(np.ones(shape, dtype=name), layout="nchw")
         for shape in ((3, 2), (3, 1)):
             _run_all(np.ones(shape, dtype=name), layout="nhwc")
+    # The merge of stats.merge_moments (float64 per-channel vectors, whatever the data dtype).
+    ones = np.ones(2)
+    merge_moments_into(ones, ones, ones, ones, ones, ones, ones.copy(), ones.copy(), ones.copy())
 
 
 def _run_all(x: np.ndarray, layout: str) -> None:
@@ -232,4 +235,5 @@ def _run_all(x: np.ndarray, layout: str) -> None:
                     dy, x, mean, var, params, 1e-5, training, out, *grads
                 )
         KERNELS["eval_serial", layout, name](x, own, own, params, params, 1e-5, out)
-    update_running(own.copy(), own.copy(), a, b, 2, 0.1, 1e38)
+    for factor in (0.1, 1.0):
+        update_running(own.copy(), own.copy(), a, b, 2, factor, 1e38)

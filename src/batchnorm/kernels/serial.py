@@ -63,6 +63,8 @@ def update_running(running_mean, running_var, mean, var, count, factor, limit):
     A batch whose mean or unbiased variance is NaN, infinite, or beyond ``limit`` (so that it
     would become infinite when stored) in any channel is left out entirely: nothing is written
     and ``False`` is returned. One NaN folded into a running average would stay there forever.
+    With :math:`\alpha = 1` the batch's statistics replace the running ones, whatever those
+    held (the population pass sets statistics this way).
 
     Args:
         running_mean: ``(C,)`` array, updated in place (nothing happens if it has length 0).
@@ -82,6 +84,13 @@ def update_running(running_mean, running_var, mean, var, count, factor, limit):
         if not (abs(mean[c]) <= limit and bessel * var[c] <= limit):
             return False
     keep = 1.0 - factor
+    if keep == 0.0:
+        # A batch of weight 1 replaces the running values: the old ones take no part, so a
+        # non-finite value there is not carried on as 0 * Inf = NaN (torch keeps it).
+        for c in range(running_mean.shape[0]):
+            running_mean[c] = factor * mean[c]
+            running_var[c] = factor * bessel * var[c]
+        return True
     for c in range(running_mean.shape[0]):
         running_mean[c] = keep * running_mean[c] + factor * mean[c]
         running_var[c] = keep * running_var[c] + factor * bessel * var[c]

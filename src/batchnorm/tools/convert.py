@@ -1,28 +1,42 @@
-"""Switch the BatchNorm layers of a model between torch.nn's classes and this package's.
+"""Switch the BatchNorm layers of a model between implementations, in place.
 
-The switch is done in place by changing each layer's class. Our classes subclass torch.nn's and
-add no instance state, so this keeps everything a layer owns: the very same Parameter objects
-(an optimizer built before the switch keeps working), buffers, hooks, training mode, device and
-dtype. A BatchNorm subclass this module does not know is refused, never converted: turning a
-user's subclass into ours would silently strip its overrides.
+:func:`convert` switches between torch.nn's classes and this package's;
+:func:`convert_sync_batchnorm` and :func:`revert_sync_batchnorm` between per-process layers and
+:class:`batchnorm.SyncBatchNorm`.
+All three change each layer's class and nothing else. Our classes subclass torch.nn's and add
+no instance state, so this keeps everything a layer owns: the very same Parameter objects (an
+optimizer built before the switch keeps working), buffers, hooks, training mode, device and
+dtype. Which class becomes which is the family table's (:mod:`batchnorm.tools.families`). A
+BatchNorm subclass the table does not know is refused, never converted: turning a user's
+subclass into ours would silently strip its overrides. The whole tree is checked before any
+layer changes, so a refused model is left as it was.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..distributed import SyncBatchNorm
-from ..modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ..distributed import SyncBatchNorm, forget_sync_state, last_input_rank
+from .families import family_for_rank, family_of, is_batchnorm_like
 
-__all__ = ["convert"]
+__all__ = ["convert", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
-_TO_OURS = {
-    torch.nn.BatchNorm1d: BatchNorm1d,
-    torch.nn.BatchNorm2d: BatchNorm2d,
-    torch.nn.BatchNorm3d: BatchNorm3d,
-}
-_TO_TORCH = {ours: theirs for theirs, ours in _TO_OURS.items()}
-_TARGETS = {"batchnorm": _TO_OURS, "torch": _TO_TORCH}
+_TARGETS = ("batchnorm", "torch")
+# The class a layer had before convert_sync_batchnorm, kept on it for revert_sync_batchnorm.
+_ORIGINAL = "_sync_original_class"
+
+
+def _path_text(path: str) -> str:
+    return repr(path) if path else "the root module"
+
+
+def _type_text(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _check_model(where: str, model) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{where}: expected a torch.nn.Module, got {type(model).__name__}.")
 
 
 def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
@@ -30,17 +44,18 @@ def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
 
     Args:
         model: Any module; the root may itself be a BatchNorm layer.
-        to: ``"batchnorm"`` turns ``torch.nn.BatchNorm1d/2d/3d`` into
-            ``batchnorm.BatchNorm1d/2d/3d``; ``"torch"`` turns them back.
+        to: ``"batchnorm"`` turns ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm``
+            into ``batchnorm.BatchNorm1d/2d/3d`` and :class:`batchnorm.SyncBatchNorm`;
+            ``"torch"`` turns them back. Layers already of the target kind are left alone.
 
     Returns:
         ``model`` itself (converted in place), for chaining.
 
     Raises:
         ValueError: ``to`` is not ``"batchnorm"`` or ``"torch"``.
-        TypeError: ``model`` holds a BatchNorm-like layer whose class is neither of the exact
-            classes above (a user subclass, ``torch.nn.SyncBatchNorm``, an uninitialized lazy
-            layer). The whole tree is checked first, so nothing is converted then.
+        TypeError: ``model`` holds a BatchNorm-like layer whose class is none of the exact
+            classes above (a user subclass, an uninitialized lazy layer). The whole tree is
+            checked first, so nothing is converted then.
 
     Example:
         >>> import torch, batchnorm
@@ -52,37 +67,149 @@ def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
     """
     if to not in _TARGETS:
         raise ValueError(f"convert(): expected to='batchnorm' or to='torch', got {to!r}.")
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"convert(): expected a torch.nn.Module, got {type(model).__name__}.")
-    mapping = _TARGETS[to]
-    known = set(_TO_OURS) | set(_TO_TORCH)
+    _check_model("convert()", model)
     swaps = []
     for path, module in model.named_modules():
         cls = type(module)
-        if cls in mapping:
-            swaps.append((module, mapping[cls]))
-        elif cls is SyncBatchNorm:
-            if to == "torch":
-                # torch's own SyncBatchNorm refuses CPU input and DDP refuses it on CPU models,
-                # so there is no faithful torch counterpart to switch to in place.
-                raise TypeError(
-                    f"convert(): cannot convert {path or 'the root module'!r} of type "
-                    "batchnorm.SyncBatchNorm to torch: call "
-                    "batchnorm.revert_sync_batchnorm(model) first, or "
-                    "torch.nn.SyncBatchNorm.convert_sync_batchnorm on the result for GPUs."
-                )
-            # to="batchnorm": it already runs on this package's kernels.
-        elif (
-            cls not in known
-            and isinstance(module, torch.nn.modules.batchnorm._NormBase)
-            and not (isinstance(module, torch.nn.modules.instancenorm._InstanceNorm))
-        ):
+        family = family_of(cls)
+        if family is not None and cls in (family.ours, family.torch):
+            target = family.ours if to == "batchnorm" else family.torch
+            if cls is not target:
+                swaps.append((module, target))
+        elif is_batchnorm_like(module):
             raise TypeError(
-                f"convert(): cannot convert {path or 'the root module'!r} of type "
-                f"{cls.__module__}.{cls.__qualname__}: only torch.nn.BatchNorm1d/2d/3d and "
+                f"convert(): cannot convert {_path_text(path)} of type {_type_text(cls)}: only "
+                "torch.nn.BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm and their batchnorm twins "
+                "are converted, and converting a subclass would drop its behaviour. Replace it "
+                "yourself or convert its base class."
+            )
+    for module, target in swaps:
+        if type(module) is SyncBatchNorm:
+            # Leaving this package: what our SyncBatchNorm remembered has no meaning there.
+            forget_sync_state(module)
+            module.__dict__.pop(_ORIGINAL, None)
+        module.__class__ = target
+    return model
+
+
+def convert_sync_batchnorm(model: torch.nn.Module, process_group=None) -> torch.nn.Module:
+    """Make every BatchNorm layer of ``model`` a :class:`batchnorm.SyncBatchNorm`, in place.
+
+    ``torch.nn.BatchNorm1d/2d/3d``, ``batchnorm.BatchNorm1d/2d/3d`` and
+    ``torch.nn.SyncBatchNorm`` layers change class: the very same module objects, with the same
+    Parameter objects (an optimizer built before keeps working), buffers, hooks, training
+    mode, device and dtype, and for this package's layers their ``nonfinite`` policy. Each
+    remembers its original class for :func:`revert_sync_batchnorm`. Every converted layer, and
+    every layer that already was a :class:`batchnorm.SyncBatchNorm`, synchronizes over
+    ``process_group`` afterwards (a ``torch.nn.SyncBatchNorm``'s own group is replaced too).
+    Frozen layers (:mod:`batchnorm.frozen`) and instance norms are not BatchNorm layers and are
+    left alone.
+
+    Args:
+        model: Any module; the root may itself be a BatchNorm layer.
+        process_group: The group to synchronize over; ``None`` for the default (world) group.
+
+    Returns:
+        ``model`` itself, converted in place (the root too), for chaining.
+
+    Raises:
+        TypeError: ``model`` is not a module, or holds a BatchNorm-like layer of another class
+            (a user subclass, an uninitialized lazy layer): converting it would drop its
+            behaviour. The whole tree is checked first, so then nothing is converted.
+
+    Example:
+        >>> import torch
+        >>> from batchnorm.tools.convert import convert_sync_batchnorm, revert_sync_batchnorm
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        >>> weight = net[1].weight
+        >>> type(convert_sync_batchnorm(net)[1]).__name__, net[1].weight is weight
+        ('SyncBatchNorm', True)
+        >>> type(revert_sync_batchnorm(net)[1]) is torch.nn.BatchNorm2d
+        True
+    """
+    _check_model("convert_sync_batchnorm()", model)
+    swaps, already = [], []
+    for path, module in model.named_modules():
+        cls = type(module)
+        family = family_of(cls)
+        if cls is SyncBatchNorm:
+            already.append(module)
+        elif family is not None and family.sync is not None and cls in (family.ours, family.torch):
+            swaps.append(module)
+        elif is_batchnorm_like(module):
+            raise TypeError(
+                f"convert_sync_batchnorm(): cannot convert {_path_text(path)} of type "
+                f"{_type_text(cls)}: only torch.nn.BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm and "
                 "batchnorm.BatchNorm1d/2d/3d are converted, and converting a subclass would "
                 "drop its behaviour. Replace it yourself or convert its base class."
             )
-    for module, target in swaps:
+    for module in swaps:
+        original = type(module)
+        module.__class__ = family_of(original).sync
+        module.__dict__[_ORIGINAL] = original
+    for module in (*swaps, *already):
+        module.process_group = process_group
+    return model
+
+
+def revert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn every :class:`batchnorm.SyncBatchNorm` of ``model`` back into a per-process layer.
+
+    A layer converted by :func:`convert_sync_batchnorm` gets its original class back (same
+    module and Parameter objects, as for the conversion). A layer *built* as
+    :class:`batchnorm.SyncBatchNorm` has no original class; it becomes the
+    ``batchnorm.BatchNorm1d``, ``2d`` or ``3d`` that accepts the rank of the last input it
+    processed (2-D or 3-D input: ``BatchNorm1d``). Turned into one of torch's classes, a layer
+    loses this package's ``nonfinite`` policy and skip counter; turned into anything but
+    ``torch.nn.SyncBatchNorm``, it loses ``process_group``.
+
+    Args:
+        model: Any module; the root may itself be a :class:`batchnorm.SyncBatchNorm`.
+
+    Returns:
+        ``model`` itself, reverted in place, for chaining.
+
+    Raises:
+        TypeError: ``model`` is not a module; or it holds a SyncBatchNorm built as such that
+            has not processed an input yet (or only inputs of rank 6 or more), so its
+            BatchNorm class is unknown (run one forward pass, or replace it yourself); or a
+            subclass of :class:`batchnorm.SyncBatchNorm`. The whole tree is checked first, so
+            then nothing is reverted.
+    """
+    _check_model("revert_sync_batchnorm()", model)
+    plan = []
+    for path, module in model.named_modules():
+        if not isinstance(module, SyncBatchNorm):
+            continue
+        if type(module) is not SyncBatchNorm:
+            raise TypeError(
+                f"revert_sync_batchnorm(): cannot revert {_path_text(path)} of type "
+                f"{_type_text(type(module))}, a subclass of SyncBatchNorm: reverting it would "
+                "drop its behaviour. Replace it yourself."
+            )
+        target = module.__dict__.get(_ORIGINAL)
+        rank = last_input_rank(module)
+        if target is None and rank is not None and family_for_rank(rank) is not None:
+            target = family_for_rank(rank).ours
+        if target is None:
+            raise TypeError(
+                f"revert_sync_batchnorm(): cannot revert {_path_text(path)}, a SyncBatchNorm "
+                "built as such: expected it to have processed an input of rank 2 to 5, which "
+                "decides between BatchNorm1d, 2d and 3d, got "
+                + (
+                    "no input yet. Run one forward pass first, or replace it yourself."
+                    if rank is None
+                    else f"{rank}-D input. Replace it yourself."
+                )
+            )
+        plan.append((module, target))
+    for module, target in plan:
+        module.__dict__.pop(_ORIGINAL, None)
+        forget_sync_state(module)
+        if target is not torch.nn.SyncBatchNorm:
+            module.__dict__.pop("process_group", None)
+        if family_of(target) is None or target is not family_of(target).ours:
+            module.__dict__.pop("nonfinite", None)
+            module.__dict__.pop("nonfinite_batches_skipped", None)
         module.__class__ = target
     return model

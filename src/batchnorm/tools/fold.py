@@ -24,9 +24,7 @@ import torch
 import torch.fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..distributed import SyncBatchNorm
-from ..frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
-from ..modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .families import FAMILIES, stock_forwards
 
 __all__ = ["check_fold", "fold"]
 
@@ -47,23 +45,12 @@ _LAYERS: tuple[type[torch.nn.Module], ...] = (
 
 #: BatchNorm-like layers. The frozen ones are not _BatchNorm subclasses and have no mode: they
 #: always compute the affine map from their stored statistics.
-_FROZEN = (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d)
+_FROZEN = tuple(family.frozen for family in FAMILIES if family.frozen is not None)
 _NORMS = (_BatchNorm, *_FROZEN)
 
 #: Forwards of norm classes known to compute the eval-mode affine map and nothing else. A
 #: subclass with its own forward may do more (timm's BatchNormAct2d applies an activation).
-_NORM_FORWARDS = frozenset(
-    cls.forward
-    for cls in (
-        _BatchNorm,
-        torch.nn.SyncBatchNorm,
-        SyncBatchNorm,
-        BatchNorm1d,
-        BatchNorm2d,
-        BatchNorm3d,
-        *_FROZEN,
-    )
-)
+_NORM_FORWARDS = stock_forwards()
 
 Producer = Callable[[str], "tuple[str | None, str | None]"]
 

@@ -19,20 +19,19 @@ import warnings
 
 import torch
 
-from ..frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
-from ..modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ..frozen import FrozenOrigin
+from .families import FAMILIES, family_of, is_batchnorm_like
 
 __all__ = ["freeze", "unfreeze"]
 
+# The frozen classes, and what freezes into each: a family's own and torch.nn's class.
+_FROZEN = tuple(family.frozen for family in FAMILIES if family.frozen is not None)
 _TO_FROZEN = {
-    torch.nn.BatchNorm1d: FrozenBatchNorm1d,
-    torch.nn.BatchNorm2d: FrozenBatchNorm2d,
-    torch.nn.BatchNorm3d: FrozenBatchNorm3d,
-    BatchNorm1d: FrozenBatchNorm1d,
-    BatchNorm2d: FrozenBatchNorm2d,
-    BatchNorm3d: FrozenBatchNorm3d,
+    cls: family.frozen
+    for family in FAMILIES
+    if family.frozen is not None
+    for cls in (family.ours, family.torch)
 }
-_FROZEN = (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d)
 _KNOWN_BN = "torch.nn.BatchNorm1d/2d/3d or batchnorm.BatchNorm1d/2d/3d"
 
 
@@ -45,25 +44,19 @@ def _type_text(module: torch.nn.Module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _is_batchnorm_like(module: torch.nn.Module) -> bool:
-    # The same test as convert(): anything with BatchNorm's running-statistics machinery,
-    # except the instance norms, which share the base class but are a different operation.
-    return isinstance(module, torch.nn.modules.batchnorm._NormBase) and not isinstance(
-        module, torch.nn.modules.instancenorm._InstanceNorm
-    )
+# Families whose layers take inputs of any rank (SyncBatchNorm): no frozen class fits them.
+_ANY_RANK = [family for family in FAMILIES if family.ranks is None]
 
 
 def _check_freezable(path: str, module: torch.nn.Module) -> None:
-    from ..distributed import SyncBatchNorm
-
-    if isinstance(module, SyncBatchNorm):
+    if any(isinstance(module, family.ours) for family in _ANY_RANK):
         raise TypeError(
             f"freeze(): expected {_KNOWN_BN} layers, got {_path_text(path)} of type "
             f"{_type_text(module)}, whose input rank is not fixed. Call "
             "batchnorm.revert_sync_batchnorm(model) first (a frozen layer needs no "
             "synchronisation: it uses no batch statistics)."
         )
-    if isinstance(module, torch.nn.SyncBatchNorm):
+    if any(isinstance(module, family.torch) for family in _ANY_RANK):
         # SyncBatchNorm accepts inputs of any rank >= 2, so which frozen class (which rank
         # check) it should become is unknown until it has seen an input; guessing would give a
         # layer that rejects the model's real inputs.
@@ -120,10 +113,10 @@ def _frozen_from(module: torch.nn.Module, trainable_affine: bool) -> torch.nn.Mo
             setattr(frozen, name, value)
         else:
             setattr(frozen, name, value.detach().clone())
-    frozen._unfrozen_class = type(module)
-    frozen._unfrozen_momentum = module.momentum
     # Our layers' non-finite policy (torch's have none); back to the class default if unset.
-    frozen._unfrozen_nonfinite = getattr(module, "nonfinite", None)
+    frozen.frozen_from = FrozenOrigin(
+        type(module), module.momentum, getattr(module, "nonfinite", None)
+    )
     frozen.training = module.training
     return frozen
 
@@ -131,17 +124,19 @@ def _frozen_from(module: torch.nn.Module, trainable_affine: bool) -> torch.nn.Mo
 def _unfrozen_from(frozen: torch.nn.Module) -> torch.nn.Module:
     """The BatchNorm layer ``frozen`` came from, with its current values."""
     reference = frozen.running_mean
-    module = frozen._unfrozen_class(
+    # A frozen layer built directly becomes this package's BatchNorm of its rank.
+    origin = frozen.frozen_from or FrozenOrigin(family_of(type(frozen)).ours, 0.1, None)
+    module = origin.cls(
         frozen.num_features,
         eps=frozen.eps,
-        momentum=frozen._unfrozen_momentum,
+        momentum=origin.momentum,
         affine=frozen.affine,
         track_running_stats=True,
         device=reference.device,
         dtype=reference.dtype,
         bias=frozen.bias is not None,
     )
-    nonfinite = getattr(frozen, "_unfrozen_nonfinite", None)
+    nonfinite = origin.nonfinite
     if nonfinite is not None and getattr(module, "nonfinite", None) not in (None, nonfinite):
         module.nonfinite = nonfinite
     module.running_mean = frozen.running_mean.detach().clone()
@@ -257,7 +252,7 @@ def freeze(model: torch.nn.Module, *, trainable_affine: bool = False) -> torch.n
     for path, module in model.named_modules():
         if isinstance(module, _FROZEN):
             already_frozen = True
-        elif _is_batchnorm_like(module):
+        elif is_batchnorm_like(module):
             _check_freezable(path, module)
             layers.append(module)
     if not layers:

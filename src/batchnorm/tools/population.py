@@ -17,10 +17,8 @@ the model exactly as it was.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import numbers
-import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -28,10 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .._validate import NonFiniteStatisticsError, NonFiniteStatisticsWarning, check_nonfinite_policy
-from ..stats import Moments, finalize, merge_moments
+from ..functional import update_running
+from ..stats import Moments
+from ._population_pass import LAYER_HEAD, Accumulator, PassState, run_pass
 
 __all__ = ["LayerStatistics", "recompute_statistics"]
 
@@ -41,8 +40,6 @@ _WHERE = "recompute_statistics()"
 _METHODS = ("pooled", "paper", "sequential")
 # Per-process header of the one collective: [this process failed, batches it drew].
 _HEADER = 2
-# Per-layer block of the collective: [batches, skipped, count] then two (C,) vectors.
-_LAYER_HEAD = 3
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,113 +60,6 @@ class LayerStatistics:
     skipped: int
     mean: np.ndarray
     var_unbiased: np.ndarray
-
-
-class _Accumulator:
-    """The running summary of one layer's inputs over the batches of a pass.
-
-    ``pooled`` keeps one Moments of everything seen; ``paper`` keeps the sums of the batch means
-    and of the batches' unbiased variances. Either way the state packs into ``3 + 2C`` floats
-    for the collective: ``[batches, skipped, count]``, then two ``(C,)`` vectors.
-    """
-
-    def __init__(self, name: str, module: torch.nn.Module, method: str) -> None:
-        self.name = name
-        self.module = module
-        self.method = method
-        self.num_features = module.running_mean.shape[0]
-        self.batches = 0
-        self.skipped = 0
-        self.count = 0
-        self.moments = Moments.empty(self.num_features)
-        self.sum_mean = np.zeros(self.num_features)
-        self.sum_var_unbiased = np.zeros(self.num_features)
-
-    def add(self, count: int, mean: np.ndarray, m2: np.ndarray) -> bool:
-        """Fold in one batch; return False (and change nothing) if its statistics are not finite."""
-        if self.method == "pooled":
-            if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
-                return False
-            self.moments = merge_moments(self.moments, Moments(count, mean, m2))
-        else:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                # m_b / (m_b - 1) * sigma_b^2 = M2 / (m_b - 1), the batch's unbiased variance.
-                var_unbiased = m2 / (count - 1)
-            if not (np.isfinite(mean).all() and np.isfinite(var_unbiased).all()):
-                return False
-            self.sum_mean += mean
-            self.sum_var_unbiased += var_unbiased
-        self.batches += 1
-        self.count += count
-        return True
-
-    def pack(self) -> np.ndarray:
-        if self.method == "pooled":
-            first, second = self.moments.mean, self.moments.m2
-        else:
-            first, second = self.sum_mean, self.sum_var_unbiased
-        head = np.array([self.batches, self.skipped, self.count], dtype=np.float64)
-        return np.concatenate([head, first, second])
-
-    def absorb(self, block: np.ndarray) -> None:
-        """Merge another process's packed state (the caller goes through ranks in order)."""
-        c = self.num_features
-        batches, skipped, count = (int(round(v)) for v in block[:_LAYER_HEAD])
-        first = block[_LAYER_HEAD : _LAYER_HEAD + c].copy()
-        second = block[_LAYER_HEAD + c : _LAYER_HEAD + 2 * c].copy()
-        self.batches += batches
-        self.skipped += skipped
-        self.count += count
-        if self.method == "pooled":
-            self.moments = merge_moments(self.moments, Moments(count, first, second))
-        else:
-            self.sum_mean += first
-            self.sum_var_unbiased += second
-
-    def result(self) -> LayerStatistics:
-        if self.method == "pooled":
-            mean, _, var_unbiased = finalize(self.moments)
-        else:
-            mean = self.sum_mean / self.batches
-            var_unbiased = self.sum_var_unbiased / self.batches
-        return LayerStatistics(self.batches, self.count, self.skipped, mean, var_unbiased)
-
-
-class _Pass:
-    """State shared by the hooks of one pass: the batch being run and the non-finite policy."""
-
-    def __init__(self, nonfinite: str) -> None:
-        self.nonfinite = nonfinite
-        self.batch_index = 0
-        self.batches_drawn = 0
-        # Layer name -> position of its first call in the pass: the order layers run in.
-        self.first_call: dict[str, int] = {}
-
-
-def _make_hook(acc: _Accumulator, state: _Pass):
-    # A forward hook, not a pre-hook: it runs only once the layer has accepted the input, so a
-    # malformed batch fails with the layer's own error message and contributes nothing.
-    def hook(module, args, kwargs, output):
-        state.first_call.setdefault(acc.name, len(state.first_call))
-        x = args[0] if args else kwargs["input"]
-        count = x.numel() // x.shape[1]
-        if count == 0:
-            return
-        reduce_dims = [0, *range(2, x.dim())]
-        # Summarise on the input's device in float64; only 2*C numbers travel to the host.
-        var, mean = torch.var_mean(x.detach().double(), dim=reduce_dims, correction=0)
-        mean, m2 = torch.stack([mean, var * count]).cpu().numpy()
-        if acc.add(count, mean, m2):
-            return
-        if state.nonfinite == "raise":
-            raise NonFiniteStatisticsError(
-                f"{_WHERE}: expected finite statistics at every BatchNorm layer, got NaN or "
-                f"infinite ones at layer {acc.name!r} in batch {state.batch_index}; no running "
-                "statistics were changed. Pass nonfinite='skip' to leave such batches out."
-            )
-        acc.skipped += 1
-
-    return hook
 
 
 def _check_arguments(model, data, method, max_batches, nonfinite, forward, device, progress):
@@ -300,14 +190,6 @@ def _gather(group, world_size, device, failed, batches_drawn, accs) -> list[np.n
     gathered = [torch.empty_like(packet) for _ in range(world_size)]
     torch.distributed.all_gather(gathered, packet, group=group)
     return [t.cpu().numpy() for t in gathered]
-
-
-def _progress_total(data, max_batches) -> int | None:
-    try:
-        total = len(data)
-    except TypeError:  # generators, iterable-style DataLoaders
-        return max_batches
-    return total if max_batches is None else min(total, max_batches)
 
 
 def recompute_statistics(
@@ -522,12 +404,12 @@ def _recompute(job: _Job, layers, method: str, label: str = ""):
         process's ``{name: position of the layer's first call}``.
     """
     group, world_size, nonfinite = job.group, job.world_size, job.nonfinite
-    accs = [_Accumulator(name, module, method) for name, module in layers]
-    state = _Pass(nonfinite)
+    accs = [Accumulator(name, module, method) for name, module in layers]
+    state = PassState(nonfinite)
     collective_device = layers[0][1].running_mean.device
 
     try:
-        _run_pass(job.data, accs, state, job.call, job.max_batches, job.show_progress, label)
+        run_pass(job.data, accs, state, job.call, job.max_batches, job.show_progress, label)
     except Exception:
         if group is not None:
             _join_as_failed(group, world_size, collective_device, accs)
@@ -552,7 +434,7 @@ def _recompute(job: _Job, layers, method: str, label: str = ""):
             f"{_WHERE}: expected data with at least one batch{where}, got none; nothing was "
             "changed."
         )
-    results = {acc.name: acc.result() for acc in accs if acc.batches > 0}
+    results = {acc.name: LayerStatistics(*acc.result()) for acc in accs if acc.batches > 0}
     updates, overflow = _prepare_writes(accs, results)
     if overflow and nonfinite == "raise":
         raise NonFiniteStatisticsError(
@@ -643,78 +525,13 @@ def _call_order(job: _Job, layers, first_call: dict[str, int]):
     return [layers[i] for i in ran]
 
 
-def _local_forward(module):
-    """The unsynchronised forward of a synchronising BatchNorm layer, or ``None``."""
-    from ..distributed import SyncBatchNorm
-    from ..modules import _BatchNormMixin
-
-    if isinstance(module, SyncBatchNorm):
-        return _BatchNormMixin.forward
-    if isinstance(module, torch.nn.SyncBatchNorm):
-        return torch.nn.modules.batchnorm._BatchNorm.forward
-    return None
-
-
-def _run_pass(data, accs, state, call, max_batches, show_progress, label="") -> None:
-    """Run the batches with every layer in batch-statistics mode; restore everything after."""
-    saved = []
-    handles = []
-    batches = data if max_batches is None else itertools.islice(data, max_batches)
-    bar = tqdm(
-        total=_progress_total(data, max_batches),
-        disable=not show_progress,
-        desc="recompute_statistics" + (f" {label}" if label else ""),
-        unit="batch",
-    )
-    try:
-        for acc in accs:
-            module = acc.module
-            saved.append(
-                (
-                    module,
-                    module.training,
-                    module.track_running_stats,
-                    module.__dict__.get("forward"),
-                )
-            )
-            module.training = True
-            module.track_running_stats = False
-            local_forward = _local_forward(module)
-            if local_forward is not None:
-                # A synchronising layer's own forward syncs every batch when distributed (and
-                # torch's refuses CPU input then), which deadlocks when processes hold different
-                # numbers of batches. The plain BatchNorm forward, bound to this instance,
-                # normalises with the local batch alone; an instance attribute shadows the
-                # class's method. The processes' statistics are reduced once at the end.
-                module.forward = types.MethodType(local_forward, module)
-            handles.append(module.register_forward_hook(_make_hook(acc, state), with_kwargs=True))
-        with torch.no_grad():
-            for index, batch in enumerate(batches):
-                state.batch_index = index
-                call(batch)
-                state.batches_drawn += 1
-                bar.update()
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training, tracking, own_forward in saved:
-            module.training = training
-            module.track_running_stats = tracking
-            if _local_forward(module) is not None:
-                if own_forward is None:
-                    del module.forward
-                else:
-                    module.forward = own_forward
-        bar.close()
-
-
-def _merge_gathered(gathered, accs, method) -> list[_Accumulator]:
+def _merge_gathered(gathered, accs, method) -> list[Accumulator]:
     """Fresh accumulators holding the merge of every process's blocks, in rank order."""
-    merged = [_Accumulator(acc.name, acc.module, method) for acc in accs]
+    merged = [Accumulator(acc.name, acc.module, method) for acc in accs]
     for block in gathered:
         offset = _HEADER
         for acc in merged:
-            size = _LAYER_HEAD + 2 * acc.num_features
+            size = LAYER_HEAD + 2 * acc.num_features
             acc.absorb(block[offset : offset + size])
             offset += size
     return merged
@@ -746,16 +563,20 @@ def _prepare_writes(accs, results):
         if not (torch.isfinite(mean).all() and torch.isfinite(var).all()):
             overflow.append(acc.name)
             continue
-        updates.append((module, mean, var, stats.batches))
+        # The statistics as a summary the update takes: M2 = (m - 1) * unbiased variance.
+        moments = Moments(stats.count, stats.mean, stats.var_unbiased * (stats.count - 1))
+        updates.append((module, moments, stats.batches))
     return updates, overflow
 
 
 def _write(updates) -> None:
-    with torch.no_grad():
-        for module, mean, var, batches in updates:
-            module.running_mean.copy_(mean)
-            module.running_var.copy_(var)
-            if module.num_batches_tracked is not None:
+    """Set each layer's statistics: the one running update, with the new batch weighing 1."""
+    for module, moments, batches in updates:
+        update_running(
+            module.running_mean, module.running_var, moments, 1.0, nonfinite="raise", where=_WHERE
+        )
+        if module.num_batches_tracked is not None:
+            with torch.no_grad():
                 module.num_batches_tracked.fill_(batches)
 
 

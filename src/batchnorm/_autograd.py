@@ -1,0 +1,233 @@
+r"""The eager autograd functions over the stages, in ``setup_context`` form.
+
+Each :class:`torch.autograd.Function` here has a ``forward`` without ``ctx`` and a separate
+``setup_context``: the form torch.func transforms and forward-mode AD need, so that ``vmap``
+and ``jvp`` rules can be added without rebuilding the functions.
+
+* :class:`TrainFn`: training forward with the batch's own statistics (fused kernels), whose
+  backward includes the terms through the statistics;
+* :class:`EvalFn`: normalization with given statistics in the input's dtype (the running
+  ones), constants for autograd (torch.nn's evaluation semantics);
+* :class:`NormalizeFn`: normalization with given float64 statistics, differentiable with
+  respect to them too (the staged API).
+
+Double backward (``create_graph=True``) recomputes the first backward with torch ops, so that
+autograd can differentiate it again (:func:`composite_grads`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import _stages
+
+__all__ = [
+    "EvalFn",
+    "NormalizeFn",
+    "TrainFn",
+    "apply",
+    "composite_grads",
+    "records_graph",
+    "select_grads",
+]
+
+
+def records_graph(input, weight, bias) -> bool:
+    """Whether autograd will record this call (and so a backward pass may follow)."""
+    return torch.is_grad_enabled() and (
+        input.requires_grad
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
+
+
+# ``Function.apply`` is a Python wrapper around the C++ ``_FunctionBase.apply``. Outside
+# functorch transforms (vmap, grad, ...) it binds default arguments for ``setup_context``
+# functions (ours are always called with every argument) and walks the arguments to unwrap dead
+# functorch wrappers (none can reach us outside a transform): ~13 us a call with a
+# setup_context, against ~6 us for the C++ entry, next to ~30 us for a whole small BatchNorm.
+# The C++ entry is used directly in that case; inside a transform, the full wrapper. Both are
+# private: if a torch release drops either, every call takes the public wrapper.
+_direct_apply = getattr(torch._C, "_FunctionBase", object).__dict__.get("apply")
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
+def apply(fn: type[torch.autograd.Function], *args):
+    """``fn.apply(*args)``, without the Python wrapper's cost where it does nothing."""
+    if _direct_apply is None or _transforms_active is None or _transforms_active():
+        return fn.apply(*args)
+    return _direct_apply.__get__(None, fn)(*args)
+
+
+def select_grads(ctx, dx, dw, db, offset=1):
+    """Drop the gradients autograd did not ask for (weight and bias sit at ``offset``)."""
+    need = ctx.needs_input_grad
+    return (
+        dx if need[0] else None,
+        dw if need[offset] else None,
+        db if need[offset + 1] else None,
+    )
+
+
+def composite_grads(dy, x, weight, mean, var, eps, training):
+    """The backward formulas in torch ops, so that autograd can differentiate them again.
+
+    With ``training`` the statistics are recomputed from ``x`` (they are functions of it);
+    otherwise ``mean`` and ``var`` are the constants the forward used.
+
+    Returns:
+        ``(dx, dweight, dbias)``.
+    """
+    shape = _stages.broadcast_shape(x)
+    axes = _stages.reduce_dims(x)
+    if training:
+        m = x.numel() // x.shape[1]
+        batch_mean = x.mean(dim=axes, keepdim=True)
+        xmu = x - batch_mean
+        invstd = torch.rsqrt((xmu * xmu).mean(dim=axes, keepdim=True) + eps)
+    else:
+        xmu = x - mean.reshape(shape)
+        invstd = torch.rsqrt(var.reshape(shape) + eps)
+    x_hat = xmu * invstd
+    sum_dy = dy.sum(dim=axes)
+    sum_dy_xhat = (dy * x_hat).sum(dim=axes)
+    scale = invstd if weight is None else invstd * weight.reshape(shape)
+    if training:
+        dx = scale / m * (m * dy - sum_dy.reshape(shape) - x_hat * sum_dy_xhat.reshape(shape))
+    else:
+        dx = scale * dy
+    return dx, sum_dy_xhat, sum_dy
+
+
+class TrainFn(torch.autograd.Function):
+    """Training forward on the fused kernels: ``(x, weight, bias, running..., factor, eps,
+    route) -> (y, (mean, var, updated))``; the second output is not a tensor."""
+
+    @staticmethod
+    def forward(x, weight, bias, running_mean, running_var, factor, eps, route):
+        y, mean, var, updated = _stages.train_forward(
+            x, weight, bias, running_mean, running_var, factor, eps, route
+        )
+        # The batch statistics are new NumPy arrays nobody else holds: passed on as a
+        # non-tensor output, not as saved tensors or extra differentiable outputs, which
+        # measured ~4 us a call on (60, 100).
+        return y, (mean, var, updated)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _bias, _rm, _rv, _factor, eps, route = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.stats = output[1]
+        ctx.eps = eps
+        ctx.route = route
+
+    @staticmethod
+    def backward(ctx, dy, _stats):
+        x, weight = ctx.saved_tensors
+        mean, var, _ = ctx.stats
+        if torch.is_grad_enabled():
+            dx, dw, db = composite_grads(dy, x, weight, None, None, ctx.eps, True)
+        else:
+            dx, dw, db = _stages.backward(dy, x, weight, mean, var, ctx.eps, True, ctx.route)
+        return (*select_grads(ctx, dx, dw, db), None, None, None, None, None)
+
+
+class EvalFn(torch.autograd.Function):
+    """Evaluation forward on the kernels with statistics in the input's dtype (constants)."""
+
+    @staticmethod
+    def forward(x, running_mean, running_var, weight, bias, eps, route):
+        return _stages.eval_forward(x, running_mean, running_var, weight, bias, eps, route)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, running_mean, running_var, weight, _bias, eps, route = inputs
+        ctx.save_for_backward(x, weight, running_mean, running_var)
+        ctx.eps = eps
+        ctx.route = route
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, running_mean, running_var = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            dx, dw, db = composite_grads(dy, x, weight, running_mean, running_var, ctx.eps, False)
+        else:
+            dx, dw, db = _stages.backward(
+                dy, x, weight, running_mean, running_var, ctx.eps, False, ctx.route
+            )
+        dx, dw, db = select_grads(ctx, dx, dw, db, offset=3)
+        return dx, None, None, dw, db, None, None
+
+
+class NormalizeFn(torch.autograd.Function):
+    r"""``y = (x - mean) / sqrt(var + eps) * weight + bias`` with float64 ``(C,)`` statistics.
+
+    Differentiable with respect to all five tensors. With :math:`s = \gamma\sigma^{-1}`,
+    :math:`S_1 = \sum\delta`, :math:`S_2 = \sum\delta(x - \mu)`:
+
+    .. math::
+        dx = s\,\delta, \quad d\gamma = \sigma^{-1} S_2, \quad d\beta = S_1, \quad
+        d\mu = -s\,S_1, \quad d\sigma^2 = -\tfrac{1}{2}\gamma\sigma^{-3} S_2
+
+    (the backward's two stages: the sums, then the input gradient).
+    """
+
+    @staticmethod
+    def forward(x, mean, var, weight, bias, eps, route):
+        invstd = 1.0 / np.sqrt(_float64(var) + eps)
+        scale = invstd if weight is None else invstd * _float64(weight)
+        shift = np.zeros_like(invstd) if bias is None else _float64(bias)
+        return _stages.normalize(x, _float64(mean), scale, shift, route)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, mean, var, weight, bias, eps, route = inputs
+        ctx.save_for_backward(x, mean, var, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.eps = eps
+        ctx.route = route
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean, var, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        shape = _stages.broadcast_shape(x)
+        if torch.is_grad_enabled():
+            acc = _stages.accumulate_dtype(x)
+            invstd = torch.rsqrt(var.to(acc) + ctx.eps)
+            xmu = x.to(acc) - mean.to(acc).reshape(shape)
+            w = 1.0 if weight is None else weight.to(acc)
+            axes = _stages.reduce_dims(x)
+            dy_acc = dy.to(acc)
+            sum_dy = dy_acc.sum(dim=axes)
+            sum_dy_xmu = (dy_acc * xmu).sum(dim=axes)
+            dx = (dy_acc * (w * invstd).reshape(shape)).to(x.dtype)
+        else:
+            invstd_a = 1.0 / np.sqrt(_float64(var) + ctx.eps)
+            w_a = np.ones_like(invstd_a) if weight is None else _float64(weight)
+            sum_dy_a, sum_dy_xmu_a = _stages.backward_sums(dy, x, _float64(mean), ctx.route)
+            dx = None
+            if need[0]:
+                zeros = np.zeros_like(invstd_a)
+                dx = _stages.backward_apply(
+                    dy, x, _float64(mean), w_a * invstd_a, zeros, zeros, ctx.route
+                )
+            invstd, w, sum_dy, sum_dy_xmu = (
+                torch.from_numpy(a).to(x.device) for a in (invstd_a, w_a, sum_dy_a, sum_dy_xmu_a)
+            )
+        grads = [dx if need[0] else None, None, None, None, None]
+        if need[1]:
+            grads[1] = (-(w * invstd) * sum_dy).to(mean.dtype)
+        if need[2]:
+            grads[2] = (-0.5 * w * invstd**3 * sum_dy_xmu).to(var.dtype)
+        if need[3]:
+            grads[3] = (invstd * sum_dy_xmu).to(weight.dtype)
+        if need[4]:
+            grads[4] = sum_dy.to(ctx.bias_dtype)
+        return (*grads, None, None)
+
+
+def _float64(t: torch.Tensor) -> np.ndarray:
+    """A float64 NumPy copy (or view) of a ``(C,)`` tensor, from any device."""
+    return t.detach().to(device="cpu", dtype=torch.float64).numpy()

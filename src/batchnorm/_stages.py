@@ -1,0 +1,385 @@
+r"""The stages of batch norm on one route, without autograd: tensors in, tensors and arrays out.
+
+Each function runs one stage on the route :func:`batchnorm.routing.choose` picked: the Numba
+kernels (through :mod:`._bridge`) or torch ops. Autograd, validation and bookkeeping (counters,
+warnings) are the callers' (:mod:`batchnorm.functional`, :mod:`._autograd`,
+:mod:`batchnorm.distributed`).
+
+The stages, per channel :math:`c` over the :math:`m` values of the channel:
+
+* **moments**: :math:`\mu_c` and :math:`M2_c = \sum (x - \mu_c)^2`, float64;
+* **normalize**: :math:`y = (x - \mu)\,s + t` with per-channel ``scale`` :math:`s` and
+  ``shift`` :math:`t` (for batch norm :math:`s = \gamma / \sqrt{\sigma^2 + \epsilon}`,
+  :math:`t = \beta`);
+* **backward sums**: :math:`S_1 = \sum \delta`, :math:`S_2 = \sum \delta (x - \mu)`;
+* **backward apply**: :math:`dx = k^{dy}\delta + k^{xmu}(x - \mu) + k^{const}`;
+
+The fused functions (:func:`train_forward`, :func:`eval_forward`, :func:`backward`) are the
+fast compositions of those stages for the common calls; their kernels run the same blocks and
+give the same numbers (see :mod:`batchnorm.kernels.fused`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._bridge import (
+    ABSENT,
+    NUMPY_DTYPE,
+    array,
+    empty_output,
+    float64_or,
+    kernel,
+    kernel_view,
+    limit_of,
+    match_layout,
+    numpy_view,
+    optional_array,
+    torch_threads,
+)
+from .routing import kernel_layout
+
+__all__ = [
+    "accumulate_dtype",
+    "backward",
+    "backward_apply",
+    "backward_sums",
+    "broadcast_shape",
+    "eval_forward",
+    "masked_moments",
+    "moments",
+    "native_batch_norm",
+    "native_train",
+    "normalize",
+    "reduce_dims",
+    "train_forward",
+]
+
+
+def native_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """torch's own op: every call of the package to it goes through here (tests spy on it)."""
+    return torch.nn.functional.batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps
+    )
+
+
+def accumulate_dtype(x: torch.Tensor) -> torch.dtype:
+    """Dtype of the torch-op stages' arithmetic: float64 on CPU, float32 elsewhere.
+
+    GPUs run float64 at 1/2 to 1/64 of their float32 rate and batch norm is memory-bound, so a
+    float64 copy of the activations would cost time and memory; torch's own CUDA BatchNorm
+    accumulates in float32 too. float64 input stays float64.
+    """
+    if x.is_cpu or x.dtype == torch.float64:
+        return torch.float64
+    return torch.float32
+
+
+def broadcast_shape(x: torch.Tensor) -> tuple[int, ...]:
+    """``(1, -1, 1, ...)``: a ``(C,)`` tensor reshaped to broadcast over ``x``'s channels."""
+    return (1, -1) + (1,) * (x.dim() - 2)
+
+
+def reduce_dims(x: torch.Tensor) -> list[int]:
+    """Every axis but the channel axis 1."""
+    return [0, *range(2, x.dim())]
+
+
+def _as_tensor(a, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+    return t.to(device=like.device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The stages
+# --------------------------------------------------------------------------------------------
+
+
+def moments(x: torch.Tensor, route: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and M2 of a non-empty ``x``, float64 NumPy arrays of shape ``(C,)``.
+
+    The kernels' block moments on a kernel route; ``torch.var_mean`` in the accumulation dtype
+    (:func:`accumulate_dtype`) on the input's device otherwise, only ``2 C`` numbers travelling
+    to the host.
+    """
+    channels = x.shape[1]
+    count = x.numel() // channels
+    if route != "torch":
+        layout = kernel_layout(x)
+        xa = kernel_view(numpy_view(x), layout)
+        mean = np.empty(channels)
+        m2 = np.empty(channels)
+        with torch_threads():
+            kernel("moments", layout, xa.dtype)(xa, mean, m2)
+        return mean, m2
+    with torch.no_grad():
+        var, mean = torch.var_mean(x.to(accumulate_dtype(x)), dim=reduce_dims(x), correction=0)
+        stats = torch.stack([mean, var]).double().cpu().numpy()
+    # M2 = m * biased variance: the sum of squared deviations the merge works with.
+    return stats[0], stats[1] * count
+
+
+def masked_moments(
+    x: torch.Tensor, excluded: torch.Tensor
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Count, mean and M2 of the positions of ``x`` that ``excluded`` does not mark.
+
+    Torch ops in the accumulation dtype, differentiable with respect to ``x``: the mean is
+    taken first and M2 summed about it, so a large mean does not cancel a small spread.
+
+    Args:
+        x: ``(N, C, *)``.
+        excluded: Boolean ``(N, *)`` (``x``'s shape without the channel axis); True marks a
+            position left out of the statistics (padding).
+
+    Returns:
+        ``(count, mean, m2)``: the number of included positions (a Python int, the same for
+        every channel) and two ``(C,)`` tensors. A count of 0 gives zeros.
+    """
+    acc = accumulate_dtype(x)
+    keep = (~excluded).unsqueeze(1).to(acc)
+    count = int(keep.sum().item())
+    dims = reduce_dims(x)
+    xs = x.to(acc)
+    if count == 0:
+        zeros = xs.new_zeros(x.shape[1])
+        return 0, zeros, zeros.clone()
+    mean = (xs * keep).sum(dim=dims) / count
+    centred = (xs - mean.reshape(broadcast_shape(x))) * keep
+    return count, mean, (centred * centred).sum(dim=dims)
+
+
+def normalize(x: torch.Tensor, mean, scale, shift, route: str) -> torch.Tensor:
+    """``y = (x - mean) * scale + shift`` per channel, in ``x``'s dtype and memory layout.
+
+    Args:
+        x: ``(N, C, *)`` input.
+        mean, scale, shift: ``(C,)`` float64 NumPy arrays (tensors on the torch route too).
+        route: The route of the call.
+    """
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    if route != "torch":
+        layout = kernel_layout(x)
+        xa = kernel_view(numpy_view(x), layout)
+        y, ya = empty_output(x, layout)
+        with torch_threads():
+            kernel("normalize", layout, xa.dtype)(xa, array(mean), array(scale), array(shift), ya)
+        return y
+    acc = accumulate_dtype(x)
+    shape = broadcast_shape(x)
+    mean_t, scale_t, shift_t = (_as_tensor(a, x, acc).reshape(shape) for a in (mean, scale, shift))
+    with torch.no_grad():
+        y = (x.detach().to(acc) - mean_t) * scale_t + shift_t
+        return y.to(x.dtype)
+
+
+def backward_sums(dy: torch.Tensor, x: torch.Tensor, mean, route: str):
+    r"""The backward's per-channel sums :math:`S_1 = \sum\delta`, :math:`S_2 = \sum\delta(x-\mu)`.
+
+    Returns:
+        ``(sum_dy, sum_dy_xmu)``, float64 NumPy arrays of shape ``(C,)`` (zeros for empty ``x``).
+    """
+    channels = x.shape[1]
+    if x.numel() == 0:
+        return np.zeros(channels), np.zeros(channels)
+    if route != "torch":
+        layout = kernel_layout(x)
+        sum_dy = np.zeros(channels)
+        sum_dy_xmu = np.zeros(channels)
+        xa = kernel_view(numpy_view(x), layout)
+        dya = kernel_view(numpy_view(match_layout(dy, x)), layout)
+        with torch_threads():
+            kernel("backward_reduce", layout, xa.dtype)(dya, xa, array(mean), sum_dy, sum_dy_xmu)
+        return sum_dy, sum_dy_xmu
+    acc = accumulate_dtype(x)
+    mean_t = _as_tensor(mean, x, acc).reshape(broadcast_shape(x))
+    with torch.no_grad():
+        dy_acc = dy.to(acc)
+        dims = reduce_dims(x)
+        sums = torch.stack(
+            [dy_acc.sum(dim=dims), (dy_acc * (x.detach().to(acc) - mean_t)).sum(dim=dims)]
+        )
+    sum_dy, sum_dy_xmu = sums.double().cpu().numpy()
+    return sum_dy, sum_dy_xmu
+
+
+def backward_apply(dy: torch.Tensor, x: torch.Tensor, mean, k_dy, k_xmu, k_const, route: str):
+    r"""The input gradient :math:`dx = k^{dy}\delta + k^{xmu}(x - \mu) + k^{const}` per channel.
+
+    Args:
+        dy, x: ``(N, C, *)``, the output's gradient and the forward's input.
+        mean, k_dy, k_xmu, k_const: ``(C,)`` float64 NumPy arrays.
+        route: The route of the call.
+
+    Returns:
+        ``dx`` in ``x``'s dtype and memory layout.
+    """
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    if route != "torch":
+        layout = kernel_layout(x)
+        xa = kernel_view(numpy_view(x), layout)
+        dya = kernel_view(numpy_view(match_layout(dy, x)), layout)
+        dx, dxa = empty_output(x, layout)
+        with torch_threads():
+            kernel("backward_apply", layout, xa.dtype)(
+                dya, xa, array(mean), k_dy, k_xmu, k_const, dxa
+            )
+        return dx
+    acc = accumulate_dtype(x)
+    shape = broadcast_shape(x)
+    mean_t, k_dy_t, k_xmu_t, k_const_t = (
+        _as_tensor(a, x, acc).reshape(shape) for a in (mean, k_dy, k_xmu, k_const)
+    )
+    with torch.no_grad():
+        dx = dy.to(acc) * k_dy_t + (x.detach().to(acc) - mean_t) * k_xmu_t + k_const_t
+        return dx.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The fused compositions (the kernels' fast path for whole passes)
+# --------------------------------------------------------------------------------------------
+
+
+def train_forward(x, weight, bias, running_mean, running_var, factor: float, eps: float, route):
+    """Moments, normalize and the running update in one kernel call (Algorithm 1).
+
+    Returns:
+        ``(y, mean, var, updated)``: the output; the batch mean and *biased* variance (float64
+        NumPy arrays of shape ``(C,)``, what the backward needs); and ``False`` if running
+        statistics were given but left alone because the batch's are not finite.
+    """
+    layout = kernel_layout(x)
+    channels = x.shape[1]
+    xa = kernel_view(numpy_view(x), layout)
+    y, ya = empty_output(x, layout)
+    mean = np.empty(channels)
+    var = np.empty(channels)
+    if running_mean is not None:
+        running_mean_a, running_var_a = numpy_view(running_mean), numpy_view(running_var)
+    else:
+        factor = 0.0
+        running_mean_a = running_var_a = ABSENT[x.dtype]
+    args = (
+        xa,
+        optional_array(weight, x.dtype),
+        optional_array(bias, x.dtype),
+        eps,
+        ya,
+        mean,
+        var,
+        running_mean_a,
+        running_var_a,
+        factor,
+        limit_of(xa.dtype),
+    )
+    if route == "serial":
+        updated = kernel("train_serial", layout, xa.dtype)(*args)
+    else:
+        with torch_threads():
+            updated = kernel("train_parallel", layout, xa.dtype)(*args)
+    if updated and running_mean is not None:
+        torch.autograd.graph.increment_version(running_mean)
+        torch.autograd.graph.increment_version(running_var)
+    return y, mean, var, updated
+
+
+def eval_forward(x, running_mean, running_var, weight, bias, eps: float, route) -> torch.Tensor:
+    """Algorithm 2, step 11: normalize with the given (population) statistics."""
+    layout = kernel_layout(x)
+    xa = kernel_view(numpy_view(x), layout)
+    weight_a = optional_array(weight, x.dtype)
+    bias_a = optional_array(bias, x.dtype)
+    running_mean_a, running_var_a = numpy_view(running_mean), numpy_view(running_var)
+    if route == "serial":
+        y, ya = empty_output(x, layout)
+        kernel("eval_serial", layout, xa.dtype)(
+            xa, running_mean_a, running_var_a, weight_a, bias_a, eps, ya
+        )
+        return y
+    channels = x.shape[1]
+    invstd = 1.0 / np.sqrt(running_var_a.astype(np.float64) + eps)
+    scale = invstd * float64_or(weight_a, channels, 1.0)
+    return normalize(
+        x, running_mean_a.astype(np.float64), scale, float64_or(bias_a, channels, 0.0), route
+    )
+
+
+def backward(dy, x, weight, mean, var, eps: float, training: bool, route):
+    r"""Gradients of either transform, from the statistics it normalized with.
+
+    With :math:`\sigma^{-1} = 1/\sqrt{\mathrm{var} + \epsilon}` and per-channel sums
+    :math:`S_1 = \sum \delta`, :math:`S_2 = \sum \delta (x - \mu)`, training gives
+    (``reference.batch_norm_train_backward``)
+
+    .. math::
+        dx = \gamma\sigma^{-1}\,\delta - \frac{\gamma\sigma^{-3} S_2}{m}(x - \mu)
+             - \frac{\gamma\sigma^{-1} S_1}{m}
+
+    and evaluation only the first term (the statistics are constants there). Both have
+    :math:`d\gamma = \sigma^{-1} S_2` and :math:`d\beta = S_1`.
+
+    Args:
+        route: ``"serial"`` or ``"parallel"``.
+
+    Returns:
+        ``(dx, dweight, dbias)``; ``dweight``/``dbias`` have ``x``'s dtype and shape ``(C,)``.
+    """
+    layout = kernel_layout(x)
+    channels = x.shape[1]
+    xa = kernel_view(numpy_view(x), layout)
+    dya = kernel_view(numpy_view(match_layout(dy, x)), layout)
+    dx, dxa = empty_output(x, layout)
+    # In x's dtype: the kernels accumulate in float64 and round once at the store, which saves
+    # two tensor conversions (~3 us each on a small batch).
+    dweight = np.empty(channels, xa.dtype)
+    dbias = np.empty(channels, xa.dtype)
+    args = (
+        dya,
+        xa,
+        array(mean),
+        array(var),
+        optional_array(weight, x.dtype),
+        eps,
+        training,
+        dxa,
+        dweight,
+        dbias,
+    )
+    if route == "serial":
+        kernel("backward_serial", layout, xa.dtype)(*args)
+    else:
+        with torch_threads():
+            kernel("backward_parallel", layout, xa.dtype)(*args)
+    return dx, torch.from_numpy(dweight), torch.from_numpy(dbias)
+
+
+def native_train(input, weight, bias, eps: float, stats_dtype, stats_device):
+    """torch's training op, and the batch's mean and *biased* variance as float64 arrays.
+
+    torch's op folds the batch into the running buffers it is given,
+    ``new = (1 - momentum) old + momentum batch``; given zeroed scratch buffers and momentum 1,
+    they end up holding exactly the batch's mean and unbiased variance, in ``stats_dtype``
+    (zeros, not empty memory: ``0 * NaN`` is NaN). On the CPU the scratch is NumPy memory (3 us
+    cheaper a call than torch's allocation and views, next to a ~20 us op on a small batch).
+
+    Returns:
+        ``(y, mean, var)``: the op's output (differentiable as torch's op is) and two ``(C,)``
+        float64 arrays.
+    """
+    channels = input.shape[1]
+    dtype = NUMPY_DTYPE.get(stats_dtype)
+    if dtype is not None and stats_device.type == "cpu":
+        both = np.zeros((2, channels), dtype)
+        batch_mean, batch_var = torch.from_numpy(both[0]), torch.from_numpy(both[1])
+    else:
+        scratch = torch.zeros((2, channels), dtype=stats_dtype, device=stats_device)
+        batch_mean, batch_var = scratch.unbind()
+    y = native_batch_norm(input, batch_mean, batch_var, weight, bias, True, 1.0, eps)
+    if dtype is None or stats_device.type != "cpu":
+        both = scratch.double().cpu().numpy()
+    count = input.numel() // channels
+    # Back from the unbiased variance torch stores to the biased one the update takes.
+    return y, both[0].astype(np.float64), both[1].astype(np.float64) * ((count - 1) / count)
