@@ -263,3 +263,30 @@ def test_backward_routes_as_its_forward_did(monkeypatch):
         y = layer(x)
     y.sum().backward()
     assert chosen == ["train_parallel", "backward_parallel"]
+
+
+def _layout_by_permute(x):
+    """The definition kernel_layout implements with torch's memory-format flags."""
+    if x.dim() == 2:
+        return "nhwc" if x.is_contiguous() else None
+    if x.is_contiguous():
+        return "nchw"
+    return "nhwc" if x.permute(0, *range(2, x.dim()), 1).is_contiguous() else None
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(4, 3), (1, 3), (4, 1), (4, 3, 5), (4, 3, 1), (1, 3, 5), (4, 3, 5, 6), (4, 1, 5, 6),
+     (4, 3, 1, 1), (1, 3, 5, 6), (2, 3, 4, 5, 6), (2, 3, 1, 1, 1), (2, 3, 2, 2, 2, 2)],
+    ids=lambda s: "x".join(map(str, s)),
+)  # fmt: skip
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "transposed"])
+def test_kernel_layout_agrees_with_the_permuted_view(shape, layout):
+    from batchnorm.routing import kernel_layout
+
+    x = torch.zeros(shape)
+    if layout == "transposed":
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)
+    else:
+        x = make_layout(x, layout)
+    assert kernel_layout(x) == _layout_by_permute(x)

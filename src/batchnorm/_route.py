@@ -62,7 +62,7 @@ def run(input, running_mean, running_var, weight, bias, training, momentum, eps,
                 eps,
                 counter,
                 guard.nonfinite,
-                guard.where,
+                guard.where if guard.layer is None else layer_name(guard.layer),
             )
     route = choose(
         input, "train" if training else "eval", statistics_require_grad=stats_require_grad
@@ -91,7 +91,11 @@ def run(input, running_mean, running_var, weight, bias, training, momentum, eps,
 
 
 def train(input, weight, bias, running_mean, running_var, counter, momentum, eps, route, guard):
-    """A checked training call on the kernels: with autograd when a graph will be recorded."""
+    """A checked training call on the kernels: with autograd when a graph will be recorded.
+
+    ``guard`` is a :class:`batchnorm._running.Guard` or the calling layer (see
+    :func:`batchnorm._running.settle`).
+    """
     factor = 0.0 if running_mean is None else _running.batch_weight(counter, momentum)
     # autograd.Function costs ~6 us a call, a fifth of torch's whole op on a small batch:
     # skip it when nothing will be differentiated.
@@ -104,7 +108,10 @@ def train(input, weight, bias, running_mean, running_var, counter, momentum, eps
             input, weight, bias, running_mean, running_var, factor, eps, route
         )
     if running_mean is not None:
-        _running.settle(updated, mean, var, counter, guard)
+        if updated:
+            _running.count_batch(counter)
+        else:
+            _running.settle(updated, mean, var, counter, guard)
     return output
 
 
@@ -206,12 +213,8 @@ def forward_layer(layer: torch.nn.Module, input: torch.Tensor) -> torch.Tensor:
         momentum,
         float(eps),
         counter,
-        Guard(nonfinite, where, functools.partial(_count_skipped, layer)),
+        Guard(nonfinite, layer=layer),
     )
-
-
-def _count_skipped(layer) -> None:
-    layer.nonfinite_batches_skipped += 1
 
 
 def _state_dtype(weight, running_mean) -> torch.dtype | None:
@@ -294,10 +297,9 @@ def _plain_train(layer, input, weight, bias, running_mean, running_var, counter,
     route = choose(input, "train")
     if route == "torch":
         return None
-    where = functools.partial(layer_name, layer)
-    guard = Guard(nonfinite, where, functools.partial(_count_skipped, layer))
+    # The layer stands for its guard: one is built only if a batch is left out.
     return train(
-        input, weight, bias, running_mean, running_var, counter, momentum, eps, route, guard
+        input, weight, bias, running_mean, running_var, counter, momentum, eps, route, layer
     )
 
 

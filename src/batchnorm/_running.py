@@ -25,7 +25,7 @@ import torch
 
 from . import kernels
 from ._bridge import limit_of, numpy_view
-from ._validate import report_nonfinite
+from ._validate import layer_name, report_nonfinite
 
 __all__ = ["Guard", "batch_weight", "count_batch", "settle", "update"]
 
@@ -36,12 +36,16 @@ class Guard(NamedTuple):
     Attributes:
         nonfinite: ``"skip"`` (leave the running statistics alone and warn) or ``"raise"``.
         where: The caller's name for messages (a string, or a callable that returns it).
-        on_skip: Called after a skipped batch (layers count them), or ``None``.
+        on_skip: Called after a skipped batch, or ``None``.
+        layer: A layer making the call, or ``None``. Messages then name it, and a skipped batch
+            is counted in its ``nonfinite_batches_skipped``; both are worked out only when a
+            batch is left out, so the guard of a layer's every call is one small tuple.
     """
 
     nonfinite: str = "skip"
     where: object = "batch_norm()"
     on_skip: Callable[[], None] | None = None
+    layer: object = None
 
 
 def batch_weight(num_batches_tracked: torch.Tensor | None, momentum: float | None) -> float:
@@ -105,18 +109,27 @@ def update(running_mean, running_var, mean, var, count: int, factor: float) -> b
     return True
 
 
-def settle(updated: bool, mean, var, num_batches_tracked, guard: Guard) -> None:
+def settle(updated: bool, mean, var, num_batches_tracked, guard) -> None:
     """After an update: count the batch, or report the batch that was left out.
 
     Args:
         updated: What :func:`update` (or a fused kernel's update) returned.
         mean, var: The batch's statistics (float64 arrays), named in the report.
         num_batches_tracked: The counter, or ``None``.
-        guard: The caller's policy for a batch left out.
+        guard: The caller's policy for a batch left out: a :class:`Guard`, or a layer, whose
+            own ``nonfinite`` policy then applies (a layer's every call passes itself, and the
+            guard is built only for the rare batch that is left out).
     """
     if updated:
         count_batch(num_batches_tracked)
         return
-    report_nonfinite(guard.nonfinite, guard.where, mean, var)
+    if not isinstance(guard, Guard):
+        guard = Guard(guard.nonfinite, layer=guard)
+    layer = guard.layer
+    report_nonfinite(
+        guard.nonfinite, guard.where if layer is None else layer_name(layer), mean, var
+    )
+    if layer is not None:
+        layer.nonfinite_batches_skipped += 1
     if guard.on_skip is not None:
         guard.on_skip()

@@ -9,7 +9,8 @@ so the repeated passes below cost cache reads, not DRAM traffic.
 
 Parallel decomposition:
     None: one thread. The torch layer routes an input here only below a size threshold
-    (``functional.SERIAL_MAX_ELEMENTS``) measured by the size sweep in ``benchmarks/``.
+    (``RoutingPolicy.serial_max_elements``, :mod:`batchnorm.routing`) measured by the size
+    sweep in ``benchmarks/``.
 
 Numerics:
     Accumulation and arithmetic are float64 for float32 and float64 input; outputs are rounded
