@@ -485,8 +485,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; returns the exit status (1 if any case is INVALID)."""
+def main(argv: list[str] | None = None, extra: dict[str, Factory] | None = None) -> int:
+    """Run the benchmark; returns the exit status (1 if any case is INVALID).
+
+    Args:
+        argv: Command-line arguments (``sys.argv[1:]`` when None).
+        extra: More implementations to time against ours, by name (``bench_versions`` passes
+            another commit's layers this way); each gets its own ``name/ours`` column.
+    """
     args = parse_args(argv)
     cases = CASE_SETS[args.shapes]()
     if args.filter:
@@ -505,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-    impls = implementations(args.compile, args.stand_in, args.uncached)
+    impls = {**implementations(args.compile, args.stand_in, args.uncached), **(extra or {})}
     baselines = [k for k in impls if k != "batchnorm"]
 
     started = _dt.datetime.now()
