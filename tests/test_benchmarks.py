@@ -92,6 +92,20 @@ def test_bench_modules_main_writes_json(tmp_path, capsys):
     assert "torch/ours" in capsys.readouterr().out
 
 
+def test_bench_versions_times_a_commit_next_to_this_checkout(tmp_path, capsys):
+    # HEAD exists in every git checkout; the old package is imported as batchnorm_base.
+    from benchmarks import bench_versions
+
+    path = tmp_path / "versions.json"
+    argv = ["--base", "HEAD", "--shapes", "smoke", "--filter", "6x3", "eval_fwd"]
+    argv += ["--threads", "1", "--repeats", "15", "--target-ms", "0.5", "--warmup-s", "0"]
+    assert bench_versions.main([*argv, "--json", str(path)]) == 0
+    rec = json.loads(path.read_text())
+    assert rec["implementations"] == ["torch", "batchnorm", "base@HEAD"]
+    assert "base@HEAD" in rec["cases"][0]["ratio"]
+    assert "base@HEAD/ours" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- bench_kernels
 
 
