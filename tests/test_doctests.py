@@ -19,7 +19,7 @@ MODULES = [
     "batchnorm.tools.population",
     "batchnorm.distributed",
     "batchnorm.routing",
-    "batchnorm.tools.families",
+    "batchnorm.families",
 ]
 
 

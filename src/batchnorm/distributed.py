@@ -73,6 +73,7 @@ from ._validate import (
     check_nonfinite_policy,
     layer_name,
 )
+from .families import Family, add_twin, families, family_of, is_batchnorm_like, register
 from .functional import (
     backward_input,
     backward_sums,
@@ -84,7 +85,7 @@ from .functional import (
 from .modules import BatchNormBase
 from .stats import Moments, finalize, merge_all
 
-__all__ = ["SyncBatchNorm", "forget_sync_state", "last_input_rank"]
+__all__ = ["ORIGINAL_CLASS", "SyncBatchNorm", "forget_sync_state", "last_input_rank"]
 
 logger = logging.getLogger(__name__)
 
@@ -235,12 +236,13 @@ class SyncBatchNorm(BatchNormBase, torch.nn.modules.batchnorm._BatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None):
-        """:func:`batchnorm.convert_sync_batchnorm`, under torch's classmethod name."""
-        # The conversions live with the other model-tree tools, above this module; torch's
-        # name for it is kept here for code written against torch.nn.SyncBatchNorm.
-        from .tools.convert import convert_sync_batchnorm
+        """Make every BatchNorm layer of ``module`` a SyncBatchNorm, in place (torch's name).
 
-        return convert_sync_batchnorm(module, process_group)
+        The conversion :func:`batchnorm.convert_sync_batchnorm` documents; it lives here, as
+        in torch, because it is this class's (the reverse and the other conversions are in
+        :mod:`batchnorm.tools.convert`).
+        """
+        return _convert_to_sync(module, process_group, "convert_sync_batchnorm()")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         group = self._sync_group()
@@ -579,3 +581,49 @@ def forget_sync_state(layer: torch.nn.Module) -> None:
     """Remove what this module remembers on ``layer`` (before it stops being a SyncBatchNorm)."""
     for name in _STATE_ATTRIBUTES:
         layer.__dict__.pop(name, None)
+
+
+# The instance attribute where a converted layer keeps the class it had, for the reverse.
+ORIGINAL_CLASS = "_sync_original_class"
+
+
+def _path_text(path: str) -> str:
+    return repr(path) if path else "the root module"
+
+
+def _convert_to_sync(model: torch.nn.Module, process_group, where: str) -> torch.nn.Module:
+    """The conversion of :meth:`SyncBatchNorm.convert_sync_batchnorm` (see its public twin,
+    :func:`batchnorm.convert_sync_batchnorm`, for the contract)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{where}: expected a torch.nn.Module, got {type(model).__name__}.")
+    swaps, already = [], []
+    for path, module in model.named_modules():
+        cls = type(module)
+        family = family_of(cls)
+        if cls is SyncBatchNorm:
+            already.append(module)
+        elif family is not None and family.sync is not None and cls in (family.ours, family.torch):
+            swaps.append(module)
+        elif is_batchnorm_like(module):
+            raise TypeError(
+                f"{where}: cannot convert {_path_text(path)} of type "
+                f"{cls.__module__}.{cls.__qualname__}: only torch.nn.BatchNorm1d/2d/3d, "
+                "torch.nn.SyncBatchNorm and batchnorm.BatchNorm1d/2d/3d are converted, and "
+                "converting a subclass would drop its behaviour. Replace it yourself or convert "
+                "its base class."
+            )
+    for module in swaps:
+        original = type(module)
+        module.__class__ = family_of(original).sync
+        module.__dict__[ORIGINAL_CLASS] = original
+    for module in (*swaps, *already):
+        module.process_group = process_group
+    return model
+
+
+# The synchronized family (batchnorm.families), and this class as the synchronized twin of every
+# fixed-rank one.
+register(Family("SyncBatchNorm", None, SyncBatchNorm, torch.nn.SyncBatchNorm, sync=SyncBatchNorm))
+for _family in families():
+    if _family.ranks is not None:
+        add_twin(_family.name, sync=SyncBatchNorm)

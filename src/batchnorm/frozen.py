@@ -63,6 +63,7 @@ from typing import NamedTuple
 import torch
 
 from ._validate import check_constructor_args, check_layer_input, layer_name
+from .families import add_twin
 from .functional import normalize
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -307,3 +308,8 @@ class FrozenBatchNorm3d(_FrozenBatchNormBase):
         example="torch.tensor([3.0, 0.0]).reshape(1, 2, 1, 1, 1)",
         index="[0, :, 0, 0, 0]",
     )
+
+
+# The frozen twins of the fixed-rank families (batchnorm.families).
+for _frozen in (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d):
+    add_twin(_frozen.__name__.removeprefix("Frozen"), frozen=_frozen)

@@ -18,6 +18,7 @@ import torch
 
 from . import _docs
 from ._validate import check_constructor_args, check_layer_input, check_nonfinite_policy, layer_name
+from .families import Family, register
 from .functional import forward_layer
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase"]
@@ -129,3 +130,13 @@ class BatchNorm3d(BatchNormBase, torch.nn.BatchNorm3d):
         example="torch.randn(4, 3, 2, 5, 5)",
         example_shape="[4, 3, 2, 5, 5]",
     )
+
+
+# The families of the fixed-rank layers (batchnorm.families); frozen.py and distributed.py add
+# their twins.
+for _ours, _torch, _lazy in (
+    (BatchNorm1d, torch.nn.BatchNorm1d, torch.nn.LazyBatchNorm1d),
+    (BatchNorm2d, torch.nn.BatchNorm2d, torch.nn.LazyBatchNorm2d),
+    (BatchNorm3d, torch.nn.BatchNorm3d, torch.nn.LazyBatchNorm3d),
+):
+    register(Family(_ours.__name__, _ours.input_ranks, _ours, _torch, torch_lazy=_lazy))

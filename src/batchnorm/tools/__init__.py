@@ -10,4 +10,8 @@ would shadow the submodule as an attribute of this package, and ``import
 batchnorm.tools.fold as m`` would then give the function.
 """
 
+# Every tool reads the family table (batchnorm.families), which each layer module fills when
+# it is imported: import them all before any tool runs.
+from .. import distributed, frozen, modules  # noqa: F401
+
 __all__: list[str] = []

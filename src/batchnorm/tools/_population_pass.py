@@ -18,10 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .._validate import NonFiniteStatisticsError, check_batch_norm_args, layer_name
+from ..families import families, family_of
 from ..functional import batch_moments, normalize
 from ..modules import BatchNormBase
 from ..stats import Moments, finalize, merge_moments
-from .families import FAMILIES, family_of
 
 __all__ = ["LAYER_HEAD", "Accumulator", "PassState", "run_pass"]
 
@@ -190,9 +190,10 @@ def pass_forward(acc: Accumulator, state: PassState):
     return None, False
 
 
-# The synchronizing families' classes, whose layers always run locally in a pass.
+# The synchronizing families' classes, whose layers always run locally in a pass. (The family
+# table is complete: batchnorm.tools imports every layer module first.)
 SYNC_CLASSES = tuple(
-    cls for family in FAMILIES if family.ranks is None for cls in (family.ours, family.torch)
+    cls for family in families() if family.ranks is None for cls in (family.ours, family.torch)
 )
 
 

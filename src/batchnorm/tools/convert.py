@@ -6,7 +6,7 @@
 All three change each layer's class and nothing else. Our classes subclass torch.nn's and add
 no instance state, so this keeps everything a layer owns: the very same Parameter objects (an
 optimizer built before the switch keeps working), buffers, hooks, training mode, device and
-dtype. Which class becomes which is the family table's (:mod:`batchnorm.tools.families`). A
+dtype. Which class becomes which is the family table's (:mod:`batchnorm.families`). A
 BatchNorm subclass the table does not know is refused, never converted: turning a user's
 subclass into ours would silently strip its overrides. The whole tree is checked before any
 layer changes, so a refused model is left as it was.
@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import SyncBatchNorm, forget_sync_state, last_input_rank
-from .families import family_for_rank, family_of, is_batchnorm_like
+from ..distributed import ORIGINAL_CLASS, SyncBatchNorm, forget_sync_state, last_input_rank
+from ..families import family_for_rank, family_of, is_batchnorm_like
 
 __all__ = ["convert", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
 _TARGETS = ("batchnorm", "torch")
-# The class a layer had before convert_sync_batchnorm, kept on it for revert_sync_batchnorm.
-_ORIGINAL = "_sync_original_class"
 
 
 def _path_text(path: str) -> str:
@@ -87,7 +85,7 @@ def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
         if type(module) is SyncBatchNorm:
             # Leaving this package: what our SyncBatchNorm remembered has no meaning there.
             forget_sync_state(module)
-            module.__dict__.pop(_ORIGINAL, None)
+            module.__dict__.pop(ORIGINAL_CLASS, None)
         module.__class__ = target
     return model
 
@@ -127,29 +125,8 @@ def convert_sync_batchnorm(model: torch.nn.Module, process_group=None) -> torch.
         >>> type(revert_sync_batchnorm(net)[1]) is torch.nn.BatchNorm2d
         True
     """
-    _check_model("convert_sync_batchnorm()", model)
-    swaps, already = [], []
-    for path, module in model.named_modules():
-        cls = type(module)
-        family = family_of(cls)
-        if cls is SyncBatchNorm:
-            already.append(module)
-        elif family is not None and family.sync is not None and cls in (family.ours, family.torch):
-            swaps.append(module)
-        elif is_batchnorm_like(module):
-            raise TypeError(
-                f"convert_sync_batchnorm(): cannot convert {_path_text(path)} of type "
-                f"{_type_text(cls)}: only torch.nn.BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm and "
-                "batchnorm.BatchNorm1d/2d/3d are converted, and converting a subclass would "
-                "drop its behaviour. Replace it yourself or convert its base class."
-            )
-    for module in swaps:
-        original = type(module)
-        module.__class__ = family_of(original).sync
-        module.__dict__[_ORIGINAL] = original
-    for module in (*swaps, *already):
-        module.process_group = process_group
-    return model
+    # The conversion is the class's own, under torch's classmethod name.
+    return SyncBatchNorm.convert_sync_batchnorm(model, process_group)
 
 
 def revert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
@@ -187,7 +164,7 @@ def revert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
                 f"{_type_text(type(module))}, a subclass of SyncBatchNorm: reverting it would "
                 "drop its behaviour. Replace it yourself."
             )
-        target = module.__dict__.get(_ORIGINAL)
+        target = module.__dict__.get(ORIGINAL_CLASS)
         rank = last_input_rank(module)
         if target is None and rank is not None and family_for_rank(rank) is not None:
             target = family_for_rank(rank).ours
@@ -204,7 +181,7 @@ def revert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
             )
         plan.append((module, target))
     for module, target in plan:
-        module.__dict__.pop(_ORIGINAL, None)
+        module.__dict__.pop(ORIGINAL_CLASS, None)
         forget_sync_state(module)
         if target is not torch.nn.SyncBatchNorm:
             module.__dict__.pop("process_group", None)

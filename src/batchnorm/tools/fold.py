@@ -24,7 +24,7 @@ import torch
 import torch.fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .families import FAMILIES, stock_forwards
+from ..families import families, stock_forwards
 
 __all__ = ["check_fold", "fold"]
 
@@ -44,8 +44,9 @@ _LAYERS: tuple[type[torch.nn.Module], ...] = (
 )
 
 #: BatchNorm-like layers. The frozen ones are not _BatchNorm subclasses and have no mode: they
-#: always compute the affine map from their stored statistics.
-_FROZEN = tuple(family.frozen for family in FAMILIES if family.frozen is not None)
+#: always compute the affine map from their stored statistics. (The family table is complete:
+#: batchnorm.tools imports every layer module first.)
+_FROZEN = tuple(family.frozen for family in families() if family.frozen is not None)
 _NORMS = (_BatchNorm, *_FROZEN)
 
 #: Forwards of norm classes known to compute the eval-mode affine map and nothing else. A

@@ -19,19 +19,24 @@ import warnings
 
 import torch
 
+from ..families import families, family_of, is_batchnorm_like
 from ..frozen import FrozenOrigin
-from .families import FAMILIES, family_of, is_batchnorm_like
 
 __all__ = ["freeze", "unfreeze"]
 
-# The frozen classes, and what freezes into each: a family's own and torch.nn's class.
-_FROZEN = tuple(family.frozen for family in FAMILIES if family.frozen is not None)
-_TO_FROZEN = {
-    cls: family.frozen
-    for family in FAMILIES
-    if family.frozen is not None
-    for cls in (family.ours, family.torch)
-}
+
+def _frozen_classes() -> tuple[type, ...]:
+    return tuple(family.frozen for family in families() if family.frozen is not None)
+
+
+def _frozen_twin(cls: type) -> type | None:
+    """The frozen class ``cls`` freezes into: a family's own or torch.nn's class."""
+    family = family_of(cls)
+    if family is None or family.frozen is None or cls not in (family.ours, family.torch):
+        return None
+    return family.frozen
+
+
 _KNOWN_BN = "torch.nn.BatchNorm1d/2d/3d or batchnorm.BatchNorm1d/2d/3d"
 
 
@@ -44,19 +49,17 @@ def _type_text(module: torch.nn.Module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-# Families whose layers take inputs of any rank (SyncBatchNorm): no frozen class fits them.
-_ANY_RANK = [family for family in FAMILIES if family.ranks is None]
-
-
 def _check_freezable(path: str, module: torch.nn.Module) -> None:
-    if any(isinstance(module, family.ours) for family in _ANY_RANK):
+    # Families whose layers take inputs of any rank (SyncBatchNorm): no frozen class fits them.
+    any_rank = [family for family in families() if family.ranks is None]
+    if any(isinstance(module, family.ours) for family in any_rank):
         raise TypeError(
             f"freeze(): expected {_KNOWN_BN} layers, got {_path_text(path)} of type "
             f"{_type_text(module)}, whose input rank is not fixed. Call "
             "batchnorm.revert_sync_batchnorm(model) first (a frozen layer needs no "
             "synchronisation: it uses no batch statistics)."
         )
-    if any(isinstance(module, family.torch) for family in _ANY_RANK):
+    if any(isinstance(module, family.torch) for family in any_rank):
         # SyncBatchNorm accepts inputs of any rank >= 2, so which frozen class (which rank
         # check) it should become is unknown until it has seen an input; guessing would give a
         # layer that rejects the model's real inputs.
@@ -66,7 +69,7 @@ def _check_freezable(path: str, module: torch.nn.Module) -> None:
             "BatchNorm1d/2d/3d of its input's rank first (a frozen layer needs no "
             "synchronisation: it uses no batch statistics)."
         )
-    if type(module) not in _TO_FROZEN:
+    if _frozen_twin(type(module)) is None:
         raise TypeError(
             f"freeze(): expected {_KNOWN_BN} layers, got {_path_text(path)} of type "
             f"{_type_text(module)}. Freezing a subclass would drop its behaviour; replace it "
@@ -86,7 +89,7 @@ def _check_freezable(path: str, module: torch.nn.Module) -> None:
 def _frozen_from(module: torch.nn.Module, trainable_affine: bool) -> torch.nn.Module:
     """A frozen layer with ``module``'s values, dtypes, devices and training flag."""
     reference = module.running_mean
-    frozen = _TO_FROZEN[type(module)](
+    frozen = _frozen_twin(type(module))(
         module.num_features,
         module.eps,
         module.affine,
@@ -250,7 +253,7 @@ def freeze(model: torch.nn.Module, *, trainable_affine: bool = False) -> torch.n
     layers = []
     already_frozen = False
     for path, module in model.named_modules():
-        if isinstance(module, _FROZEN):
+        if isinstance(module, _frozen_classes()):
             already_frozen = True
         elif is_batchnorm_like(module):
             _check_freezable(path, module)
@@ -312,9 +315,9 @@ def unfreeze(model: torch.nn.Module) -> torch.nn.Module:
     _check_model("unfreeze()", model)
     layers = []
     for path, module in model.named_modules():
-        if type(module) in _FROZEN:
+        if type(module) in _frozen_classes():
             layers.append(module)
-        elif isinstance(module, _FROZEN):
+        elif isinstance(module, _frozen_classes()):
             raise TypeError(
                 f"unfreeze(): expected batchnorm.frozen.FrozenBatchNorm1d/2d/3d layers, got "
                 f"{_path_text(path)} of type {_type_text(module)}. Unfreezing a subclass "

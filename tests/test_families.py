@@ -6,14 +6,19 @@ import pytest
 import torch
 
 import batchnorm
-from batchnorm.tools.families import (
-    FAMILIES,
+import batchnorm.tools  # noqa: F401  (imports every layer module: the table is complete)
+from batchnorm.families import (
+    Family,
+    add_twin,
+    families,
     family_for_rank,
     family_of,
     is_batchnorm_like,
+    register,
     stock_forwards,
 )
 
+FAMILIES = families()
 FIXED_RANK = [f for f in FAMILIES if f.ranks is not None]
 
 
@@ -90,3 +95,26 @@ def test_tools_take_each_fixed_rank_family_through_its_twins(family):
     assert type(model[0]) is family.frozen
     model = batchnorm.unfreeze(model)
     assert type(model[0]) is family.ours
+
+
+def test_the_table_holds_every_family_once():
+    assert [f.name for f in FAMILIES] == [
+        "BatchNorm1d",
+        "BatchNorm2d",
+        "BatchNorm3d",
+        "SyncBatchNorm",
+    ]
+
+
+def test_registration_refuses_a_second_family_or_class_and_unknown_twins():
+    with pytest.raises(ValueError, match=r"expected a new family, got 'BatchNorm2d' again"):
+        register(Family("BatchNorm2d", (4,), batchnorm.BatchNorm2d, torch.nn.BatchNorm2d))
+    with pytest.raises(ValueError, match=r"no other family, got \['batchnorm.modules.BatchNorm2d'"):
+        register(Family("Other", (4,), batchnorm.BatchNorm2d, torch.nn.BatchNorm2d))
+    with pytest.raises(ValueError, match=r"expected a registered family, got 'Nope'"):
+        add_twin("Nope", frozen=batchnorm.FrozenBatchNorm2d)
+    with pytest.raises(ValueError, match=r"slots among .* got \['ghost'\]"):
+        add_twin("BatchNorm2d", ghost=batchnorm.BatchNorm2d)
+    with pytest.raises(ValueError, match=r"'BatchNorm2d' has a frozen twin already"):
+        add_twin("BatchNorm2d", frozen=batchnorm.FrozenBatchNorm1d)
+    assert families() == FAMILIES
