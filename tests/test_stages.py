@@ -332,3 +332,34 @@ def test_normalize_rejects_bad_arguments(args, error, match):
 def test_normalize_rejects_unknown_activation():
     with pytest.raises(ValueError, match=r"expected activation in \('identity',\), got 'relu'"):
         F.normalize(torch.zeros(4, 3), torch.zeros(3), torch.ones(3), activation="relu")
+
+
+@pytest.mark.parametrize("fn", ["TrainFn", "EvalFn", "NormalizeFn"])
+def test_autograd_functions_are_in_setup_context_form(fn):
+    # forward without ctx plus setup_context: what torch.func needs to transform them.
+    from batchnorm import _autograd
+
+    cls = getattr(_autograd, fn)
+    assert cls.setup_context is not torch.autograd.Function.setup_context
+    assert "ctx" not in cls.forward.__code__.co_varnames[: cls.forward.__code__.co_argcount]
+
+
+def test_torch_func_grad_through_a_training_layer_matches_torch_nn(gen):
+    # The setup_context form is what lets torch.func.grad differentiate the op (MAML-style
+    # inner loops use it with track_running_stats=False).
+    x = make_input((8, 3), torch.float64, "contiguous", gen, scale=2.0)
+    grads = []
+    for cls in (batchnorm.BatchNorm1d, torch.nn.BatchNorm1d):
+        module = cls(3, track_running_stats=False).double()
+        params = dict(module.named_parameters())
+
+        def loss(p, x, module=module):
+            return (torch.func.functional_call(module, p, (x,)) ** 3).sum()
+
+        grads.append(
+            (torch.func.grad(loss)(params, x), torch.func.grad(loss, argnums=1)(params, x))
+        )
+    (ours_p, ours_x), (theirs_p, theirs_x) = grads
+    for name in ("weight", "bias"):
+        torch.testing.assert_close(ours_p[name], theirs_p[name], **TOL[torch.float64])
+    torch.testing.assert_close(ours_x, theirs_x, **TOL[torch.float64])
