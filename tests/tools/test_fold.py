@@ -24,6 +24,7 @@ from conftest import (
     TOL,
     assert_state_unchanged,
     bn_classes,
+    labelled,
     make_input,
     randomize_bn_state,
     snapshot_state,
@@ -181,7 +182,7 @@ def test_fold_block_applied_twice_folds_once(gen):
     torch.testing.assert_close(_eval_output(folded, x), want, **TOL[torch.float64])
 
 
-# --------------------------------------------------------------------------- fallback
+# --------------------------------------------------------------------------- untraceable models
 
 
 class _Branchy(nn.Module):
@@ -205,22 +206,319 @@ class _Branchy(nn.Module):
         return -self.bn(self.conv(y))
 
 
+def _user_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, UserWarning)]
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-def test_fold_untraceable_model_folds_sequential_pairs_only(impl, gen, caplog):
+def test_fold_untraceable_model_folds_nothing_and_warns_per_pair(impl, gen, caplog):
+    # This forward happens to call the Sequentials only as a whole, but nothing short of a
+    # trace shows that (the next test has forwards that do not), so no pair is folded.
     model = _seeded(_Branchy(impl), gen)
     x = make_input((2, 3, 6, 6), torch.float64, generator=gen).abs()
     wants = [_eval_output(model, x), _eval_output(model, -x)]  # both branches
+    norms_before = _norm_paths(model)
 
-    with caplog.at_level(logging.INFO, logger=fold_module.__name__):
-        folded = _fold_quietly(model)  # one pair folded: no warning even though one is left
+    with (
+        caplog.at_level(logging.INFO, logger=fold_module.__name__),
+        pytest.warns(UserWarning, match="does not trace with torch.fx") as record,
+    ):
+        folded = fold(model)
 
-    assert "could not trace" in caplog.text
+    messages = _user_warnings(record)
+    assert len(messages) == 2  # one per Sequential pair; 'bn' follows no visible layer
+    assert "'features.1' after 'features.0'" in messages[0]
+    assert "'features.3.1' after 'features.3.0'" in messages[1]
+    assert all("TraceError" in m for m in messages)
     assert "left 'bn'" in caplog.text
-    assert _norm_paths(folded) == ["bn"]
-    assert isinstance(folded.features[1], nn.Identity)
-    assert isinstance(folded.features[3][1], nn.Identity)
+    assert _norm_paths(folded) == norms_before
     for got, want in zip([_eval_output(folded, x), _eval_output(folded, -x)], wants, strict=True):
         torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+class _ReachesIntoBlock(nn.Module):
+    """A Sequential (conv, bn) registered once, that an untraceable forward also reaches into."""
+
+    def __init__(self, reach: str):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+        self.reach = reach
+
+    def forward(self, x):
+        y = self.block(x)
+        if x.sum() > 0:  # data-dependent: torch.fx cannot trace past this
+            y = y + self._reach(x)
+        return y
+
+    def _reach(self, x):
+        if self.reach == "layer-called-directly":
+            return self.block[0](x)
+        if self.reach == "norm-called-directly":
+            return self.block[1](x)
+        if self.reach == "sequential-sliced":
+            return self.block[1:](x)  # a new Sequential holding the norm without the conv
+        return x * self.block[0].weight.sum()
+
+
+@pytest.mark.parametrize(
+    "reach",
+    ["layer-called-directly", "norm-called-directly", "sequential-sliced", "layer-weight-read"],
+)
+def test_fold_untraceable_model_leaves_sequential_pair_reached_from_forward(reach, gen):
+    # Every module is registered once, so the module tree looks clean; folding would still be
+    # off by the BatchNorm's shift and scale on the second path.
+    model = _seeded(_ReachesIntoBlock(reach), gen)
+    x = make_input((2, 3, 5, 5), torch.float64, generator=gen).abs()
+    want = _eval_output(model, x)
+
+    left = r"'block\.1' after 'block\.0', left unfolded: the model does not trace with torch\.fx"
+    with pytest.warns(UserWarning, match=left):
+        folded = fold(model)
+
+    assert isinstance(folded.block[1], nn.BatchNorm2d)
+    torch.testing.assert_close(_eval_output(folded, x), want, **TOL[torch.float64])
+
+
+# --------------------------------------------------------------------------- traced: hidden uses
+
+
+class _LeafUsesLayer(nn.Module):
+    """A Linear inside a torch.nn layer that torch.fx keeps whole (a leaf), also called alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+        self.bn = nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        seq = x[:, None]
+        out, _ = self.attn(seq, seq, seq)  # uses attn.out_proj's weight: one call fx cannot see
+        return out[:, 0] + self.bn(self.attn.out_proj(x))
+
+
+def test_fold_leaves_layer_that_an_untraced_leaf_also_uses(gen):
+    model = _seeded(_LeafUsesLayer(), gen)
+    x = make_input((3, 4), torch.float64, generator=gen)
+    want = _eval_output(model, x)
+
+    with pytest.warns(UserWarning, match=r"'bn' after 'attn\.out_proj', left unfolded: .*'attn'"):
+        folded = fold(model)
+
+    assert isinstance(folded.bn, nn.BatchNorm1d)
+    torch.testing.assert_close(_eval_output(folded, x), want, **TOL[torch.float64])
+
+
+class _CleanAndReused(nn.Module):
+    """A clean (conv, bn) pair, then a second pair that forward also uses in another way."""
+
+    def __init__(self, use: str):
+        super().__init__()
+        self.clean = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.use = use
+
+    def forward(self, x):
+        y = self.clean(x)
+        if self.use == "layer-called-twice":
+            return self.bn(self.conv(y)) + self.conv(2 * y)
+        if self.use == "norm-called-twice":
+            return self.bn(self.conv(y)) + self.bn(y)
+        z = self.conv(y)
+        return self.bn(z) + z
+
+
+# use -> reason expected in the warning
+REUSES = {
+    "layer-called-twice": r"'conv' is called 2 times",
+    "norm-called-twice": r"also called on",
+    "layer-output-reused": r"also used elsewhere",
+}
+
+
+@pytest.mark.parametrize("use", list(REUSES))
+def test_fold_warns_for_each_pair_left_while_others_fold(use, gen):
+    model = _seeded(_CleanAndReused(use), gen)
+    x = make_input((2, 3, 6, 6), torch.float64, generator=gen)
+    want = _eval_output(model, x)
+
+    with pytest.warns(
+        UserWarning, match=rf"'bn' after 'conv', left unfolded: .*{REUSES[use]}"
+    ) as r:
+        folded = fold(model)
+
+    assert len(_user_warnings(r)) == 1
+    assert _norm_paths(folded) == ["bn"]
+    torch.testing.assert_close(_eval_output(folded, x), want, **TOL[torch.float64])
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def _two_pairs() -> nn.Sequential:
+    """Two conv+bn pairs in a row; the hooks go on the first, the second must still fold."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+    )
+
+
+def _seen_and_doubled(seen: list, value: torch.Tensor) -> torch.Tensor:
+    seen.append(value.detach().clone())
+    return 2 * value
+
+
+def _backward_hook(seen: list):
+    """A (full or legacy) backward hook: records grad_output, doubles grad_input."""
+
+    def hook(module, grad_input, grad_output):
+        seen.append(grad_output[0].detach().clone())
+        return tuple(None if g is None else 2 * g for g in grad_input)
+
+    return hook
+
+
+def _backward_pre_hook(seen: list):
+    return lambda module, grad_output: (_seen_and_doubled(seen, grad_output[0]),)
+
+
+# kind -> (register(module, seen): a hook that records what it sees and doubles it, reason)
+HOOKS = {
+    "forward-pre": (
+        lambda m, seen: m.register_forward_pre_hook(
+            lambda mod, args: (_seen_and_doubled(seen, args[0]),)
+        ),
+        "forward pre-hooks",
+    ),
+    "forward": (
+        lambda m, seen: m.register_forward_hook(
+            lambda mod, args, out: _seen_and_doubled(seen, out)
+        ),
+        "forward hooks",
+    ),
+    "forward-with-kwargs": (
+        lambda m, seen: m.register_forward_hook(
+            lambda mod, args, kwargs, out: _seen_and_doubled(seen, out), with_kwargs=True
+        ),
+        "forward hooks",
+    ),
+    "full-backward": (
+        lambda m, seen: m.register_full_backward_hook(_backward_hook(seen)),
+        "backward hooks",
+    ),
+    "full-backward-pre": (
+        lambda m, seen: m.register_full_backward_pre_hook(_backward_pre_hook(seen)),
+        "backward pre-hooks",
+    ),
+    "legacy-backward": (
+        lambda m, seen: m.register_backward_hook(_backward_hook(seen)),
+        "backward hooks",
+    ),
+}
+
+
+def _run_with_hooks(model: nn.Module, x: torch.Tensor, seen: list):
+    """Output, input gradient of a weighted sum of it, and what the hooks saw meanwhile."""
+    seen.clear()
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    weights = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).reshape(out.shape)
+    (out * weights).sum().backward()
+    return out.detach(), x.grad, list(seen)
+
+
+@pytest.mark.filterwarnings("ignore:Using a non-full backward hook:FutureWarning")
+@pytest.mark.parametrize("kind", list(HOOKS))
+@pytest.mark.parametrize("where", ["layer", "norm"])
+def test_fold_leaves_pair_with_any_module_hook_and_warns(where, kind, gen):
+    model = _seeded(_two_pairs(), gen)
+    register, reason = HOOKS[kind]
+    seen = []
+    register(model[0] if where == "layer" else model[1], seen)
+    x = make_input((2, 3, 6, 6), torch.float64, generator=gen)
+    want = _run_with_hooks(model, x, seen)
+
+    with pytest.warns(UserWarning, match=rf"'1' after '0', left unfolded: .*{reason}") as record:
+        folded = fold(model)
+
+    assert len(_user_warnings(record)) == 1
+    assert _norm_paths(folded) == ["1"]  # the hooked pair stays, the other one is folded
+    got = _run_with_hooks(folded, x, seen)
+    for name, a, b in zip(["output", "input grad", "seen by hook"], got, want, strict=True):
+        torch.testing.assert_close(a, b, **TOL[torch.float64], msg=labelled(name))
+
+
+def _on_norms(hook):
+    """A global hook that acts on BatchNorm layers only (as a statistics monitor might)."""
+    return lambda module, *args: hook(module, *args) if isinstance(module, _BatchNorm) else None
+
+
+_MODULE = torch.nn.modules.module
+
+# kind -> (register(seen): a global hook on BatchNorm calls that records and doubles, reason)
+GLOBAL_HOOKS = {
+    "forward-pre": (
+        lambda seen: _MODULE.register_module_forward_pre_hook(
+            _on_norms(lambda mod, args: (_seen_and_doubled(seen, args[0]),))
+        ),
+        "forward pre-hooks",
+    ),
+    "forward": (
+        lambda seen: _MODULE.register_module_forward_hook(
+            _on_norms(lambda mod, args, out: _seen_and_doubled(seen, out))
+        ),
+        "forward hooks",
+    ),
+    "full-backward": (
+        lambda seen: _MODULE.register_module_full_backward_hook(_on_norms(_backward_hook(seen))),
+        "backward hooks",
+    ),
+    "full-backward-pre": (
+        lambda seen: _MODULE.register_module_full_backward_pre_hook(
+            _on_norms(_backward_pre_hook(seen))
+        ),
+        "backward pre-hooks",
+    ),
+    # register_module_backward_hook (legacy) fills the same dict as the full one, and torch
+    # refuses it for the rest of the process once a full global backward hook was registered.
+}
+
+
+@pytest.mark.parametrize("kind", list(GLOBAL_HOOKS))
+def test_fold_leaves_every_pair_while_a_global_module_hook_is_registered(kind, gen):
+    # A global hook runs on every module call: after folding it would meet an Identity and the
+    # folded layer where it met the BatchNorm and the layer.
+    model = _seeded(_two_pairs(), gen)
+    x = make_input((2, 3, 6, 6), torch.float64, generator=gen)
+    register, reason = GLOBAL_HOOKS[kind]
+    seen = []
+    handle = register(seen)
+    try:
+        want = _run_with_hooks(model, x, seen)
+        with pytest.warns(UserWarning, match=rf"global module {reason} are registered") as record:
+            folded = fold(model)
+        got = _run_with_hooks(folded, x, seen)
+    finally:
+        handle.remove()
+
+    assert len(_user_warnings(record)) == 2
+    assert _norm_paths(folded) == ["1", "3"]
+    for name, a, b in zip(["output", "input grad", "seen by hook"], got, want, strict=True):
+        torch.testing.assert_close(a, b, **TOL[torch.float64], msg=labelled(name))
+
+
+def test_fold_ignores_state_dict_hooks(gen):
+    # state_dict hooks act on saving and loading, which folding changes by design (the
+    # BatchNorm's keys go away), not on the forward computation: they do not block.
+    model = _seeded(_two_pairs(), gen)
+    model[1].register_state_dict_pre_hook(lambda mod, prefix, keep_vars: None)
+    model[0].register_load_state_dict_post_hook(lambda mod, incompatible_keys: None)
+    x = make_input((2, 3, 6, 6), torch.float64, generator=gen)
+    want = _eval_output(model, x)
+
+    folded = _fold_quietly(model)
+
+    assert _norm_paths(folded) == []
+    torch.testing.assert_close(_eval_output(folded, x), want, **TOL[torch.float64])
 
 
 # --------------------------------------------------------------------------- left unfolded

@@ -7,8 +7,9 @@ inference, and the same outputs up to rounding.
 
 How the pairs are found: the model is traced with :mod:`torch.fx` only to *analyse* which layer's
 output feeds which BatchNorm; the changes are made on the model's own module tree, so the result
-is the user's class, not a ``GraphModule``. Models that do not trace (data-dependent control
-flow, for example) fall back to adjacent children of ``torch.nn.Sequential`` containers.
+is the user's class, not a ``GraphModule``. A pair is folded only when the analysis proves the
+result exact; a model that does not trace (data-dependent control flow, for example) gives no
+such proof, so nothing in it is folded, and every pair left unfolded is named in a warning.
 """
 
 from __future__ import annotations
@@ -16,45 +17,17 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping
-from itertools import pairwise
+from collections.abc import Mapping
 
 import torch
 import torch.fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..families import families, stock_forwards
+from ._fold_pairs import Verdict, find_producers, select_pairs
 
 __all__ = ["check_fold", "fold"]
 
 logger = logging.getLogger(__name__)
-
-#: The layers folded into, each with the forward it must not have overridden. A subclass that
-#: overrides forward may use its weight in another way (timm's StdConv2d standardises it, which
-#: would undo the folded scale), so only the stock forward is trusted.
-_LAYERS: tuple[type[torch.nn.Module], ...] = (
-    torch.nn.Conv1d,
-    torch.nn.Conv2d,
-    torch.nn.Conv3d,
-    torch.nn.ConvTranspose1d,
-    torch.nn.ConvTranspose2d,
-    torch.nn.ConvTranspose3d,
-    torch.nn.Linear,
-)
-
-#: BatchNorm-like layers. The frozen ones are not _BatchNorm subclasses and have no mode: they
-#: always compute the affine map from their stored statistics. (The family table is complete:
-#: batchnorm.tools imports every layer module first.)
-_FROZEN = tuple(family.frozen for family in families() if family.frozen is not None)
-_NORMS = (_BatchNorm, *_FROZEN)
-
-#: Forwards of norm classes known to compute the eval-mode affine map and nothing else. A
-#: subclass with its own forward may do more (timm's BatchNormAct2d applies an activation).
-_NORM_FORWARDS = stock_forwards()
-
-Producer = Callable[[str], "tuple[str | None, str | None]"]
-
 
 # --------------------------------------------------------------------------- public API
 
@@ -95,22 +68,48 @@ def fold(model: torch.nn.Module, *, inplace: bool = False) -> torch.nn.Module:
     with the stock forward and running statistics, and
     ``batchnorm.frozen.FrozenBatchNorm1d/2d/3d``.
 
-    When a pair is folded (everything else is left as it is and reported):
+    A pair is folded only when the analysis proves the folded model exact; every other pair is
+    left as it is, with a warning:
 
-    - Traced (the model traces with :mod:`torch.fx`): every call of the BatchNorm takes the
-      output of a call of the same layer, both are called equally often (a block applied twice
-      still folds), and each of those layer outputs has no other use. Parameters that
-      ``forward`` reads directly (``self.conv.weight``) block folding.
-    - Not traceable: adjacent children ``(layer, norm)`` of a ``torch.nn.Sequential`` (or a
-      subclass that keeps its forward); this assumes the children are only called through the
-      Sequential. An INFO log record says the fallback was used and why.
-    - Always: channel counts match; neither module is reachable under two names, has forward
-      hooks or is an uninitialised lazy module; the layer is not parametrised and shares no
-      parameter with another module.
+    - The model must trace with :mod:`torch.fx` (the layers and norms above and torch.nn's own
+      modules stay single calls). Then every call of the BatchNorm takes the output of a call
+      of the same layer, both are called equally often (a block applied twice still folds),
+      and each of those layer outputs has no other use: the graph shows every call a traced
+      forward makes, so neither module is used for anything else. Parameters that ``forward``
+      reads directly (``self.conv.weight``) block folding, and so does a module inside one that
+      fx calls as a whole (``MultiheadAttention.out_proj``): that forward's uses are not seen.
+    - A model that does not trace is not folded at all. Without a graph nothing shows how
+      ``forward`` uses a module: it may call ``self.block[0]`` on its own, run
+      ``self.block[1:]`` or read ``self.block[0].weight`` although every module is registered
+      once, and a fold of ``block`` would then be wrong. Each adjacent ``(layer, norm)`` pair of
+      a ``torch.nn.Sequential`` gets a warning with the trace error. When you know that
+      ``forward`` uses such a Sequential only by calling it, fold that Sequential on its own,
+      ``fold(model.get_submodule(path), inplace=True)``: its trace proves the fold exact for
+      its calls, and your knowledge of ``forward`` covers the rest.
+    - Always: channel counts match; neither module is reachable under two names, has a hook
+      or is an uninitialised lazy module; the layer is not parametrised and shares no parameter
+      with another module; no global module hook is registered.
 
-    Forward code that reads an attribute of a BatchNorm other than calling it (for example
-    ``self.bn.num_features``) is not visible to the analysis and breaks once the layer is an
-    Identity.
+    Hooks: forward pre-hooks, forward hooks (with kwargs or ``always_call`` too), backward
+    pre-hooks and backward hooks (full, and the legacy ``register_backward_hook``) on either
+    module block folding: afterwards the layer's would run on the folded values and the
+    BatchNorm's not at all. A pre-hook on the layer sees the same input, but it receives the
+    module and may read its weight, so it blocks too. The global hooks of
+    ``torch.nn.modules.module`` (``register_module_forward_pre_hook``,
+    ``register_module_forward_hook``, ``register_module_full_backward_pre_hook``,
+    ``register_module_full_backward_hook``, ``register_module_backward_hook``) run on every
+    module call, so any of them, registered when ``fold`` runs, blocks every pair. Hooks that
+    do not touch the forward computation do not block: ``state_dict`` and ``load_state_dict``
+    hooks, hooks on parameter tensors, and module/parameter/buffer registration hooks (which
+    see the ``Identity`` and any new ``bias`` being assigned). Saving, loading and parameter
+    gradients change with folding by design: the BatchNorm's parameters and keys are gone.
+
+    Not visible even in a trace, and so assumed absent: code that fx does not trace into
+    (functions marked ``torch.fx.wrap``; the forwards of the modules it calls as a whole, which
+    are assumed to use only their own submodules) reaching the layer or the BatchNorm through
+    references of its own; ``forward`` reading an attribute of a BatchNorm other than calling
+    it (``self.bn.num_features``, which breaks once the layer is an Identity) or testing
+    ``self.conv.bias is None``; and uses outside ``model`` (another model sharing the layer).
 
     Dtype: the new weight and bias are computed in float64 from the layer's and the norm's
     tensors, then rounded once to the layer's dtype, on the layer's device.
@@ -118,8 +117,9 @@ def fold(model: torch.nn.Module, *, inplace: bool = False) -> torch.nn.Module:
     Args:
         model: The model, in evaluation mode (``model.eval()``), itself and every BatchNorm in
             it.
-        inplace: Fold into ``model`` itself and return it. By default a ``copy.deepcopy`` is
-            folded and returned, and ``model`` is never changed.
+        inplace: Fold into ``model`` itself and return it (a layer that another model shares
+            changes there too). By default a ``copy.deepcopy`` is folded and returned, and
+            ``model`` is never changed.
 
     Returns:
         The folded model (``model`` itself when ``inplace``), of the same class, in evaluation
@@ -131,8 +131,11 @@ def fold(model: torch.nn.Module, *, inplace: bool = False) -> torch.nn.Module:
             before anything else: nothing is copied or changed, even with ``inplace=True``.
 
     Warns:
-        UserWarning: Nothing was folded: the model has no BatchNorm layer, or none of its
-            BatchNorm layers could be folded (the message says which and why).
+        UserWarning: One per BatchNorm that takes a layer's output but is left unfolded,
+            naming both paths and why. One more when nothing was folded and no such warning
+            was given: the model has no BatchNorm layer, or none of them follows a layer (the
+            message says which and why). The BatchNorms that follow no layer are otherwise
+            reported in INFO log records only.
 
     Example:
         >>> import torch
@@ -152,8 +155,8 @@ def fold(model: torch.nn.Module, *, inplace: bool = False) -> torch.nn.Module:
     """
     _check_fold_args(model, inplace)
     target = model if inplace else copy.deepcopy(model)
-    producer, method = _find_producers(target)
-    pairs, left = _select_pairs(target, producer)
+    producer, method = find_producers(target)
+    pairs, left = select_pairs(target, producer)
     for layer_path, norm_path in pairs:
         _fold_pair(target, layer_path, norm_path)
         logger.debug("fold(): folded %r into %r", norm_path, layer_path)
@@ -238,220 +241,6 @@ def _check_fold_args(model, inplace) -> None:
         )
 
 
-def _is_foldable_norm(module: torch.nn.Module) -> bool:
-    """Whether ``module`` is a BatchNorm-like layer this tool knows how to fold (by type only)."""
-    return isinstance(module, _NORMS)
-
-
-def _is_layer(module: torch.nn.Module | None) -> bool:
-    return isinstance(module, _LAYERS)
-
-
-def _has_stock_forward(module: torch.nn.Module) -> bool:
-    """True when ``module`` runs a forward whose arithmetic ``fold`` knows."""
-    if isinstance(module, _NORMS):
-        return type(module).forward in _NORM_FORWARDS
-    base = next(cls for cls in _LAYERS if isinstance(module, cls))
-    return type(module).forward is base.forward and (
-        getattr(type(module), "_conv_forward", None) is getattr(base, "_conv_forward", None)
-    )
-
-
-def _module_problem(module: torch.nn.Module, names: int, kind: str) -> str | None:
-    """Why a norm or layer cannot take part in folding whatever it is paired with, or None."""
-    if names > 1:
-        return f"{kind} is reachable under {names} names (a shared module)"
-    if not _has_stock_forward(module):
-        return f"{kind} is a {type(module).__name__} that overrides forward()"
-    if module._forward_hooks or module._forward_pre_hooks:
-        return f"{kind} has forward hooks, which folding would bypass"
-    if any(torch.nn.parameter.is_lazy(t) for t in (*module.parameters(), *module.buffers())):
-        return f"{kind} is an uninitialised lazy module"
-    return None
-
-
-def _norm_problem(norm: torch.nn.Module, names: int) -> str | None:
-    if norm.running_mean is None or norm.running_var is None:
-        return "it has no running statistics (track_running_stats=False): it uses batch statistics"
-    return _module_problem(norm, names, "it")
-
-
-def _layer_problem(
-    layer: torch.nn.Module, layer_path: str, norm: torch.nn.Module, names: int, shared: bool
-) -> str | None:
-    problem = _module_problem(layer, names, f"its input layer {layer_path!r}")
-    if problem is not None:
-        return problem
-    if torch.nn.utils.parametrize.is_parametrized(layer):
-        return f"its input layer {layer_path!r} is parametrised"
-    if shared:
-        return f"its input layer {layer_path!r} shares a parameter with another module"
-    channels = _out_channels(layer)
-    if channels != norm.running_mean.numel():
-        return (
-            f"its input layer {layer_path!r} has {channels} output channels, the BatchNorm "
-            f"{norm.running_mean.numel()}"
-        )
-    return None
-
-
-def _out_channels(layer: torch.nn.Module) -> int:
-    return layer.out_features if isinstance(layer, torch.nn.Linear) else layer.out_channels
-
-
-# --------------------------------------------------------------------------- finding pairs
-
-
-class _LeafTracer(torch.fx.Tracer):
-    """Keeps BatchNorm-like and folded-into layers as single ``call_module`` nodes.
-
-    fx only treats modules defined in ``torch.nn`` as leaves; ours live in ``batchnorm`` and
-    would be traced into (their input checks cannot run on a Proxy).
-    """
-
-    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
-        return (
-            _is_foldable_norm(m) or _is_layer(m) or super().is_leaf_module(m, module_qualified_name)
-        )
-
-
-def _find_producers(model: torch.nn.Module) -> tuple[Producer, str]:
-    """A function mapping a norm's path to the path of the layer it can be folded into.
-
-    Returns ``(producer, method)``; ``producer(norm_path)`` is ``(layer_path, None)`` or
-    ``(None, reason)``, and ``method`` names the analysis for the log.
-    """
-    try:
-        graph = _LeafTracer().trace(model)
-    except Exception as err:  # noqa: BLE001 - fx raises many types; any of them means "untraceable"
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        logger.info(
-            "fold(): torch.fx could not trace %s (%s); folding adjacent children of "
-            "torch.nn.Sequential containers only.",
-            type(model).__name__,
-            reason,
-        )
-        return _sequential_producer(model), "torch.nn.Sequential fallback"
-    return _graph_producer(model, graph), "torch.fx"
-
-
-def _describe(node: torch.fx.Node, modules: Mapping[str, torch.nn.Module]) -> str:
-    """A node as the user wrote it, for "follows ..." reasons."""
-    if node.op == "call_module":
-        return f"a {type(modules[node.target]).__name__} ({node.target!r})"
-    if node.op == "call_function":
-        return f"{getattr(node.target, '__name__', node.target)}()"
-    if node.op == "call_method":
-        return f".{node.target}()"
-    if node.op == "placeholder":
-        return f"the model's input {node.target!r}"
-    return f"{node.op} {node.target!r}"
-
-
-def _graph_producer(model: torch.nn.Module, graph: torch.fx.Graph) -> Producer:
-    modules = dict(model.named_modules())
-    calls: dict[str, list[torch.fx.Node]] = defaultdict(list)
-    read_directly = set()
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target].append(node)
-        elif node.op == "get_attr":
-            read_directly.add(node.target.rpartition(".")[0])
-
-    def producer(norm_path: str) -> tuple[str | None, str | None]:
-        norm_calls = calls.get(norm_path, [])
-        if not norm_calls:
-            return None, "forward() does not call it"
-        if norm_path in read_directly:
-            return None, "forward() reads its tensors directly"
-        sources = []
-        for node in norm_calls:
-            src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-            if not isinstance(src, torch.fx.Node):
-                return None, "it is not called with a single tensor argument"
-            if src.op != "call_module" or not _is_layer(modules.get(src.target)):
-                return None, f"it follows {_describe(src, modules)}"
-            if len(src.users) != 1:
-                return None, f"the output of {src.target!r} is also used elsewhere"
-            sources.append(src.target)
-        layer_path = sources[0]
-        if any(s != layer_path for s in sources):
-            return None, f"it follows different layers: {sorted(set(sources))}"
-        if len(calls[layer_path]) != len(norm_calls):
-            return None, (
-                f"{layer_path!r} is called {len(calls[layer_path])} times, the BatchNorm "
-                f"{len(norm_calls)}"
-            )
-        if layer_path in read_directly:
-            return None, f"forward() reads the tensors of {layer_path!r} directly"
-        return layer_path, None
-
-    return producer
-
-
-def _is_plain_sequential(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Sequential) and (
-        type(module).forward is torch.nn.Sequential.forward
-    )
-
-
-def _sequential_producer(model: torch.nn.Module) -> Producer:
-    modules = dict(model.named_modules())
-    previous: dict[str, str] = {}  # child path -> path of the sibling run just before it
-    for path, container in modules.items():
-        if not _is_plain_sequential(container):
-            continue
-        # _modules, not named_children(): the latter hides a module listed twice, which would
-        # make two non-adjacent children look adjacent.
-        names = [name for name, child in container._modules.items() if child is not None]
-        for before, after in pairwise(names):
-            previous[_join(path, after)] = _join(path, before)
-
-    def producer(norm_path: str) -> tuple[str | None, str | None]:
-        layer_path = previous.get(norm_path)
-        if layer_path is None:
-            return None, (
-                "the model does not trace with torch.fx and it does not follow a layer "
-                "inside a torch.nn.Sequential"
-            )
-        if not _is_layer(modules[layer_path]):
-            return None, f"it follows a {type(modules[layer_path]).__name__} ({layer_path!r})"
-        return layer_path, None
-
-    return producer
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _select_pairs(
-    model: torch.nn.Module, producer: Producer
-) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """``(layer_path, norm_path)`` pairs to fold, and ``{norm_path: why not}`` for the others."""
-    names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    modules = dict(model.named_modules())
-    pairs, left = [], {}
-    for norm_path, norm in modules.items():
-        if not _is_foldable_norm(norm):
-            continue
-        reason = "it is the model itself" if norm_path == "" else None
-        reason = reason or _norm_problem(norm, names[id(norm)])
-        layer_path = None
-        if reason is None:
-            layer_path, reason = producer(norm_path)
-        if reason is None:
-            layer = modules[layer_path]
-            shared = any(owners[id(p)] > 1 for p in layer.parameters())
-            reason = _layer_problem(layer, layer_path, norm, names[id(layer)], shared)
-        if reason is None:
-            pairs.append((layer_path, norm_path))
-        else:
-            left[norm_path] = reason
-    return pairs, left
-
-
 # --------------------------------------------------------------------------- folding
 
 
@@ -500,17 +289,32 @@ def _fold_pair(model: torch.nn.Module, layer_path: str, norm_path: str) -> None:
 
 
 def _report(
-    model: torch.nn.Module, pairs: list[tuple[str, str]], left: dict[str, str], method: str
+    model: torch.nn.Module,
+    pairs: list[tuple[str, str]],
+    left: dict[str, Verdict],
+    method: str,
 ) -> None:
-    """Log what was folded; warn when nothing was."""
+    """Warn once per pair left unfolded; log the rest; warn when nothing was folded or said."""
+    for norm_path, (layer_path, reason, fix) in left.items():
+        if layer_path is not None:
+            warnings.warn(
+                "fold(): expected a BatchNorm that folds exactly into the layer before it, got "
+                f"{norm_path!r} after {layer_path!r}, left unfolded: {reason}.{fix}",
+                UserWarning,
+                stacklevel=3,
+            )
+    unpaired = {path: v.reason for path, v in left.items() if v.layer_path is None}
     if pairs:
         logger.info(
-            "fold(): folded %d BatchNorm layer(s) of %s (%s analysis).",
+            "fold(): folded %d BatchNorm layer(s) of %s (%s).",
             len(pairs),
             type(model).__name__,
             method,
         )
-        for norm_path, reason in left.items():
+    if pairs or len(unpaired) < len(left):
+        # Something was folded or warned about: the BatchNorms that follow no layer (after a
+        # ReLU, say) are not folding candidates, so a log record is enough for them.
+        for norm_path, reason in unpaired.items():
             logger.info("fold(): left %r: %s.", norm_path, reason)
         return
     if not left:
@@ -521,10 +325,10 @@ def _report(
             stacklevel=3,
         )
         return
-    details = "; ".join(f"{path!r}: {reason}" for path, reason in left.items())
+    details = "; ".join(f"{path!r}: {reason}" for path, reason in unpaired.items())
     warnings.warn(
         f"fold(): expected at least one BatchNorm that can be folded, got {len(left)} that "
-        f"cannot ({method} analysis): {details}.",
+        f"cannot ({method}): {details}.",
         UserWarning,
         stacklevel=3,
     )
