@@ -6,8 +6,10 @@ session); one runs ``python -m batchnorm info`` in a subprocess to check the ent
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -281,3 +283,67 @@ def test_lab_help_is_available_for_every_subcommand(capsys):
             cli.main([*argv, "--help"])
         assert exc.value.code == 0
         assert "usage: batchnorm lab" in capsys.readouterr().out
+
+
+# --- lab: resuming ----------------------------------------------------------------------------
+
+
+def interrupt_run(out, monkeypatch) -> Path:
+    """A tiny figure1 run stopped in seed 1 at step 30 (seed 0 done, a checkpoint at step 20)."""
+    experiment = EXPERIMENTS["figure1"]
+
+    def run_seed(config, data, seed, *, advance, **kwargs):
+        def counting(n):
+            advance(n)
+            counting.done += n
+            if seed == 1 and counting.done >= 30:
+                raise KeyboardInterrupt
+
+        counting.done = 0
+        return experiment.run_seed(config, data, seed, advance=counting, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setitem(EXPERIMENTS, "figure1", dataclasses.replace(experiment, run_seed=run_seed))
+        argv = ["lab", "run", "figure1", "--preset", "tiny", "--out", str(out), "--no-progress"]
+        assert cli.main(argv) == 130
+    (run_dir,) = (out / "figure1").iterdir()
+    return run_dir
+
+
+def test_lab_run_resume_after_a_failed_start_continues_the_interrupted_run(
+    tmp_path, monkeypatch, capsys
+):
+    run_dir = interrupt_run(tmp_path, monkeypatch)
+    argv = ["lab", "run", "figure1", "--preset", "tiny", "--dataset", "mnist"]
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 1  # no --data-dir
+    assert list((tmp_path / "figure1").iterdir()) == [run_dir]
+    capsys.readouterr()
+    resume = ["lab", "run", "figure1", "--resume", "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(resume) == 0
+    out = capsys.readouterr().out
+    assert f"resuming {run_dir}" in out
+    assert (run_dir / "summary.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("checkpoints/seed-1.pt", b""),
+        ("checkpoints/seed-1.pt", b"\x80\x02garbage" * 20),
+        ("seeds/seed-0.json", b"{}"),
+        ("config.json", b"{}"),
+    ],
+    ids=["checkpoint-empty", "checkpoint-random", "seed-empty-object", "config-empty-object"],
+)
+def test_lab_run_resume_with_a_damaged_file_exits_1_with_one_line_naming_it(
+    name, content, tmp_path, monkeypatch, capsys
+):
+    run_dir = interrupt_run(tmp_path, monkeypatch)
+    (run_dir / name).write_bytes(content)
+    capsys.readouterr()
+    assert cli.main(["lab", "run", "figure1", "--resume", str(run_dir), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"batchnorm lab run: {run_dir / name}: expected "), err[0]
+    assert "weights_only" not in err[0] or "weights_only=True" in err[0]
+    assert (run_dir / name).read_bytes() == content

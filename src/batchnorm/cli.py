@@ -190,8 +190,8 @@ def _add_lab_parser(sub: argparse._SubParsersAction) -> None:
         const="",
         default=None,
         metavar="RUN_DIR",
-        help="continue an interrupted run (default: the newest incomplete one under --out) "
-        "with its saved settings",
+        help="continue an interrupted run (default: the newest incomplete one under --out "
+        "that can be resumed; its name is printed) with its saved settings",
     )
     run.add_argument(
         "--no-progress", action="store_true", help="no progress bar (it is off without a TTY)"
@@ -249,7 +249,7 @@ def _cmd_lab_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
                 "argument --resume: expected no --preset, --dataset, --data-dir or --seeds "
                 f"with it (a resumed run keeps its saved settings), got {' '.join(given)}."
             )
-        run_dir = args.resume or runner.find_resumable(args.out, args.experiment)
+        run_dir = args.resume or runner.find_resumable(args.out, args.experiment, verbose=True)
         spec = runner.load_run(run_dir)
         if spec.experiment.cli_name != args.experiment:
             raise ValueError(

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from batchnorm.lab import plots_population, runner
+from batchnorm.lab import plots_population, registry, runner
 from batchnorm.lab.experiments import population
 from batchnorm.lab.models import make_mlp
 
@@ -135,6 +135,120 @@ def test_measuring_does_not_change_training(tiny_data):
         assert often["test_accuracy"][method][-1] == rarely["test_accuracy"][method][-1]
         assert often["test_loss"][method][-1] == rarely["test_loss"][method][-1]
     assert often["final_statistics"] == rarely["final_statistics"]
+
+
+# --- checks of checkpoints and results read back -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_seed_run(tiny_data):
+    """Seed 0 of ONE_SEED: its result and its one checkpoint (step 20), through torch.save."""
+    saved = []
+    result = population.run_seed(ONE_SEED, tiny_data, 0, save_checkpoint=saved.append)
+    buffer = io.BytesIO()
+    torch.save(saved[0], buffer)
+    buffer.seek(0)
+    return result, torch.load(buffer, weights_only=True)
+
+
+def damaged(data, edit):
+    copy_ = copy.deepcopy(data)
+    edit(copy_)
+    return copy_
+
+
+def test_check_result_accepts_a_result_and_names_what_is_wrong_with_a_damaged_one(one_seed_run):
+    result, _ = one_seed_run
+    population.check_result(ONE_SEED, 0, json.loads(json.dumps(result)))  # as read back
+    cases = [
+        (lambda r: r.pop("gap"), r"expected result to have the key 'gap'"),
+        (lambda r: r["test_loss"]["sequential"].pop(), r"result\['test_loss'\]\['sequential'\]"),
+        (
+            lambda r: r["gap"]["ema"]["mean_shift"]["bn2"].__setitem__(1, None),
+            r"result\['gap'\]\['ema'\]\['mean_shift'\]\['bn2'\] to be a list of 5 finite",
+        ),
+        (
+            lambda r: r["final_statistics"]["bn3"]["paper"]["var"].pop(),
+            r"\['bn3'\]\['paper'\]\['var'\] to be a list of 100 finite numbers",
+        ),
+        (lambda r: r.__setitem__("layers", ["bn1"]), r"result\['layers'\] to be \['bn1', 'bn2'"),
+        (lambda r: r.pop("reference"), r"expected result to have the key 'reference'"),
+        (
+            lambda r: r.__setitem__("reference", "pooled"),
+            r"got 'pooled', from an earlier version of this experiment",
+        ),
+    ]
+    for edit, message in cases:
+        with pytest.raises(ValueError, match=message):
+            population.check_result(ONE_SEED, 0, damaged(result, edit))
+    with pytest.raises(ValueError, match=r"result\['seed'\] to be 1, got 0"):
+        population.check_result(ONE_SEED, 1, result)
+    # A result of another config: measured at other steps.
+    other = dataclasses.replace(ONE_SEED, eval_every=20)
+    with pytest.raises(ValueError, match=r"result\['steps'\] to be \[0, 20, 40\]"):
+        population.check_result(other, 0, result)
+
+
+def test_check_checkpoint_accepts_a_checkpoint_and_names_what_is_wrong_with_a_damaged_one(
+    one_seed_run, tiny_data
+):
+    _, state = one_seed_run
+    population.check_checkpoint(ONE_SEED, tiny_data, 0, state)
+    cases = [
+        (lambda s: s.pop("optimizer"), r"expected state to have the key 'optimizer'"),
+        (
+            lambda s: s["model"].__setitem__("bn2.running_var", torch.ones(7)),
+            r"state\['model'\]\['bn2.running_var'\] to be a tensor of shape \(100,\)",
+        ),
+        (lambda s: s["model"].pop("fc1.weight"), r"without \['fc1.weight'\]"),
+        (
+            lambda s: s["optimizer"]["param_groups"][0].__setitem__("lr", 0.1),
+            r"state\['optimizer'\]\['param_groups'\]\[0\]\['lr'\] to be 0.5, got 0.1",
+        ),
+        (
+            lambda s: s["history"]["train_loss"].append(1.0),
+            r"state\['history'\]\['train_loss'\] to be a list of 3 finite numbers",
+        ),
+        (
+            lambda s: s["history"]["gap"].pop("pooled"),
+            r"to measure \['ema', 'pooled', 'paper', 'sequential'\] with gaps of .*earlier version",
+        ),
+    ]
+    for edit, message in cases:
+        with pytest.raises(ValueError, match=message):
+            population.check_checkpoint(ONE_SEED, tiny_data, 0, damaged(state, edit))
+    wider = dataclasses.replace(ONE_SEED, hidden=50)
+    with pytest.raises(ValueError, match=r"state\['model'\]\['fc1.weight'\] to be a tensor of"):
+        population.check_checkpoint(wider, tiny_data, 0, state)
+
+
+def test_runner_resumes_a_population_run_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    experiment = registry.EXPERIMENTS["population"]
+
+    def stopping(config, data, seed, *, advance, **kwargs):
+        def counting(n):
+            advance(n)
+            counting.done += n
+            if counting.done >= 30:  # after the checkpoint at step 20
+                raise KeyboardInterrupt
+
+        counting.done = 0
+        return experiment.run_seed(config, data, seed, advance=counting, **kwargs)
+
+    options = dict(preset="tiny", overrides={"seeds": 1}, progress=False, verbose=False)
+    whole = runner.run_experiment("population", out=tmp_path / "whole", **options)
+    with monkeypatch.context() as patch:
+        patch.setitem(
+            registry.EXPERIMENTS, "population", dataclasses.replace(experiment, run_seed=stopping)
+        )
+        with pytest.raises(KeyboardInterrupt):
+            runner.run_experiment("population", out=tmp_path / "cut", **options)
+    run_dir = runner.find_resumable(tmp_path / "cut", "population")
+    assert (run_dir / "checkpoints" / "seed-0.pt").is_file()
+    runner.resume_run(run_dir, progress=False, verbose=False)
+    assert not (run_dir / "checkpoints").exists()
+    read = [json.loads((d / "seeds" / "seed-0.json").read_text()) for d in (whole, run_dir)]
+    assert without_seconds(read[0]) == without_seconds(read[1])
 
 
 # --- the measurement --------------------------------------------------------------------------

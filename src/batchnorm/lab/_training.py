@@ -17,9 +17,11 @@ import torch
 __all__ = [
     "batch_indices",
     "check_config",
+    "checkpoint_steps",
     "denormals_flushed",
     "end_of_step",
     "mean_std",
+    "measured_steps",
     "threads",
 ]
 
@@ -89,6 +91,22 @@ def end_of_step(
             save_checkpoint(state())
     if advance is not None:
         advance(1)
+
+
+def measured_steps(config: Any, until: int | None = None) -> list[int]:
+    """The steps :func:`end_of_step` measures at (step 0 included), up to ``until`` (default:
+    the end of training): every ``config.eval_every`` steps, and the last step."""
+    until = config.steps if until is None else until
+    steps = list(range(0, until + 1, config.eval_every))
+    if until == config.steps and config.steps % config.eval_every:
+        steps.append(config.steps)
+    return steps
+
+
+def checkpoint_steps(config: Any) -> range:
+    """The steps :func:`end_of_step` saves a checkpoint at: every ``config.checkpoint_every``
+    steps, before the end (the last step writes the seed's result instead)."""
+    return range(config.checkpoint_every, config.steps, config.checkpoint_every)
 
 
 def check_config(owner: str, checks: Iterable[tuple[str, bool, str]], config: Any) -> None:

@@ -43,6 +43,15 @@ class Experiment:
             JSON-serialisable, with a
             ``"claims"`` list (each with a boolean ``"held"``) and a ``"report"`` list of lines.
         plot: ``plot(config, results, summary)`` -> dict of figure name -> matplotlib Figure.
+        check_result: ``check_result(config, seed, result)`` raises ``ValueError`` ("expected
+            <entry> to be <what>, got <what>.") unless ``result`` is a complete ``run_seed``
+            result of this config and seed; the runner checks every result before writing it
+            and after reading it back.
+        check_checkpoint: ``check_checkpoint(config, data, seed, state)`` raises
+            ``ValueError`` likewise unless ``state``, a dict ``run_seed`` gave
+            ``save_checkpoint`` (its ``step`` and ``seconds`` already checked), can continue
+            this seed of this config; the runner calls it for every checkpoint before any seed
+            trains.
     """
 
     name: str
@@ -57,6 +66,8 @@ class Experiment:
     metric_rows: Callable[[dict], list[dict]]
     summarize: Callable[[Any, Mapping[int, dict]], dict]
     plot: Callable[[Any, Mapping[int, dict], dict], dict]
+    check_result: Callable[[Any, int, Mapping[str, Any]], None]
+    check_checkpoint: Callable[[Any, Any, int, Mapping[str, Any]], None]
 
     @property
     def cli_name(self) -> str:
@@ -78,6 +89,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         metric_rows=figure1.metric_rows,
         summarize=figure1.summarize,
         plot=figure1.plot,
+        check_result=figure1.check_result,
+        check_checkpoint=figure1.check_checkpoint,
     ),
     "population": Experiment(
         name="population",
@@ -92,6 +105,8 @@ EXPERIMENTS: dict[str, Experiment] = {
         metric_rows=population.metric_rows,
         summarize=population.summarize,
         plot=population.plot,
+        check_result=population.check_result,
+        check_checkpoint=population.check_checkpoint,
     ),
 }
 

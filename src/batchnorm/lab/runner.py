@@ -11,10 +11,15 @@ A run of experiment ``name`` lives in ``<out>/<name>/<YYYYmmdd-HHMMSS>/``::
     figures/*.png      regenerated from config.json and seeds/ alone by ``batchnorm lab plot``
 
 Every file is written atomically (to a temporary name in the same directory, then renamed), so
-an interrupted run leaves whole files or none. :func:`resume_run` continues an interrupted run:
-completed seeds are read back, a seed in progress restarts from its last checkpoint, and the
-result is the same as an uninterrupted run's. This module and :mod:`batchnorm.cli` are the only
-ones that print.
+an interrupted run leaves whole files or none. The directory is made only once the run has
+started (its config checked, its dataset loaded), so a run that fails to start leaves nothing
+behind. :func:`resume_run` continues an interrupted run: completed seeds are read back, a seed
+in progress restarts from its last checkpoint, and the result is the same as an uninterrupted
+run's. Before any seed trains, every file the run will use is checked (``config.json``, each
+finished seed's result, each checkpoint: that it belongs to this run's experiment, seed and
+config, and holds what ``run_seed`` saves); a file that fails raises :class:`RunFileError`,
+naming it. A seed's checkpoint is deleted only after its result has been checked, written and
+read back. This module and :mod:`batchnorm.cli` are the only ones that print.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -31,10 +37,21 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ._run_files import (
+    CONFIG_FILE,
+    RunFileError,
+    checkpoint_record,
+    load_checkpoint,
+    read_result,
+    read_spec,
+    read_summary,
+    verify_written_result,
+)
 from .registry import Experiment, get_experiment
 
 __all__ = [
     "LoadedRun",
+    "RunFileError",
     "find_resumable",
     "load_run",
     "make_config",
@@ -43,7 +60,6 @@ __all__ = [
     "run_experiment",
 ]
 
-CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "summary.md"
 METRICS_FILE = "metrics.jsonl"
@@ -80,10 +96,6 @@ def _write_json(path: Path, data: Any, compact: bool = False) -> None:
     else:
         text = json.dumps(data, indent=1, allow_nan=False)
     _write_text(path, text + "\n")
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _save_torch(path: Path, obj: Any) -> None:
@@ -132,17 +144,6 @@ def make_config(
             f"unknown {unknown}."
         )
     return replace(experiment.presets[preset], **given)
-
-
-def _config_from_json(experiment: Experiment, data: Mapping[str, Any]) -> Any:
-    names = {f.name for f in fields(experiment.config_type)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(
-            f"{experiment.config_type.__name__}: expected fields among {sorted(names)}, got "
-            f"unknown {unknown} in {CONFIG_FILE}."
-        )
-    return experiment.config_type(**data)
 
 
 def _environment() -> dict[str, Any]:
@@ -233,45 +234,87 @@ def run_experiment(
     Raises:
         ValueError: If the experiment, preset or a config value is invalid.
         ModuleNotFoundError, FileNotFoundError: If the dataset's package or files are missing.
+            These are raised before the run directory is made: a run that fails to start
+            leaves nothing that ``--resume`` could pick.
         KeyboardInterrupt: If interrupted; the run directory can then be resumed.
     """
     experiment = get_experiment(name)
     config = make_config(experiment, preset, overrides)
+    # Whatever can fail at the start fails before the run directory exists: a failed start
+    # must leave nothing that --resume would take for an interrupted run.
+    data = experiment.prepare(config)
+    spec = {
+        "experiment": experiment.name,
+        "preset": experiment.default_preset if preset is None else preset,
+        "config": asdict(config),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "environment": _environment(),
+    }
     run_dir = _new_run_dir(Path(out), experiment.name)
-    _write_json(
-        run_dir / CONFIG_FILE,
-        {
-            "experiment": experiment.name,
-            "preset": experiment.default_preset if preset is None else preset,
-            "config": asdict(config),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "environment": _environment(),
-        },
-    )
-    return _execute(run_dir, experiment, config, progress=progress, verbose=verbose)
+    try:
+        _write_json(run_dir / CONFIG_FILE, spec)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
+        raise
+    return _execute(run_dir, experiment, config, data, {}, {}, progress=progress, verbose=verbose)
 
 
-def find_resumable(out: str | Path, name: str) -> Path:
-    """The newest run directory of experiment ``name`` under ``out`` that is not complete.
+def _run_order(run_dir: Path) -> tuple[str, int]:
+    """Sort key of run directories, oldest first: ``<stamp>``, ``<stamp>-2``, ... ``<stamp>-10``."""
+    numbered = re.fullmatch(r"(\d{8}-\d{6})-(\d+)", run_dir.name)
+    return (numbered.group(1), int(numbered.group(2))) if numbered else (run_dir.name, 1)
+
+
+def find_resumable(out: str | Path, name: str, *, verbose: bool = False) -> Path:
+    """The newest run directory of experiment ``name`` under ``out`` that can be resumed: not
+    complete, with a ``config.json`` of this experiment that passes its checks.
+
+    Args:
+        out: The directory runs go under.
+        name: The experiment's command-line name.
+        verbose: Print which run was picked, and why any newer one was passed over.
 
     Raises:
         ValueError: If the experiment is unknown.
-        FileNotFoundError: If there is no incomplete run.
+        FileNotFoundError: If there is no run that can be resumed.
     """
     experiment = get_experiment(name)
     parent = Path(out) / experiment.name
-    candidates = sorted(
-        (d for d in parent.glob("*") if (d / CONFIG_FILE).is_file()),
-        key=lambda d: d.name,
-        reverse=True,
-    )
+    candidates = sorted((d for d in parent.glob("*") if d.is_dir()), key=_run_order, reverse=True)
+    complete, passed_over = 0, []
     for run_dir in candidates:
-        if not (run_dir / SUMMARY_FILE).is_file():
-            return run_dir
+        if (run_dir / SUMMARY_FILE).is_file():
+            complete += 1
+            continue
+        if not (run_dir / CONFIG_FILE).is_file():
+            continue  # never started
+        try:
+            spec = read_spec(run_dir)
+        except RunFileError as err:
+            passed_over.append(str(err))
+            continue
+        if spec.experiment.name != experiment.name:
+            passed_over.append(
+                f"{run_dir / CONFIG_FILE}: expected a run of {experiment.cli_name!r}, got one of "
+                f"{spec.experiment.cli_name!r}."
+            )
+            continue
+        if verbose:
+            print(
+                f"resuming {run_dir}, the newest incomplete run of {experiment.cli_name!r} "
+                f"under {str(parent)!r}"
+            )
+            for reason in passed_over:
+                print(f"  passed over a newer run that cannot be resumed: {reason}")
+        return run_dir
+    if passed_over:
+        got = f"only runs that cannot be resumed, the newest: {passed_over[0]}"
+    else:
+        got = f"{'only complete ones' if complete else 'none'}."
     raise FileNotFoundError(
         f"resume: expected an incomplete run of {experiment.cli_name!r} under {str(parent)!r}, "
-        f"got {'none' if not candidates else 'only complete ones'}. Pass the run directory "
-        "explicitly, or start a new run without --resume."
+        f"got {got} Pass the run directory explicitly, or start a new run without --resume."
     )
 
 
@@ -279,43 +322,73 @@ def resume_run(run_dir: str | Path, *, progress: bool | None = None, verbose: bo
     """Continue an interrupted run with the configuration saved in its ``config.json``.
 
     Completed seeds are read back; a seed in progress continues from its last checkpoint (a
-    seed without one starts over). The finished run is the same as an uninterrupted one.
+    seed without one starts over). The finished run is the same as an uninterrupted one. Every
+    file the run uses is checked before any seed trains.
 
     Raises:
         FileNotFoundError: If ``run_dir`` has no ``config.json``.
+        RunFileError: If ``config.json``, a seed's result or a checkpoint is damaged or belongs
+            to another run; the message names the file. Nothing is trained or deleted then.
         ValueError: If the run is already complete.
     """
     run_dir = Path(run_dir)
-    spec = _read_spec(run_dir)
+    spec = read_spec(run_dir)
     if (run_dir / SUMMARY_FILE).is_file():
         raise ValueError(
             f"resume: expected an incomplete run, got {str(run_dir)!r}, which is complete. "
             f"Regenerate its figures with: batchnorm lab plot {run_dir}"
         )
-    experiment = get_experiment(spec["experiment"].replace("_", "-"))
-    config = _config_from_json(experiment, spec["config"])
-    return _execute(run_dir, experiment, config, progress=progress, verbose=verbose)
-
-
-def _read_spec(run_dir: Path) -> dict:
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"expected a run directory holding {CONFIG_FILE}, got {str(run_dir)!r}"
-            + (", which does not exist." if not run_dir.exists() else " without one.")
-        )
-    return _read_json(path)
+    experiment, config = spec.experiment, spec.config
+    data = experiment.prepare(config)
+    results: dict[int, dict] = {}
+    checkpoints: dict[int, dict] = {}
+    for seed in range(config.seeds):
+        result_path, checkpoint_path = _seed_paths(run_dir, seed)
+        if result_path.is_file():
+            results[seed] = read_result(result_path, experiment, config, seed)
+        elif checkpoint_path.is_file():
+            checkpoints[seed] = load_checkpoint(checkpoint_path, experiment, config, seed, data)
+    return _execute(
+        run_dir, experiment, config, data, results, checkpoints, progress=progress, verbose=verbose
+    )
 
 
 def _seed_paths(run_dir: Path, seed: int) -> tuple[Path, Path]:
     return run_dir / "seeds" / f"seed-{seed}.json", run_dir / "checkpoints" / f"seed-{seed}.pt"
 
 
-def _execute(
-    run_dir: Path, experiment: Experiment, config: Any, *, progress: bool | None, verbose: bool
-) -> Path:
-    import torch
+def _keep_result(path: Path, result: dict, experiment: Experiment, config: Any, seed: int) -> dict:
+    """Check a seed's fresh result, write it atomically and read it back; return what was read.
 
+    Raises:
+        ValueError: If the result fails its experiment's check (then nothing is written).
+        RunFileError: If the file read back is not the result written.
+    """
+    try:
+        experiment.check_result(config, seed, result)
+    except ValueError as err:
+        raise ValueError(
+            f"{experiment.name}.run_seed(seed={seed}): {err} Not written; the seed's checkpoint "
+            "(if any) is kept."
+        ) from err
+    _write_json(path, result, compact=True)
+    return verify_written_result(path, result, experiment, config, seed)
+
+
+def _execute(
+    run_dir: Path,
+    experiment: Experiment,
+    config: Any,
+    data: Any,
+    results: dict[int, dict],
+    checkpoints: Mapping[int, dict],
+    *,
+    progress: bool | None,
+    verbose: bool,
+) -> Path:
+    """Train the seeds not in ``results`` (those in ``checkpoints`` from there), then write the
+    run's summary, metrics, report and figures. ``results`` and ``checkpoints`` have been
+    checked already."""
     start = time.perf_counter()
     seeds = list(range(config.seeds))
     steps = experiment.steps_per_seed(config)
@@ -325,19 +398,7 @@ def _execute(
             f"  dataset {getattr(config, 'dataset', '-')}, {len(seeds)} seeds x {steps} steps"
             f" -> {run_dir}"
         )
-    data = experiment.prepare(config)
-
-    results: dict[int, dict] = {}
-    checkpoints: dict[int, dict] = {}
-    done_steps = 0
-    for seed in seeds:
-        result_path, checkpoint_path = _seed_paths(run_dir, seed)
-        if result_path.is_file():
-            results[seed] = _read_json(result_path)
-            done_steps += steps
-        elif checkpoint_path.is_file():
-            checkpoints[seed] = torch.load(checkpoint_path, weights_only=True)
-            done_steps += int(checkpoints[seed]["step"])
+    done_steps = steps * len(results) + sum(int(c["step"]) for c in checkpoints.values())
     if verbose and (results or checkpoints):
         print(
             f"  resuming: {len(results)} seed(s) complete, "
@@ -347,19 +408,26 @@ def _execute(
     bar = _Progress(len(seeds) * steps, done_steps, experiment.cli_name, progress)
     try:
         for seed in seeds:
-            if seed in results:
-                continue
             result_path, checkpoint_path = _seed_paths(run_dir, seed)
-            results[seed] = experiment.run_seed(
+            if seed in results:
+                # Left by an interruption between writing the result and deleting it; the
+                # result has been checked, so the checkpoint is no longer needed.
+                checkpoint_path.unlink(missing_ok=True)
+                continue
+
+            def save(state: dict, path: Path = checkpoint_path, seed: int = seed) -> None:
+                _save_torch(path, checkpoint_record(experiment, config, seed, state))
+
+            result = experiment.run_seed(
                 config,
                 data,
                 seed,
                 checkpoint=checkpoints.get(seed),
-                save_checkpoint=lambda state, p=checkpoint_path: _save_torch(p, state),
+                save_checkpoint=save,
                 advance=bar.advance,
             )
-            _write_json(result_path, results[seed], compact=True)
-            checkpoint_path.unlink(missing_ok=True)
+            results[seed] = _keep_result(result_path, result, experiment, config, seed)
+            checkpoint_path.unlink(missing_ok=True)  # only now: the result is safely on disk
     except KeyboardInterrupt:
         bar.close()
         print(
@@ -422,17 +490,16 @@ class LoadedRun:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
-        spec = _read_spec(run_dir)
-        self.experiment = get_experiment(spec["experiment"].replace("_", "-"))
-        self.config = _config_from_json(self.experiment, spec["config"])
-        self.preset = spec.get("preset")
+        spec = read_spec(run_dir)
+        self.experiment = spec.experiment
+        self.config = spec.config
+        self.preset = spec.preset
         self.results = {}
         for seed in range(self.config.seeds):
             path = _seed_paths(run_dir, seed)[0]
             if path.is_file():
-                self.results[seed] = _read_json(path)
-        summary_path = run_dir / SUMMARY_FILE
-        self.summary = _read_json(summary_path) if summary_path.is_file() else None
+                self.results[seed] = read_result(path, self.experiment, self.config, seed)
+        self.summary = read_summary(run_dir / SUMMARY_FILE)
 
     @property
     def complete(self) -> bool:
@@ -441,10 +508,12 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:
-    """Read a run directory back (complete or not).
+    """Read a run directory back (complete or not), checking each file it reads.
 
     Raises:
         FileNotFoundError: If ``run_dir`` has no ``config.json``.
+        RunFileError: If ``config.json``, a seed's result or ``summary.json`` is damaged; the
+            message names the file.
     """
     return LoadedRun(Path(run_dir))
 
@@ -459,6 +528,7 @@ def plot_run(run_dir: str | Path, *, verbose: bool = True) -> list[Path]:
 
     Raises:
         FileNotFoundError: If ``run_dir`` has no ``config.json``.
+        RunFileError: If a file of the run is damaged; the message names it.
         ValueError: If no seed of the run has completed.
     """
     run = load_run(run_dir)

@@ -1,6 +1,8 @@
 """Training one seed of the population experiment: :func:`run_seed` trains the network,
 measures it every ``eval_every`` steps, checkpoints it and continues from a checkpoint;
-:func:`metric_rows` flattens its result into the rows of ``metrics.jsonl``.
+:func:`check_checkpoint` and :func:`check_result` check a checkpoint and a result read back
+before the runner trusts them; :func:`metric_rows` flattens a result into the rows of
+``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _checks as check
 from .. import data as lab_data
-from .._training import batch_indices, denormals_flushed, end_of_step, threads
+from .._training import batch_indices, denormals_flushed, end_of_step, measured_steps, threads
 from ..models import make_mlp
 from ._population_config import PopulationConfig
 from ._population_measure import bn_layers, measure_statistics, statistics_batches
 from ._population_spec import COMPARED, GAPS, METHODS, REFERENCE
 
-__all__ = ["metric_rows", "run_seed"]
+__all__ = ["check_checkpoint", "check_result", "metric_rows", "run_seed"]
 
 
 def _make_model(config: PopulationConfig, data: lab_data.Dataset, seed: int) -> nn.Module:
@@ -186,6 +189,86 @@ def run_seed(
         **history,
         "final_statistics": final_statistics,
     }
+
+
+def _check_history(history: Any, config: PopulationConfig, steps: list[int], where: str) -> None:
+    accuracy = check.item(history, "test_accuracy", where)
+    gap = check.item(history, "gap", where)
+    if isinstance(accuracy, Mapping) and isinstance(gap, Mapping):
+        if any(m not in accuracy for m in METHODS) or set(gap) != set(COMPARED):
+            raise ValueError(
+                f"expected {where} to measure {list(METHODS)} with gaps of {list(COMPARED)} to "
+                f"{REFERENCE!r}, got one measuring {list(accuracy)} with gaps of {list(gap)}, "
+                "from an earlier version of this experiment."
+            )
+    n = len(steps)
+    check.equal(check.item(history, "steps", where), steps, check.at(where, "steps"))
+    train_loss = check.item(history, "train_loss", where)
+    check.numbers(train_loss, check.at(where, "train_loss"), n, none_first=True)
+    for key in ("test_accuracy", "test_loss"):
+        by_method = check.item(history, key, where)
+        for method in METHODS:
+            path = check.at(where, key)
+            check.numbers(check.item(by_method, method, path), check.at(path, method), n)
+    for method in COMPARED:
+        where_method = check.at(check.at(where, "gap"), method)
+        by_gap = check.item(gap, method, check.at(where, "gap"))
+        for g in GAPS:
+            where_gap = check.at(where_method, g)
+            by_layer = check.item(by_gap, g, where_method)
+            for name in _layer_names(config):
+                check.numbers(check.item(by_layer, name, where_gap), check.at(where_gap, name), n)
+
+
+def check_result(config: PopulationConfig, seed: int, result: Mapping[str, Any]) -> None:
+    """Check that ``result`` is a complete :func:`run_seed` result of ``config`` and ``seed``:
+    every key, every source of statistics measured at every step, the final statistics of
+    every layer.
+
+    Raises:
+        ValueError: ``"expected <entry> to be <what>, got <what>."``, naming the entry by its
+            path, e.g. ``result['test_loss']['ema']``.
+    """
+    check.equal(check.item(result, "seed", "result"), seed, "result['seed']")
+    reference = check.item(result, "reference", "result")
+    if reference != REFERENCE:
+        raise ValueError(
+            f"expected result['reference'] to be {REFERENCE!r}, got {reference!r}, from an "
+            "earlier version of this experiment."
+        )
+    layers = _layer_names(config)
+    check.equal(check.item(result, "layers", "result"), layers, "result['layers']")
+    _check_history(result, config, measured_steps(config), "result")
+    final = check.item(result, "final_statistics", "result")
+    for name in layers:
+        where = check.at("result['final_statistics']", name)
+        recorded = check.item(final, name, "result['final_statistics']")
+        for method in METHODS:
+            statistics = check.item(recorded, method, where)
+            for key in ("mean", "var"):
+                values = check.item(statistics, key, check.at(where, method))
+                check.numbers(values, check.at(check.at(where, method), key), config.hidden)
+        if "eps" in recorded:  # results of earlier versions did not record it
+            check.number(recorded["eps"], check.at(where, "eps"), low=0)
+
+
+def check_checkpoint(
+    config: PopulationConfig, data: lab_data.Dataset, seed: int, state: Mapping[str, Any]
+) -> None:
+    """Check that ``state`` (a dict :func:`run_seed` saved, whose ``step`` the runner has
+    checked) can continue seed ``seed`` of ``config``: the weights and buffers of the
+    configured network, its SGD state, and a history measured at every step so far.
+
+    Raises:
+        ValueError: ``"expected <entry> to be <what>, got <what>."``, naming the entry by its
+            path, e.g. ``state['model']['bn1.running_var']``.
+    """
+    model = _make_model(config, data, seed)
+    check.tensors(check.item(state, "model", "state"), model.state_dict(), "state['model']")
+    optimizer = check.item(state, "optimizer", "state")
+    check.sgd_state(optimizer, len(list(model.parameters())), config.lr, "state['optimizer']")
+    history = check.item(state, "history", "state")
+    _check_history(history, config, measured_steps(config, state["step"]), "state['history']")
 
 
 def metric_rows(result: Mapping[str, Any]) -> list[dict]:

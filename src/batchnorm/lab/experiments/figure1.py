@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from ...monitor import ActivationMonitor, ActivationTrace
+from .. import _checks as check
 from .. import data as lab_data
 from .._training import (
     batch_indices,
@@ -54,6 +55,7 @@ from .._training import (
     denormals_flushed,
     end_of_step,
     mean_std,
+    measured_steps,
     threads,
 )
 from ..models import make_mlp
@@ -65,6 +67,8 @@ __all__ = [
     "TITLE",
     "Figure1Config",
     "Figure1Result",
+    "check_checkpoint",
+    "check_result",
     "metric_rows",
     "percentile_range",
     "plot",
@@ -219,6 +223,23 @@ def _empty_history() -> dict[str, list]:
     return {"steps": [], "test_accuracy": [], "test_loss": [], "train_loss": []}
 
 
+def _make_models(config: Figure1Config, data: lab_data.Dataset, seed: int) -> dict[str, nn.Module]:
+    models = {}
+    for name in NETWORKS:
+        # One generator state for both: their nn.Linear weights start equal.
+        models[name] = make_mlp(
+            data.n_features,
+            data.n_classes,
+            hidden=config.hidden,
+            depth=config.depth,
+            activation="sigmoid",
+            norm="none" if name == "baseline" else "batchnorm",
+            init_std=config.init_std,
+            generator=torch.Generator().manual_seed(seed),
+        )
+    return models
+
+
 def run_seed(
     config: Figure1Config,
     data: lab_data.Dataset,
@@ -253,19 +274,7 @@ def run_seed(
     layer = f"act{config.depth}"
     n_train = len(data.y_train)
     probe = data.x_train[: config.probe_size]
-    models: dict[str, nn.Module] = {}
-    for name in NETWORKS:
-        # One generator state for both: their nn.Linear weights start equal.
-        models[name] = make_mlp(
-            data.n_features,
-            data.n_classes,
-            hidden=config.hidden,
-            depth=config.depth,
-            activation="sigmoid",
-            norm="none" if name == "baseline" else "batchnorm",
-            init_std=config.init_std,
-            generator=torch.Generator().manual_seed(seed),
-        )
+    models = _make_models(config, data, seed)
     optimizers = {
         name: torch.optim.SGD(model.parameters(), lr=config.lr) for name, model in models.items()
     }
@@ -344,6 +353,79 @@ def run_seed(
         "seconds": elapsed_before + time.perf_counter() - start,
         "networks": networks,
     }
+
+
+# --- checks of what a run reads back -------------------------------------------------------
+
+
+def _check_history(history: Any, steps: list[int], where: str) -> None:
+    check.equal(check.item(history, "steps", where), steps, check.at(where, "steps"))
+    for key in ("test_accuracy", "test_loss", "train_loss"):
+        values = check.item(history, key, where)
+        check.numbers(values, check.at(where, key), len(steps), none_first=key == "train_loss")
+
+
+def _check_trace(trace: Any, config: Figure1Config, steps: list[int], where: str) -> None:
+    expected = {"layer": f"act{config.depth}", "where": "input", "per": "unit"}
+    for key, want in expected.items():
+        check.equal(check.item(trace, key, where), want, check.at(where, key))
+    levels = check.item(trace, "quantile_levels", where)
+    check.equal(levels, list(config.quantiles), check.at(where, "quantile_levels"))
+    check.equal(check.item(trace, "steps", where), steps, check.at(where, "steps"))
+    n, units = len(steps), config.hidden
+    shapes = {
+        "count": (n,),
+        "quantiles": (n, units, len(config.quantiles)),
+        "mean": (n, units),
+        "std": (n, units),
+        "saturated": (n, units),
+    }
+    for key, shape in shapes.items():
+        check.array(check.item(trace, key, where), check.at(where, key), shape)
+
+
+def check_result(config: Figure1Config, seed: int, result: Mapping[str, Any]) -> None:
+    """Check that ``result`` is a complete :func:`run_seed` result of ``config`` and ``seed``:
+    every key, both networks measured at every step, traces of the configured shape.
+
+    Raises:
+        ValueError: ``"expected <entry> to be <what>, got <what>."``, naming the entry by its
+            path, e.g. ``result['networks']['bn']['steps']``.
+    """
+    check.equal(check.item(result, "seed", "result"), seed, "result['seed']")
+    check.equal(check.item(result, "unit", "result"), config.unit, "result['unit']")
+    networks = check.item(result, "networks", "result")
+    steps = measured_steps(config)
+    for name in NETWORKS:
+        where = check.at("result['networks']", name)
+        network = check.item(networks, name, "result['networks']")
+        _check_history(network, steps, where)
+        _check_trace(check.item(network, "trace", where), config, steps, check.at(where, "trace"))
+
+
+def check_checkpoint(
+    config: Figure1Config, data: lab_data.Dataset, seed: int, state: Mapping[str, Any]
+) -> None:
+    """Check that ``state`` (a dict :func:`run_seed` saved, whose ``step`` the runner has
+    checked) can continue seed ``seed`` of ``config``: both networks' weights of the
+    configured shapes, their SGD states, histories and traces measured at every step so far.
+
+    Raises:
+        ValueError: ``"expected <entry> to be <what>, got <what>."``, naming the entry by its
+            path, e.g. ``state['models']['bn']['fc1.weight']``.
+    """
+    models = _make_models(config, data, seed)
+    steps = measured_steps(config, state["step"])
+    keys = ("models", "optimizers", "history", "traces")
+    parts = {key: check.item(state, key, "state") for key in keys}
+    for name, model in models.items():
+        found = {key: check.item(part, name, f"state[{key!r}]") for key, part in parts.items()}
+        where = {key: check.at(f"state[{key!r}]", name) for key in parts}
+        check.tensors(found["models"], model.state_dict(), where["models"])
+        n_params = len(list(model.parameters()))
+        check.sgd_state(found["optimizers"], n_params, config.lr, where["optimizers"])
+        _check_history(found["history"], steps, where["history"])
+        _check_trace(found["traces"], config, steps, where["traces"])
 
 
 def metric_rows(result: Mapping[str, Any]) -> list[dict]:

@@ -78,10 +78,11 @@ statistics, the incumbent, so that the choice cannot favour the exact pass.
 Where the code lives: every name in ``__all__`` is importable from this module, which the
 registry uses, and is defined in a private module with one job each: the vocabulary
 (:data:`METHODS`, :data:`REFERENCE`, ...) in ``_population_spec``, the settings in
-``_population_config``, one measurement in ``_population_measure``, the training of one seed in
-``_population_training``, a run as arrays in ``_population_result`` and the verdict in
-``_population_summary``. The figures are in :mod:`batchnorm.lab.plots_population`, which
-imports only the vocabulary; :func:`plot` imports them when called, as figure1 does.
+``_population_config``, one measurement in ``_population_measure``, the training of one seed
+(and the checks of its checkpoints and results) in ``_population_training``, a run as arrays
+in ``_population_result`` and the verdict in ``_population_summary``. The figures are in
+:mod:`batchnorm.lab.plots_population`, which imports only the vocabulary; :func:`plot` imports
+them when called, as figure1 does.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ from ._population_spec import (
     TITLE,
 )
 from ._population_summary import summarize
-from ._population_training import metric_rows, run_seed
+from ._population_training import check_checkpoint, check_result, metric_rows, run_seed
 
 __all__ = [
     "CLAIM",
@@ -117,6 +118,8 @@ __all__ = [
     "TITLE",
     "PopulationConfig",
     "PopulationResult",
+    "check_checkpoint",
+    "check_result",
     "measure_statistics",
     "metric_rows",
     "plot",
