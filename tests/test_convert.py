@@ -171,13 +171,17 @@ class MyBN(torch.nn.BatchNorm2d):
         return super().forward(input) * 2
 
 
+class _MyLazy(torch.nn.LazyBatchNorm2d):
+    """A user subclass of a lazy layer: refused like any other subclass."""
+
+
 @pytest.mark.parametrize(
     ("make_odd", "type_name"),
     [
         (lambda: MyBN(4), "MyBN"),
-        (lambda: torch.nn.LazyBatchNorm2d(), "LazyBatchNorm2d"),
+        (lambda: _MyLazy(), "_MyLazy"),
     ],
-    ids=["user_subclass", "lazy"],
+    ids=["user_subclass", "lazy_subclass"],
 )
 @pytest.mark.parametrize("to", ["batchnorm", "torch"])
 def test_convert_rejects_unknown_batchnorm_subclass_without_partial_conversion(
@@ -228,3 +232,21 @@ def test_convert_sync_batchnorm_runs_like_torch_without_a_process_group(gen):
     theirs = torch.nn.SyncBatchNorm(3)
     x = make_input((4, 3, 5), torch.float64, "contiguous", gen)
     torch.testing.assert_close(ours.double()(x), theirs.double()(x), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("rank", [2, 4, 5])
+def test_convert_switches_lazy_layers_both_ways_and_ours_become_ours(rank, gen):
+    kind = {2: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}[rank]
+    model = torch.nn.Sequential(getattr(torch.nn, f"Lazy{kind}")(momentum=0.3))
+    batchnorm.convert(model)
+    assert type(model[0]) is getattr(batchnorm, f"Lazy{kind}")
+    x = make_input((4, 3, *(5,) * (rank - 2)), torch.float32, "contiguous", gen, scale=2.0)
+    y = model(x)
+    assert type(model[0]) is getattr(batchnorm, kind) and model[0].momentum == 0.3
+    theirs = getattr(torch.nn, f"Lazy{kind}")(momentum=0.3)
+    torch.testing.assert_close(y, theirs(x), **TOL[torch.float32])
+    for key, want in theirs.state_dict().items():
+        torch.testing.assert_close(model[0].state_dict()[key], want, **TOL[torch.float32])
+    lazy = torch.nn.Sequential(getattr(batchnorm, f"Lazy{kind}")())
+    batchnorm.convert(lazy, to="torch")
+    assert type(lazy[0]) is getattr(torch.nn, f"Lazy{kind}")

@@ -40,7 +40,8 @@ def test_fixed_rank_families_are_torch_subclasses_with_the_same_state(family):
     assert issubclass(family.ours, family.torch)
     ours, theirs, frozen = family.ours(3), family.torch(3), family.frozen(3)
     assert ours.state_dict().keys() == theirs.state_dict().keys() == frozen.state_dict().keys()
-    assert family.torch_lazy is not None and family.lazy is None  # the slot for our lazy twin
+    assert family.torch_lazy is not None and family.lazy.__name__ == f"Lazy{family.name}"
+    assert issubclass(family.lazy, family.torch_lazy) and family.lazy.cls_to_become is family.ours
     assert family.sync is batchnorm.SyncBatchNorm
 
 

@@ -290,3 +290,31 @@ def test_kernel_layout_agrees_with_the_permuted_view(shape, layout):
     else:
         x = make_layout(x, layout)
     assert kernel_layout(x) == _layout_by_permute(x)
+
+
+@pytest.mark.parametrize(
+    ("op", "expected"),
+    [("train", "serial"), ("backward", "serial"), ("eval", "serial"), ("stage", "torch")],
+)
+def test_a_forked_child_never_takes_the_parallel_kernels(op, expected, monkeypatch):
+    from batchnorm import _process
+
+    x = _maps(SERIAL // 16 + 1, 16, 4)  # far above the serial bound
+    assert choose(x, op, RoutingPolicy(eval_native_bytes=0)) == "parallel"
+    monkeypatch.setattr(_process, "_forked", True)
+    assert choose(x, op, RoutingPolicy(eval_native_bytes=0)) == expected
+    assert choose(_rows(8, 4), "eval", DEFAULT) == "torch"  # small evaluation: as everywhere
+
+
+def test_transforms_and_forward_ad_send_every_call_to_torch():
+    from torch.func import vmap
+
+    from batchnorm.routing import transformed
+
+    x = _rows(8, 4)
+    seen = []
+    vmap(lambda row: seen.append((transformed(), choose(x, "train"))) or row)(x)
+    assert seen == [(True, "torch")]
+    with torch.autograd.forward_ad.dual_level():
+        assert transformed() and choose(x, "train") == "torch"
+    assert not transformed() and choose(x, "train") == "serial"

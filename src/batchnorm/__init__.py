@@ -11,6 +11,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+# Registers the fork handler, so a child forked after this import is known as one (routing).
+from . import _process  # noqa: F401
+
 __version__ = "0.1.0"
 
 # public name -> submodule that defines it
@@ -24,9 +27,18 @@ _EXPORTS = {
     "FrozenBatchNorm3d": "frozen",
     "RoutingPolicy": "routing",
     "LayerStatistics": "tools.population",
+    "LazyBatchNorm1d": "lazy",
+    "LazyBatchNorm2d": "lazy",
+    "LazyBatchNorm3d": "lazy",
     "OutputCacheInfo": "outputs",
-    "NonFiniteStatisticsError": "_validate",
-    "NonFiniteStatisticsWarning": "_validate",
+    "MixedDtypeError": "_errors",
+    "MomentumTypeError": "_errors",
+    "NonFiniteStatisticsError": "_errors",
+    "NonFiniteStatisticsWarning": "_errors",
+    "NotATensorError": "_errors",
+    "RankError": "_errors",
+    "ShapeError": "_errors",
+    "UnsupportedDtypeError": "_errors",
     "SyncBatchNorm": "distributed",
     "backend_for": "functional",
     "batch_norm": "functional",
@@ -54,10 +66,18 @@ __all__ = [
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
     "LayerStatistics",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
+    "MixedDtypeError",
+    "MomentumTypeError",
     "NonFiniteStatisticsError",
     "NonFiniteStatisticsWarning",
+    "NotATensorError",
     "OutputCacheInfo",
+    "RankError",
     "RoutingPolicy",
+    "ShapeError",
     "SyncBatchNorm",
     "__version__",
     "backend_for",
@@ -74,15 +94,26 @@ __all__ = [
     "routing_policy",
     "set_output_cache_limit",
     "unfreeze",
+    "UnsupportedDtypeError",
     "use_routing",
 ]
 assert set(__all__) == {*_EXPORTS, "__version__"}, "__all__ and _EXPORTS must list the same names"
 
 if TYPE_CHECKING:
-    from ._validate import NonFiniteStatisticsError, NonFiniteStatisticsWarning
+    from ._errors import (
+        MixedDtypeError,
+        MomentumTypeError,
+        NonFiniteStatisticsError,
+        NonFiniteStatisticsWarning,
+        NotATensorError,
+        RankError,
+        ShapeError,
+        UnsupportedDtypeError,
+    )
     from .distributed import SyncBatchNorm
     from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
     from .functional import backend_for, batch_norm
+    from .lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
     from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
     from .monitor import ActivationMonitor
     from .outputs import (

@@ -11,8 +11,9 @@ and ``jvp`` rules can be added without rebuilding the functions.
 * :class:`NormalizeFn`: normalization with given float64 statistics, differentiable with
   respect to them too (the staged API).
 
-Double backward (``create_graph=True``) recomputes the first backward with torch ops, so that
-autograd can differentiate it again (:func:`composite_grads`).
+Double backward (``create_graph=True``) and a backward batched by a torch.func transform
+recompute the first backward with torch ops, which autograd can differentiate again and
+functorch can batch (:func:`composite_grads`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,21 @@ def records_graph(input, weight, bias) -> bool:
 # private: if a torch release drops either, every call takes the public wrapper.
 _direct_apply = getattr(torch._C, "_FunctionBase", object).__dict__.get("apply")
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
+_functorch = getattr(torch._C, "_functorch", None)
+
+
+def _needs_composite(dy: torch.Tensor) -> bool:
+    """Whether a backward must be torch ops: to be differentiated again (``create_graph``), or
+    batched by a transform (``torch.func.vmap`` over gradients, or the older vmap that
+    ``gradcheck(check_batched_grad=True)`` uses, which leaves no transform active but hands
+    over a batched gradient)."""
+    if torch.is_grad_enabled() or (_transforms_active is not None and _transforms_active()):
+        return True
+    return _functorch is not None and (
+        _functorch.is_legacy_batchedtensor(dy) or _functorch.is_functorch_wrapped_tensor(dy)
+    )
 
 
 def apply(fn: type[torch.autograd.Function], *args):
@@ -126,7 +142,7 @@ class TrainFn(torch.autograd.Function):
     def backward(ctx, dy, _stats):
         x, weight = ctx.saved_tensors
         mean, var, _ = ctx.stats
-        if torch.is_grad_enabled():
+        if _needs_composite(dy):
             dx, dw, db = composite_grads(dy, x, weight, None, None, ctx.eps, True)
         else:
             dx, dw, db = _stages.backward(dy, x, weight, mean, var, ctx.eps, True, ctx.route)
@@ -150,7 +166,7 @@ class EvalFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, running_mean, running_var = ctx.saved_tensors
-        if torch.is_grad_enabled():
+        if _needs_composite(dy):
             dx, dw, db = composite_grads(dy, x, weight, running_mean, running_var, ctx.eps, False)
         else:
             dx, dw, db = _stages.backward(
@@ -193,7 +209,7 @@ class NormalizeFn(torch.autograd.Function):
         x, mean, var, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         shape = _stages.broadcast_shape(x)
-        if torch.is_grad_enabled():
+        if _needs_composite(dy):
             acc = _stages.accumulate_dtype(x)
             invstd = torch.rsqrt(var.to(acc) + ctx.eps)
             xmu = x.to(acc) - mean.to(acc).reshape(shape)

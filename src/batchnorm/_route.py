@@ -17,6 +17,7 @@ import torch
 from . import _running, _stages
 from ._autograd import EvalFn, TrainFn, apply, records_graph
 from ._compiled import compiled_batch_norm
+from ._interop import traced_call
 from ._running import Guard
 from ._validate import (
     NONFINITE_POLICIES,
@@ -25,7 +26,7 @@ from ._validate import (
     check_nonfinite_policy,
     layer_name,
 )
-from .routing import choose, kernels_enabled, kernels_take
+from .routing import choose, kernels_enabled, kernels_take, transformed
 
 __all__ = ["evaluate", "forward_layer", "run", "train", "warn_fallback_once"]
 
@@ -68,6 +69,10 @@ def run(input, running_mean, running_var, weight, bias, training, momentum, eps,
         input, "train" if training else "eval", statistics_require_grad=stats_require_grad
     )
     if route == "torch":
+        if transformed():
+            return _as_torch_nn(
+                input, running_mean, running_var, weight, bias, training, momentum, eps, counter
+            )
         if not kernels_take(input):
             warn_fallback_once(input)
         if not training or running_mean is None:
@@ -88,6 +93,23 @@ def run(input, running_mean, running_var, weight, bias, training, momentum, eps,
             input, weight, bias, running_mean, running_var, counter, momentum, eps, route, guard
         )
     return evaluate(input, running_mean, running_var, weight, bias, eps, route)
+
+
+def _as_torch_nn(input, running_mean, running_var, weight, bias, training, momentum, eps, counter):
+    """The call exactly as torch.nn's layer makes it, for torch.func transforms and forward AD.
+
+    Under ``vmap``, ``grad``, ``jvp`` or a forward-AD context the call means what it means for
+    torch.nn, whose op has the rules those transforms need: the counter is advanced first and
+    the running statistics are updated by torch's op (the non-finite guard does not apply).
+    """
+    factor = 0.0 if momentum is None else momentum
+    if training and counter is not None:
+        counter.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(counter)
+    return _stages.native_batch_norm(
+        input, running_mean, running_var, weight, bias, training, factor, eps
+    )
 
 
 def train(input, weight, bias, running_mean, running_var, counter, momentum, eps, route, guard):
@@ -179,6 +201,8 @@ def forward_layer(layer: torch.nn.Module, input: torch.Tensor) -> torch.Tensor:
     output = _plain_case(layer, input)
     if output is not None:
         return output
+    if isinstance(input, torch.fx.Proxy):  # symbolic tracing: one node, as torch.nn's layer
+        return traced_call(layer, input, torch.nn.modules.batchnorm._BatchNorm.forward)
     where = functools.partial(layer_name, layer)
     check_layer_input(where, layer, input, _state_dtype(layer.weight, layer.running_mean))
     running_mean, running_var = layer.running_mean, layer.running_var
@@ -251,7 +275,7 @@ def _plain_case(layer, input) -> torch.Tensor | None:
     except KeyError:
         return None
     eps = layer.eps
-    if type(eps) is not float:
+    if type(eps) is not float or not eps >= 0.0:
         return None
     if layer.training:
         return _plain_train(layer, input, weight, bias, running_mean, running_var, counter, eps)
@@ -276,11 +300,11 @@ def _plain_train(layer, input, weight, bias, running_mean, running_var, counter,
     """The training half of :func:`_plain_case`: what ``check_batch_norm_args`` would accept,
     established with the fewest tests (on failure: None, the full path)."""
     momentum, nonfinite = layer.momentum, layer.nonfinite
-    if (momentum is not None and type(momentum) is not float) or (
+    if (momentum is not None and (type(momentum) is not float or not 0.0 <= momentum <= 1.0)) or (
         nonfinite not in NONFINITE_POLICIES
     ):
         return None
-    if input.numel() <= input.shape[1]:  # empty, or one value per channel: full path
+    if not eps > 0.0 or input.numel() <= input.shape[1]:  # also empty, one value per channel
         return None
     if layer.track_running_stats:
         if (
@@ -288,6 +312,8 @@ def _plain_train(layer, input, weight, bias, running_mean, running_var, counter,
             or running_var is None
             or (momentum is None and counter is None)
             or (counter is not None and (counter.numel() != 1 or not counter.is_cpu))
+            # Buffers made under inference_mode cannot be written here: the full checks say so.
+            or running_mean.is_inference()
         ):
             return None
     else:

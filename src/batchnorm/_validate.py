@@ -1,10 +1,13 @@
 """Every argument, shape and dtype check of the package, and its one error-message format.
 
 Messages name the caller as the user wrote it (``BatchNorm2d(num_features=3)`` or
-``batch_norm()``), say what was expected and what was given, and never name an internal buffer
-the user did not pass. All checks run before any state is touched: a rejected call changes
-nothing, ``num_batches_tracked`` included (stricter than torch 2.13, which increments the counter
-before it validates the batch size).
+``batch_norm()``) and say what was expected and what was given. Where torch rejects the same
+call, the exception is also of torch's class and the message ends with torch's own words
+(:mod:`._errors`), so code written against torch.nn keeps catching and matching it. All checks
+run before any state is touched: a rejected call changes nothing, ``num_batches_tracked``
+included (stricter than torch 2.13, which increments the counter before it validates the batch
+size). Values are checked where they are used: ``momentum`` only when running statistics are
+updated, as torch.nn's layers accept any momentum in evaluation mode.
 """
 
 from __future__ import annotations
@@ -14,6 +17,19 @@ import warnings
 
 import numpy as np
 import torch
+
+from ._errors import (
+    MixedDtypeError,
+    MomentumTypeError,
+    NonFiniteStatisticsError,
+    NonFiniteStatisticsWarning,
+    NotATensorError,
+    RankError,
+    ShapeError,
+    UnsupportedDtypeError,
+    torch_dtype_name,
+    with_torch_words,
+)
 
 __all__ = [
     "NONFINITE_POLICIES",
@@ -29,6 +45,7 @@ __all__ = [
     "check_nonfinite_policy",
     "check_normalize_args",
     "check_update_args",
+    "check_writable",
     "layer_name",
     "report_nonfinite",
 ]
@@ -37,23 +54,6 @@ __all__ = [
 # running buffers): leave the running statistics as they were and warn, or raise. There is
 # deliberately no "fold it in" choice: a NaN in a running average never leaves it (pytorch#88474).
 NONFINITE_POLICIES = ("skip", "raise")
-
-
-class NonFiniteStatisticsError(FloatingPointError):
-    """A training batch had NaN or infinite statistics and the policy was ``"raise"``.
-
-    Raised before any state changed: running statistics and ``num_batches_tracked`` are as they
-    were before the call.
-    """
-
-
-class NonFiniteStatisticsWarning(RuntimeWarning):
-    """A training batch had NaN or infinite statistics and was left out of the running ones.
-
-    Turn it into an error with ``warnings.simplefilter("error", NonFiniteStatisticsWarning)``,
-    or silence it with ``"ignore"``; modules also count such batches in
-    ``nonfinite_batches_skipped``.
-    """
 
 
 _ALLOWED_PARAM_DTYPES = {
@@ -131,16 +131,20 @@ def check_nonfinite_policy(where, nonfinite) -> None:
 def check_constructor_args(cls_name: str, num_features, eps, momentum) -> None:
     """Reject constructor arguments torch would silently accept and later misuse.
 
+    ``num_features=None`` skips its check (a lazy layer learns it from its first input).
+
     Raises:
         TypeError: ``num_features`` is not an integer, or ``eps``/``momentum`` not a number.
         ValueError: ``num_features < 1``, ``eps < 0`` or ``momentum`` outside ``[0, 1]``.
     """
     where = f"{cls_name}()"
-    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+    if num_features is None:
+        pass
+    elif isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
         raise TypeError(
             f"{_name(where)}: expected num_features to be a positive int, got {num_features!r}."
         )
-    if num_features < 1:
+    elif num_features < 1:
         raise ValueError(
             f"{_name(where)}: expected num_features to be a positive int, got {num_features!r}."
         )
@@ -159,6 +163,35 @@ def check_constructor_args(cls_name: str, num_features, eps, momentum) -> None:
             )
 
 
+def _not_a_tensor(where, input) -> NotATensorError:
+    return NotATensorError(
+        with_torch_words(
+            f"{_name(where)}: expected a torch.Tensor input, got {type(input).__name__}.",
+            f"{type(input).__name__!r} object has no attribute 'dim'",
+        )
+    )
+
+
+def _not_floating(where, input) -> UnsupportedDtypeError:
+    return UnsupportedDtypeError(
+        with_torch_words(
+            f"{_name(where)}: expected a floating-point input, "
+            f"got {_floating_dtype_name(input.dtype)}.",
+            f"\"batch_norm\" not implemented for '{torch_dtype_name(input.dtype)}'",
+        )
+    )
+
+
+def _mixed_dtype_words(input_dtype: torch.dtype, state_dtype: torch.dtype) -> str:
+    # torch 2.13's CPU kernel says one thing when the input is the wider type, another when the
+    # parameters are.
+    if input_dtype.itemsize > state_dtype.itemsize:
+        return "mixed dtype (CPU): all inputs must share same datatype."
+    # A half or bfloat16 input computes in float32, which its parameters may also have.
+    expected = torch_dtype_name(torch.float32 if input_dtype.itemsize == 2 else input_dtype)
+    return f"mixed dtype (CPU): expect parameter to have scalar type of {expected}"
+
+
 def check_module_input(
     where,
     input,
@@ -166,6 +199,9 @@ def check_module_input(
     ranks: tuple[int, ...],
     shape_hint,
     state_dtype: torch.dtype | None,
+    *,
+    torch_ranks: str | None = None,
+    first_tensor: str | None = None,
 ) -> None:
     """Check what only a module knows: the input's rank and its channel count.
 
@@ -178,36 +214,57 @@ def check_module_input(
         shape_hint: Human-readable accepted shape(s), e.g. ``"(N, 3, H, W)"``, or a callable
             returning it.
         state_dtype: Dtype of the module's parameters and buffers (``None`` if it has none).
+        torch_ranks: torch's words for the accepted ranks (``"2D or 3D"``), or ``None`` where
+            torch's layer does not check the rank.
+        first_tensor: The name of the first per-channel tensor torch's op checks against the
+            channel count (``"running_mean"``, ``"weight"``...), or ``None`` if the layer has
+            none (torch then accepts any channel count).
+
+    Raises:
+        NotATensorError: Not a tensor.
+        ValueError: Another rank (torch's words when ``torch_ranks`` is given).
+        ShapeError: Another channel count.
+        UnsupportedDtypeError: A non-floating input.
+        MixedDtypeError: A float32/float64 input of another dtype than the layer's.
     """
     if not isinstance(input, torch.Tensor):
-        raise TypeError(
-            f"{_name(where)}: expected a torch.Tensor input, got {type(input).__name__}."
-        )
+        raise _not_a_tensor(where, input)
     if input.dim() not in ranks:
         accepted = " or ".join(f"{r}-D" for r in ranks)
-        raise ValueError(
+        message = (
             f"{_name(where)}: expected {accepted} input of shape {_name(shape_hint)}, "
             f"got {input.dim()}-D input of shape {tuple(input.shape)}."
         )
+        if torch_ranks is not None:
+            message = with_torch_words(
+                message, f"expected {torch_ranks} input (got {input.dim()}D input)"
+            )
+        raise ValueError(message)
     if input.shape[1] != num_features:
-        raise ValueError(
+        message = (
             f"{_name(where)}: expected input with {num_features} channels, "
             f"shape {_name(shape_hint)}, got shape {tuple(input.shape)}."
         )
+        if first_tensor is not None:
+            message = with_torch_words(
+                message,
+                f"{first_tensor} should contain {input.shape[1]} elements not {num_features}",
+            )
+        raise ShapeError(message)
     if not input.dtype.is_floating_point:
-        raise TypeError(
-            f"{_name(where)}: expected a floating-point input, "
-            f"got {_floating_dtype_name(input.dtype)}."
-        )
+        raise _not_floating(where, input)
     if (
         state_dtype is not None
         and input.dtype in (torch.float32, torch.float64)
         and input.dtype != state_dtype
     ):
-        raise TypeError(
-            f"{_name(where)}: expected input of the layer's dtype "
-            f"{_floating_dtype_name(state_dtype)}, got {_floating_dtype_name(input.dtype)}; "
-            f"cast the input or convert the layer with .to({input.dtype})."
+        raise MixedDtypeError(
+            with_torch_words(
+                f"{_name(where)}: expected input of the layer's dtype "
+                f"{_floating_dtype_name(state_dtype)}, got {_floating_dtype_name(input.dtype)}; "
+                f"cast the input or convert the layer with .to({input.dtype}).",
+                _mixed_dtype_words(input.dtype, state_dtype),
+            )
         )
 
 
@@ -225,11 +282,34 @@ def check_layer_input(where, layer, input, state_dtype: torch.dtype | None) -> N
     if ranks is None:
         if isinstance(input, torch.Tensor) and input.dim() < 2:
             raise ValueError(
-                f"{_name(where)}: expected input of shape {shape_hint()} with at least 2 dims, "
-                f"got {input.dim()}-D input of shape {tuple(input.shape)}."
+                with_torch_words(
+                    f"{_name(where)}: expected input of shape {shape_hint()} with at least 2 "
+                    f"dims, got {input.dim()}-D input of shape {tuple(input.shape)}.",
+                    f"expected at least 2D input (got {input.dim()}D input)",
+                )
             )
         ranks = (input.dim(),) if isinstance(input, torch.Tensor) else (2,)
-    check_module_input(where, input, layer.num_features, ranks, shape_hint, state_dtype)
+        torch_ranks = None
+    else:
+        torch_ranks = " or ".join(f"{r}D" for r in ranks)
+    first_tensor = next(
+        (
+            name
+            for name in ("running_mean", "running_var", "weight", "bias")
+            if getattr(layer, name, None) is not None
+        ),
+        None,
+    )
+    check_module_input(
+        where,
+        input,
+        layer.num_features,
+        ranks,
+        shape_hint,
+        state_dtype,
+        torch_ranks=torch_ranks,
+        first_tensor=first_tensor,
+    )
 
 
 def check_mask(where, input, mask) -> None:
@@ -317,19 +397,23 @@ def _elsewhere(t: torch.Tensor, on_cpu: bool, device: torch.device | None) -> bo
 def check_input(where, input) -> None:
     """The input of a functional call: a floating-point tensor of shape ``(N, C, *)``."""
     if not isinstance(input, torch.Tensor):
-        raise TypeError(
-            f"{_name(where)}: expected a torch.Tensor input, got {type(input).__name__}."
-        )
+        raise _not_a_tensor(where, input)
     if input.dim() < 2:
-        raise ValueError(
-            f"{_name(where)}: expected input of shape (N, C, *) with at least 2 dims, "
-            f"got shape {tuple(input.shape)}."
+        # torch's op indexes the channel axis of what it was given.
+        words = (
+            "tuple index out of range"
+            if input.dim() == 0
+            else "Dimension out of range (expected to be in range of [-1, 0], but got 1)"
+        )
+        raise RankError(
+            with_torch_words(
+                f"{_name(where)}: expected input of shape (N, C, *) with at least 2 dims, "
+                f"got shape {tuple(input.shape)}.",
+                words,
+            )
         )
     if not input.dtype.is_floating_point:
-        raise TypeError(
-            f"{_name(where)}: expected a floating-point input, "
-            f"got {_floating_dtype_name(input.dtype)}."
-        )
+        raise _not_floating(where, input)
 
 
 def _check_per_channel(where, input, named, allowed) -> None:
@@ -350,14 +434,20 @@ def _check_per_channel(where, input, named, allowed) -> None:
                 f"{_name(where)}: expected {name} to be a tensor or None, got {type(t).__name__}."
             )
         if t.shape != (channels,):
-            raise ValueError(
-                f"{_name(where)}: expected {name} of shape ({channels},) to match the input's "
-                f"{channels} channels, got shape {tuple(t.shape)}."
+            raise ShapeError(
+                with_torch_words(
+                    f"{_name(where)}: expected {name} of shape ({channels},) to match the "
+                    f"input's {channels} channels, got shape {tuple(t.shape)}.",
+                    f"{name} should contain {channels} elements not {t.numel()}",
+                )
             )
         if _elsewhere(t, on_cpu, device):
-            raise ValueError(
-                f"{_name(where)}: expected {name} on the input's device {input.device}, "
-                f"got {t.device}."
+            raise ShapeError(
+                with_torch_words(
+                    f"{_name(where)}: expected {name} on the input's device {input.device}, "
+                    f"got {t.device}.",
+                    f"Tensor on device {t.device} is not on the expected device {input.device}!",
+                )
             )
         if allowed is None:
             if not t.dtype.is_floating_point:
@@ -367,24 +457,44 @@ def _check_per_channel(where, input, named, allowed) -> None:
                 )
             continue
         if t.dtype not in allowed:
-            raise TypeError(
-                f"{_name(where)}: expected {name} with dtype "
-                f"{' or '.join(_floating_dtype_name(d) for d in allowed)} to go with a "
-                f"{_floating_dtype_name(input.dtype)} input, got {_floating_dtype_name(t.dtype)}."
+            raise MixedDtypeError(
+                with_torch_words(
+                    f"{_name(where)}: expected {name} with dtype "
+                    f"{' or '.join(_floating_dtype_name(d) for d in allowed)} to go with a "
+                    f"{_floating_dtype_name(input.dtype)} input, got "
+                    f"{_floating_dtype_name(t.dtype)}.",
+                    _mixed_dtype_words(input.dtype, t.dtype),
+                )
             )
         if shared_dtype is None:
             shared_dtype = t.dtype
         elif t.dtype != shared_dtype:
             given = [f"{n} {_floating_dtype_name(u.dtype)}" for n, u in named if u is not None]
-            raise TypeError(
+            raise MixedDtypeError(
                 f"{_name(where)}: expected {', '.join(n for n, _ in named)} to share one dtype, "
                 f"got {', '.join(given)}."
             )
 
 
-def _check_eps(where, eps) -> None:
+def _check_eps(where, eps, training: bool) -> None:
+    """``eps`` is a number, positive in training and non-negative otherwise (torch's rule)."""
     if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
         raise TypeError(f"{_name(where)}: expected eps to be a float, got {eps!r}.")
+    if training and not eps > 0:  # NaN fails too
+        raise ValueError(
+            with_torch_words(
+                f"{_name(where)}: expected a positive eps when using batch statistics "
+                f"(training), got {eps!r}.",
+                f"batch_norm eps must be positive during training, but got {eps}",
+            )
+        )
+    if not eps >= 0:
+        raise ValueError(
+            with_torch_words(
+                f"{_name(where)}: expected a non-negative eps, got {eps!r}.",
+                f"batch_norm eps must be non-negative, but got {eps}",
+            )
+        )
 
 
 def check_normalize_args(where, input, mean, var, weight, bias, eps) -> None:
@@ -406,7 +516,7 @@ def check_normalize_args(where, input, mean, var, weight, bias, eps) -> None:
     _check_per_channel(where, input, (("mean", mean), ("var", var)), None)
     allowed = _ALLOWED_PARAM_DTYPES.get(input.dtype, (input.dtype,))
     _check_per_channel(where, input, (("weight", weight), ("bias", bias)), allowed)
-    _check_eps(where, eps)
+    _check_eps(where, eps, False)
 
 
 def check_batch_norm_args(
@@ -452,27 +562,25 @@ def check_batch_norm_args(
     )
     if (running_mean is None) != (running_var is None):
         raise ValueError(
-            f"{_name(where)}: expected running_mean and running_var both given or both None, "
-            f"got only {'running_mean' if running_var is None else 'running_var'}."
+            with_torch_words(
+                f"{_name(where)}: expected running_mean and running_var both given or both "
+                f"None, got only {'running_mean' if running_var is None else 'running_var'}.",
+                "running_mean and running_var must either both be None or neither be None",
+            )
         )
     if not training and running_mean is None:
-        raise ValueError(
-            f"{_name(where)}: expected running_mean and running_var in evaluation mode "
-            "(training=False normalizes with them), got None."
-        )
-    _check_eps(where, eps)
-    if momentum is None:
-        if training and running_mean is not None and num_batches_tracked is None:
-            raise ValueError(
-                f"{_name(where)}: momentum=None (cumulative average) needs "
-                "num_batches_tracked, got None."
+        raise ShapeError(
+            with_torch_words(
+                f"{_name(where)}: expected running_mean and running_var in evaluation mode "
+                "(training=False normalizes with them), got None.",
+                "running_mean must be defined in evaluation mode",
             )
-    elif type(momentum) is not float and (
-        not isinstance(momentum, (numbers.Real, torch.Tensor)) or isinstance(momentum, bool)
-    ):
-        raise TypeError(
-            f"{_name(where)}: expected momentum to be a float or None, got {momentum!r}."
         )
+    _check_eps(where, eps, training)
+    updates = training and running_mean is not None
+    if updates:
+        # momentum is used only here: torch.nn's layers take any momentum in evaluation mode.
+        _check_momentum(where, momentum, num_batches_tracked)
     if num_batches_tracked is not None:
         if not isinstance(num_batches_tracked, torch.Tensor) or num_batches_tracked.numel() != 1:
             raise TypeError(
@@ -480,12 +588,84 @@ def check_batch_norm_args(
                 f"got {num_batches_tracked!r}."
             )
         if _elsewhere(num_batches_tracked, on_cpu, device):
-            raise ValueError(
+            raise ShapeError(
                 f"{_name(where)}: expected num_batches_tracked on the input's device "
                 f"{input.device}, got {num_batches_tracked.device}."
             )
+    if updates:
+        check_writable(where, running_mean, running_var, num_batches_tracked)
     if training and input.numel() > 0 and input.numel() // channels == 1:
         raise ValueError(
-            f"{_name(where)}: expected more than 1 value per channel when using batch statistics "
-            f"(training), got input of shape {tuple(input.shape)}."
+            with_torch_words(
+                f"{_name(where)}: expected more than 1 value per channel when using batch "
+                f"statistics (training), got input of shape {tuple(input.shape)}.",
+                f"Expected more than 1 value per channel when training, got input size "
+                f"{input.size()}",
+            )
         )
+
+
+def _check_momentum(where, momentum, num_batches_tracked) -> None:
+    """``momentum`` where it is used: a number in [0, 1], or None with a counter."""
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise MomentumTypeError(
+                with_torch_words(
+                    f"{_name(where)}: momentum=None (cumulative average) needs "
+                    "num_batches_tracked, got None.",
+                    "batch_norm(): argument 'momentum' (position 7) must be float, not NoneType",
+                )
+            )
+        return
+    if isinstance(momentum, torch.Tensor):
+        raise TypeError(
+            f"{_name(where)}: expected momentum to be a float or None, got a tensor "
+            f"({momentum!r}); pass float(momentum)."
+        )
+    if type(momentum) is not float and (
+        not isinstance(momentum, numbers.Real) or isinstance(momentum, bool)
+    ):
+        raise TypeError(
+            f"{_name(where)}: expected momentum to be a float or None, got {momentum!r}."
+        )
+    if not 0.0 <= momentum <= 1.0:  # NaN fails too
+        raise ValueError(
+            f"{_name(where)}: expected momentum in [0, 1] or None when updating running "
+            f"statistics, got {momentum!r}."
+        )
+
+
+_INFERENCE_WORDS = (
+    "Inplace update to inference tensor outside InferenceMode is not allowed.You can make a "
+    "clone to get a normal tensor before doing inplace update.See "
+    "https://github.com/pytorch/rfcs/pull/17 for more details."
+)
+
+
+def check_writable(where, running_mean, running_var, num_batches_tracked) -> None:
+    """The running statistics and the counter can be updated in place here.
+
+    Tensors made under ``torch.inference_mode()`` cannot be written outside it; torch.nn finds
+    out when it increments the counter, this package before anything is written.
+
+    Raises:
+        RuntimeError: An inference tensor outside inference mode (torch's words).
+    """
+    # Dynamo cannot trace either question; a compiled graph's update is torch's in-place op,
+    # which makes the same check itself.
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return
+    for name, t in (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("num_batches_tracked", num_batches_tracked),
+    ):
+        if t is not None and t.is_inference():
+            raise RuntimeError(
+                with_torch_words(
+                    f"{_name(where)}: expected {name} that can be updated in place, got a "
+                    "tensor made under torch.inference_mode(); nothing was changed. Clone the "
+                    "buffers, or run the call under torch.inference_mode().",
+                    _INFERENCE_WORDS,
+                )
+            )

@@ -62,6 +62,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._interop import traced_call, twin_of
 from ._validate import check_constructor_args, check_layer_input, layer_name
 from .families import add_twin
 from .functional import normalize
@@ -159,6 +160,8 @@ class _FrozenBatchNormBase(torch.nn.Module):
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):  # symbolic tracing: one node, as torch.nn's
+            return traced_call(self, input, _ScriptableFrozen.forward)
         where = functools.partial(layer_name, self)
         # The statistics always exist here (weight and bias may not): they set the dtype.
         check_layer_input(where, self, input, self.running_mean.dtype)
@@ -173,6 +176,10 @@ class _FrozenBatchNormBase(torch.nn.Module):
             self.eps,
             where=where,
         )
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """What ``torch.jit.script`` compiles instead: the same map in torch ops, same tensors."""
+        return twin_of(self, _ScriptableFrozen)
 
     def _load_from_state_dict(
         self,
@@ -204,6 +211,21 @@ class _FrozenBatchNormBase(torch.nn.Module):
             unexpected_keys,
             error_msgs,
         )
+
+
+class _ScriptableFrozen(torch.nn.Module):
+    """A frozen layer as TorchScript sees it (built only by ``__prepare_scriptable__``): the
+    same map in torch ops. Its ``forward`` also traces a frozen layer that is fx's root."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        scale = torch.rsqrt(self.running_var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -self.running_mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        return input * scale.reshape(shape) + shift.reshape(shape)
 
 
 _CLASS_DOC = r"""Frozen BatchNorm over {what}: a fixed per-channel affine map of the input.

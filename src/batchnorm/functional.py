@@ -50,7 +50,7 @@ from ._validate import (
     check_normalize_args,
     check_update_args,
 )
-from .routing import choose, kernels_take
+from .routing import choose, kernels_take, transformed
 from .stats import Moments, finalize
 
 __all__ = [
@@ -169,15 +169,21 @@ def batch_norm(
         TypeError: Non-floating input, or float32/float64 input with parameters or running
             statistics of another dtype.
         ValueError: Wrong shapes, evaluation without running statistics, a single value per
-            channel in training, or an unknown ``nonfinite`` policy.
+            channel in training, ``eps <= 0`` in training (``< 0`` otherwise), ``momentum``
+            outside [0, 1] or NaN when the running statistics are updated, or an unknown
+            ``nonfinite`` policy. Where torch raises another class for the same mistake, the
+            exception is also of that class (:class:`~batchnorm.ShapeError` is a
+            ``RuntimeError`` too, and so on) and the message ends with torch's own words.
+        RuntimeError: Running statistics made under ``torch.inference_mode()`` and updated
+            outside it.
         NonFiniteStatisticsError: ``nonfinite="raise"`` and the batch's statistics are not
             finite.
 
     Example:
         >>> x = torch.tensor([[1.0, 10.0], [3.0, 30.0]])
-        >>> batch_norm(x, None, None, training=True, eps=0.0)
-        tensor([[-1., -1.],
-                [ 1.,  1.]])
+        >>> batch_norm(x, None, None, training=True)
+        tensor([[-1.0000, -1.0000],
+                [ 1.0000,  1.0000]])
     """
     where = "batch_norm()"
     check_nonfinite_policy(where, nonfinite)
@@ -255,6 +261,7 @@ def batch_moments(input: torch.Tensor, mask: torch.Tensor | None = None, *, wher
     """
     where = "batch_moments()" if where is None else where
     check_input(where, input)
+    _refuse_transforms(where)
     channels = input.shape[1]
     if mask is not None:
         check_mask(where, input, mask)
@@ -341,6 +348,8 @@ def normalize(
     if same and not (mean.requires_grad or var.requires_grad):
         # The evaluation transform, exactly as batch_norm(training=False) runs it.
         return run(input, mean, var, weight, bias, False, 0.0, eps, None, Guard(where=where))
+    if transformed():
+        return _normalize_composite(input, mean, var, weight, bias, eps)
     route = choose(input, "stage")
     if torch.is_grad_enabled() and (
         records_graph(input, weight, bias) or mean.requires_grad or var.requires_grad
@@ -394,12 +403,13 @@ def normalize_batch(
         TypeError, ValueError: As :func:`batch_norm` in training mode; a bad mask.
 
     Example:
-        >>> y, moments = normalize_batch(torch.tensor([[1.0], [3.0]]), eps=0.0)
+        >>> y, moments = normalize_batch(torch.tensor([[1.0], [3.0]]), eps=1e-12)
         >>> y.flatten().tolist(), moments.mean.tolist()
         ([-1.0, 1.0], [2.0])
     """
     where = "normalize_batch()" if where is None else where
     check_batch_norm_args(where, input, None, None, weight, bias, True, 0.1, eps, None)
+    _refuse_transforms(where)
     eps = float(eps)
     channels = input.shape[1]
     if mask is not None:
@@ -421,6 +431,30 @@ def normalize_batch(
     else:
         y, mean, var, _ = _stages.train_forward(input, weight, bias, None, None, 0.0, eps, route)
     return y, Moments(count, mean, var * count)
+
+
+def _normalize_composite(input, mean, var, weight, bias, eps):
+    """:func:`normalize` in torch ops, which torch.func transforms can batch and differentiate."""
+    shape = _stages.broadcast_shape(input)
+    acc = _stages.accumulate_dtype(input)
+    scale = torch.rsqrt(var.to(acc) + eps)
+    if weight is not None:
+        scale = scale * weight.to(acc)
+    y = (input.to(acc) - mean.to(acc).reshape(shape)) * scale.reshape(shape)
+    if bias is not None:
+        y = y + bias.to(acc).reshape(shape)
+    return y.to(input.dtype)
+
+
+def _refuse_transforms(where) -> None:
+    # Statistics are NumPy Moments: they leave autograd and cannot be batched by vmap.
+    if transformed():
+        raise NotImplementedError(
+            f"{caller_name(where)}: expected a call outside torch.func transforms and "
+            "forward-mode AD, got one inside: the statistics it returns are NumPy arrays, "
+            "outside autograd and vmap. Use batch_norm() or a layer there, or normalize() with "
+            "statistics computed in torch ops."
+        )
 
 
 def _normalize_masked(where, input, weight, bias, eps, mask):

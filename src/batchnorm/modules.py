@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 
 from . import _docs
+from ._interop import register_fusers, twin_of
 from ._validate import check_constructor_args, check_layer_input, check_nonfinite_policy, layer_name
-from .families import Family, register
+from .families import Family, family_of, register
 from .functional import forward_layer
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase"]
@@ -79,8 +80,23 @@ class BatchNormBase:
         return text
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        # torch.nn's hook name, for code that calls it; forward_layer makes the same check.
+        # torch.nn's hook name, for code that calls it; forward_layer makes the same check. A
+        # symbolic-tracing Proxy has no shape to check (torch's forward traces a root layer).
+        if isinstance(input, torch.fx.Proxy):
+            return
         check_layer_input(lambda: layer_name(self), self, input, _state_dtype(self))
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """What ``torch.jit.script`` compiles instead: the torch.nn twin, same tensors.
+
+        TorchScript cannot compile a forward that calls NumPy and Numba; the scripted layer
+        computes with torch's op (this package's non-finite guard and stricter checks do not
+        come along).
+        """
+        twin = twin_of(self, family_of(type(self)).torch)
+        for name in ("nonfinite", "nonfinite_batches_skipped"):
+            twin.__dict__.pop(name, None)
+        return twin
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return forward_layer(self, input)
@@ -140,3 +156,11 @@ for _ours, _torch, _lazy in (
     (BatchNorm3d, torch.nn.BatchNorm3d, torch.nn.LazyBatchNorm3d),
 ):
     register(Family(_ours.__name__, _ours.input_ranks, _ours, _torch, torch_lazy=_lazy))
+# torch.ao.quantization.fuse_modules finds fusion methods by exact class (see _interop).
+register_fusers(
+    {
+        BatchNorm1d: torch.nn.BatchNorm1d,
+        BatchNorm2d: torch.nn.BatchNorm2d,
+        BatchNorm3d: torch.nn.BatchNorm3d,
+    }
+)

@@ -19,6 +19,18 @@ The routes:
   for a channels-last training forward), where starting threads costs more than it saves.
 * ``"parallel"``: the fused multi-thread kernels (:mod:`batchnorm.kernels.fused`), above that.
 
+Two conditions of the process override the thresholds:
+
+* **torch.func transforms and forward-mode AD** (``vmap``, ``grad``, ``jvp``, ``jacfwd``,
+  ``torch.autograd.forward_ad``): every call runs on torch's op, whose rules for them are
+  torch.nn's; see :func:`transformed`.
+* **A child made by fork** never runs the parallel kernels. GNU OpenMP, the runtime of Numba's
+  ``omp`` threading layer here, cannot start a thread pool in a child forked from a process
+  that used it ("fork() called from a process already using GNU OpenMP" kills the child), and
+  torch shares that runtime. Such a child runs the serial kernels at any size (and torch's op
+  for the stages, which only have parallel kernels), as torch itself runs single-threaded in a
+  forked child. Processes made by spawn or forkserver start afresh and use every route.
+
 Example:
     >>> import torch
     >>> from batchnorm.routing import choose, routing_policy, use_routing
@@ -44,6 +56,8 @@ from typing import Literal
 
 import torch
 
+from ._process import forked
+
 __all__ = [
     "OPS",
     "ROUTES",
@@ -54,7 +68,9 @@ __all__ = [
     "kernel_layout",
     "kernels_enabled",
     "kernels_take",
+    "in_forked_child",
     "routing_policy",
+    "transformed",
     "use_routing",
 ]
 
@@ -230,6 +246,31 @@ def use_routing(policy: RoutingPolicy | None = None, **changes) -> Iterator[Rout
         _POLICY.reset(token)
 
 
+def in_forked_child() -> bool:
+    """Whether this process was made by ``fork`` from one that had imported this package.
+
+    Process state, not a threshold, so it is no field of the policy.
+    """
+    return forked()
+
+
+# Private entry points of torch: whether a torch.func transform is active, and the level of the
+# innermost forward-AD context (-1 outside any).
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_forward_ad = torch.autograd.forward_ad
+
+
+def transformed() -> bool:
+    """Whether a call now runs under a torch.func transform or in a forward-mode AD context.
+
+    Those calls go to torch's op: its batch norm has the ``vmap``, ``jvp`` and forward-AD rules
+    the transforms need, and the call then means exactly what it means for torch.nn.
+    """
+    if _functorch_active is not None and _functorch_active():
+        return True
+    return getattr(_forward_ad, "_current_level", -1) >= 0
+
+
 def kernel_layout(x: torch.Tensor) -> str | None:
     """Which kernel layout views ``x`` without a copy: ``"nchw"``, ``"nhwc"`` or ``None``.
 
@@ -296,7 +337,7 @@ def choose(
         policy = _POLICY.get()
     if op not in _OP_SET:
         raise ValueError(f"choose(): expected op in {OPS!r}, got {op!r}.")
-    if not policy.kernels or statistics_require_grad:
+    if not policy.kernels or statistics_require_grad or transformed():
         return "torch"
     layout = _kernel_layout_if_taken(input)
     if layout is None:
@@ -305,7 +346,9 @@ def choose(
     if op == "eval" and numel * input.element_size() < policy.eval_native_bytes:
         return "torch"
     if op == "stage":
-        return "parallel"
+        return "torch" if forked() else "parallel"
+    if forked():
+        return "serial"
     serial_max = policy.serial_max_elements
     if op == "train" and layout == "nhwc":
         serial_max = serial_max * policy.nhwc_train_serial_scale

@@ -13,7 +13,7 @@ across the blocks of a kernel. :func:`finalize` turns a summary into the mean, t
 (divide by :math:`n - 1`, what torch stores in ``running_var``).
 
 NumPy arrays, float64 throughout; no torch. The arithmetic is the kernels':
-:meth:`Moments.from_array` runs the moments kernel (:mod:`batchnorm.kernels.moments`) and
+:meth:`Moments.from_array` runs the moments kernel's blocks (:mod:`batchnorm.kernels.moments`) and
 :func:`merge_moments` the one scalar merge :func:`batchnorm.kernels.moments.chan_merge`, so a
 summary computed or merged here has the bits the layers' own statistics have.
 
@@ -106,7 +106,9 @@ class Moments:
         data = np.ascontiguousarray(x).reshape(x.shape[0], num_features, -1)
         mean = np.empty(num_features)
         m2 = np.empty(num_features)
-        _kernels.moments_nchw(data, mean, m2)
+        # The serial kernel: a NumPy helper starts no thread pool (and so stays safe in a
+        # process made by fork).
+        _kernels.moments_serial(data, mean, m2)
         return cls(count, mean, m2)
 
 

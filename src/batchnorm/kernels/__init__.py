@@ -37,7 +37,7 @@ from .fused import (
     train_parallel_nchw,
     train_parallel_nhwc,
 )
-from .moments import merge_moments_into, moments_nchw, moments_nhwc
+from .moments import merge_moments_into, moments_nchw, moments_nhwc, moments_serial
 from .normalize import normalize_nchw, normalize_nhwc
 from .serial import (
     backward_serial_nchw,
@@ -203,8 +203,9 @@ def warmup(dtypes: Iterable[str] = DTYPE_NAMES) -> None:
             _run_all(np.ones(shape, dtype=name), layout="nchw")
         for shape in ((3, 2), (3, 1)):
             _run_all(np.ones(shape, dtype=name), layout="nhwc")
-    # The merge of stats.merge_moments (float64 per-channel vectors, whatever the data dtype).
+    # The merge and the serial moments of stats (float64 data and per-channel vectors).
     ones = np.ones(2)
+    moments_serial(np.ones((2, 2, 3)), ones.copy(), ones.copy())
     merge_moments_into(ones, ones, ones, ones, ones, ones, ones.copy(), ones.copy(), ones.copy())
 
 

@@ -78,6 +78,7 @@ __all__ = [
     "merge_moments_into",
     "moments_nchw",
     "moments_nhwc",
+    "moments_serial",
     "rows_block_moments",
     "rows_channel_moments",
 ]
@@ -275,6 +276,17 @@ def rows_channel_moments(x, c):
             n_b, mean_b, m2_b = rows_block_moments(xr, n_chan, c, n0, n1, s0, s1, pivot)
             n_a, mean_a, m2_a = chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
     return pivot + mean_a, m2_a
+
+
+@njit_kernel
+def moments_serial(x, mean_out, m2_out):
+    """Per-channel mean and M2 of a C-contiguous ``(N, C, S)`` array, on the calling thread.
+
+    The blocks of :func:`moments_nchw`'s rows variant, merged in the same order, without a
+    thread pool (safe in a process made by fork; see :mod:`batchnorm.routing`).
+    """
+    for c in range(x.shape[1]):
+        mean_out[c], m2_out[c] = rows_channel_moments(x, c)
 
 
 @njit_parallel

@@ -12,6 +12,6 @@ batchnorm.tools.fold as m`` would then give the function.
 
 # Every tool reads the family table (batchnorm.families), which each layer module fills when
 # it is imported: import them all before any tool runs.
-from .. import distributed, frozen, modules  # noqa: F401
+from .. import distributed, frozen, lazy, modules  # noqa: F401
 
 __all__: list[str] = []

@@ -37,14 +37,26 @@ def _check_model(where: str, model) -> None:
         raise TypeError(f"{where}: expected a torch.nn.Module, got {type(model).__name__}.")
 
 
+def _convert_target(cls: type, to: str) -> type | None:
+    """The class ``cls`` becomes under ``convert(to=...)``, or ``None`` if it has no twin."""
+    family = family_of(cls)
+    if family is None:
+        return None
+    for theirs, ours in ((family.torch, family.ours), (family.torch_lazy, family.lazy)):
+        if theirs is not None and ours is not None and cls in (theirs, ours):
+            return ours if to == "batchnorm" else theirs
+    return None
+
+
 def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
     """Make every BatchNorm layer of ``model`` use the given implementation, in place.
 
     Args:
         model: Any module; the root may itself be a BatchNorm layer.
-        to: ``"batchnorm"`` turns ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm``
-            into ``batchnorm.BatchNorm1d/2d/3d`` and :class:`batchnorm.SyncBatchNorm`;
-            ``"torch"`` turns them back. Layers already of the target kind are left alone.
+        to: ``"batchnorm"`` turns ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm``
+            and (uninitialized) ``torch.nn.LazyBatchNorm1d/2d/3d`` into this package's twins
+            (:mod:`batchnorm.families`); ``"torch"`` turns them back. Layers already of the
+            target kind are left alone.
 
     Returns:
         ``model`` itself (converted in place), for chaining.
@@ -52,8 +64,8 @@ def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
     Raises:
         ValueError: ``to`` is not ``"batchnorm"`` or ``"torch"``.
         TypeError: ``model`` holds a BatchNorm-like layer whose class is none of the exact
-            classes above (a user subclass, an uninitialized lazy layer). The whole tree is
-            checked first, so nothing is converted then.
+            classes above (a user subclass). The whole tree is checked first, so nothing is
+            converted then.
 
     Example:
         >>> import torch, batchnorm
@@ -69,17 +81,16 @@ def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
     swaps = []
     for path, module in model.named_modules():
         cls = type(module)
-        family = family_of(cls)
-        if family is not None and cls in (family.ours, family.torch):
-            target = family.ours if to == "batchnorm" else family.torch
+        target = _convert_target(cls, to)
+        if target is not None:
             if cls is not target:
                 swaps.append((module, target))
         elif is_batchnorm_like(module):
             raise TypeError(
                 f"convert(): cannot convert {_path_text(path)} of type {_type_text(cls)}: only "
-                "torch.nn.BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm and their batchnorm twins "
-                "are converted, and converting a subclass would drop its behaviour. Replace it "
-                "yourself or convert its base class."
+                "torch.nn.BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm, torch.nn.LazyBatchNorm1d/"
+                "2d/3d and their batchnorm twins are converted, and converting a subclass would "
+                "drop its behaviour. Replace it yourself or convert its base class."
             )
     for module, target in swaps:
         if type(module) is SyncBatchNorm:
