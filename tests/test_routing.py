@@ -296,14 +296,17 @@ def test_kernel_layout_agrees_with_the_permuted_view(shape, layout):
     ("op", "expected"),
     [("train", "serial"), ("backward", "serial"), ("eval", "serial"), ("stage", "torch")],
 )
-def test_a_forked_child_never_takes_the_parallel_kernels(op, expected, monkeypatch):
+def test_a_forked_child_never_takes_the_parallel_kernels(op, expected):
     from batchnorm import _process
 
     x = _maps(SERIAL // 16 + 1, 16, 4)  # far above the serial bound
     assert choose(x, op, RoutingPolicy(eval_native_bytes=0)) == "parallel"
-    monkeypatch.setattr(_process, "_forked", True)
-    assert choose(x, op, RoutingPolicy(eval_native_bytes=0)) == expected
-    assert choose(_rows(8, 4), "eval", DEFAULT) == "torch"  # small evaluation: as everywhere
+    _process.FORKED[0] = True  # what the fork handler does in a child
+    try:
+        assert choose(x, op, RoutingPolicy(eval_native_bytes=0)) == expected
+        assert choose(_rows(8, 4), "eval", DEFAULT) == "torch"  # small evaluation: as anywhere
+    finally:
+        _process.FORKED[0] = False
 
 
 def test_transforms_and_forward_ad_send_every_call_to_torch():

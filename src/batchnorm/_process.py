@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["forked"]
+__all__ = ["FORKED", "forked"]
 
-_forked = False
+# A one-element list, so that a reader holding it sees the child's update: the routing reads
+# FORKED[0] on every call (a function call would cost more than the read).
+FORKED = [False]
 
 
 def _mark_forked_child() -> None:
-    global _forked
-    _forked = True
+    FORKED[0] = True
 
 
 if hasattr(os, "register_at_fork"):
@@ -25,4 +26,4 @@ if hasattr(os, "register_at_fork"):
 
 def forked() -> bool:
     """Whether this process was made by ``fork`` from one that had imported ``batchnorm``."""
-    return _forked
+    return FORKED[0]

@@ -56,7 +56,7 @@ from typing import Literal
 
 import torch
 
-from ._process import forked
+from ._process import FORKED, forked
 
 __all__ = [
     "OPS",
@@ -255,9 +255,11 @@ def in_forked_child() -> bool:
 
 
 # Private entry points of torch: whether a torch.func transform is active, and the level of the
-# innermost forward-AD context (-1 outside any).
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+# innermost forward-AD context (-1 outside any). Should a release drop either, its check is off.
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 _forward_ad = torch.autograd.forward_ad
+if not hasattr(_forward_ad, "_current_level"):
+    _forward_ad = type("_NoForwardAD", (), {"_current_level": -1})
 
 
 def transformed() -> bool:
@@ -266,9 +268,7 @@ def transformed() -> bool:
     Those calls go to torch's op: its batch norm has the ``vmap``, ``jvp`` and forward-AD rules
     the transforms need, and the call then means exactly what it means for torch.nn.
     """
-    if _functorch_active is not None and _functorch_active():
-        return True
-    return getattr(_forward_ad, "_current_level", -1) >= 0
+    return _functorch_active() or _forward_ad._current_level >= 0
 
 
 def kernel_layout(x: torch.Tensor) -> str | None:
@@ -337,7 +337,13 @@ def choose(
         policy = _POLICY.get()
     if op not in _OP_SET:
         raise ValueError(f"choose(): expected op in {OPS!r}, got {op!r}.")
-    if not policy.kernels or statistics_require_grad or transformed():
+    # transformed(), inlined: this runs on every call.
+    if (
+        not policy.kernels
+        or statistics_require_grad
+        or _functorch_active()
+        or _forward_ad._current_level >= 0
+    ):
         return "torch"
     layout = _kernel_layout_if_taken(input)
     if layout is None:
@@ -346,8 +352,8 @@ def choose(
     if op == "eval" and numel * input.element_size() < policy.eval_native_bytes:
         return "torch"
     if op == "stage":
-        return "torch" if forked() else "parallel"
-    if forked():
+        return "torch" if FORKED[0] else "parallel"
+    if FORKED[0]:
         return "serial"
     serial_max = policy.serial_max_elements
     if op == "train" and layout == "nhwc":
