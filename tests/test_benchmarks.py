@@ -27,6 +27,7 @@ from benchmarks import (  # noqa: E402
     bench_modules,
     bench_sweep,
     bench_sync,
+    bench_training,
     run_all,
 )
 from benchmarks.cases import make_case, make_kernel_case  # noqa: E402
@@ -90,6 +91,40 @@ def test_bench_modules_main_writes_json(tmp_path, capsys):
     rec = json.loads(path.read_text())
     assert rec["benchmark"] == "bench_modules" and len(rec["cases"]) == 1
     assert "torch/ours" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- bench_training
+
+
+def test_bench_training_first_step_check_catches_a_wrong_layer():
+    workload = bench_training.WORKLOADS["fig1-mlp"]
+    models = bench_training.variants(workload, seed=0)
+    x, target = torch.randn(workload.input_shape), torch.randint(0, 10, (60,))
+    assert bench_training.check_same_first_step(models, x, target) is None
+
+    converted = models["batchnorm"]
+    layer = next(m for m in converted.modules() if type(m).__module__.startswith("batchnorm"))
+    layer.eps = 1e-2  # a plausible slip: the wrong epsilon
+    problem = bench_training.check_same_first_step(models, x, target)
+    assert problem is not None and problem.startswith("loss")
+
+
+def test_bench_training_main_writes_json_and_skips_invalid(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "training.json"
+    argv = ["--workloads", "fig1-mlp", "--threads", "1", "--repeats", "3"]
+    argv += ["--target-ms", "1", "--warmup-s", "0", "--json", str(path)]
+    assert bench_training.main(argv) == 0
+    rec = json.loads(path.read_text())
+    (workload,) = rec["workloads"]
+    assert workload["valid"] and workload["eager"]["torch/ours"] > 0
+    assert set(workload["eager"]["times"]) == {"torch", "batchnorm", "no-bn"}
+    assert "torch/ours" in capsys.readouterr().out
+
+    monkeypatch.setattr(bench_training, "check_same_first_step", lambda *a: "broken on purpose")
+    assert bench_training.main(argv) == 1
+    rec = json.loads(path.read_text())
+    assert "eager" not in rec["workloads"][0]
+    assert "INVALID" in capsys.readouterr().out
 
 
 def test_bench_versions_times_a_commit_next_to_this_checkout(tmp_path, capsys):

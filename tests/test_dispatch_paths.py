@@ -125,6 +125,27 @@ def test_parallel_path_keeps_torch_thread_count(threads):
         torch.set_num_threads(before)
 
 
+def test_parallel_kernels_follow_a_later_torch_thread_count():
+    # Numba's count is cached per thread; a change to torch's count between calls must reach
+    # the next parallel kernel, not the count of the first call.
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs a Numba pool of at least two threads")
+    before = torch.get_num_threads()
+    seen = []
+    try:
+        with use_routing(serial_max_elements=0, eval_native_bytes=0):
+            layer = batchnorm.BatchNorm2d(4)
+            for threads in (2, 1, 2):
+                torch.set_num_threads(threads)
+                layer(torch.randn(8, 4, 6, 6))
+                seen.append(numba.get_num_threads())
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2, 1, 2]
+
+
 @pytest.mark.parametrize(
     ("shape", "layout", "expected"),
     [

@@ -8,8 +8,7 @@ lookup in the kernel registry.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import threading
 
 import numpy as np
 import torch
@@ -29,7 +28,7 @@ __all__ = [
     "match_layout",
     "numpy_view",
     "optional_array",
-    "torch_threads",
+    "run_parallel",
 ]
 
 NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
@@ -123,19 +122,27 @@ def match_layout(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return dy
 
 
-@contextlib.contextmanager
-def torch_threads() -> Iterator[None]:
-    """Run parallel kernels with torch's thread count, and leave torch's count as it was.
+# Torch's thread count when this package last set Numba's, per calling thread (Numba's count is
+# per thread).
+_numba_threads = threading.local()
+
+
+def run_parallel(kernel, *args):
+    """Call a parallel kernel with torch's thread count, and leave torch's count as it was.
 
     Numba's OpenMP layer runs in the same OpenMP runtime as torch, and starting a parallel
-    region sets that runtime's thread count to Numba's: without this, one large BatchNorm call
-    would silently undo a user's ``torch.set_num_threads(1)`` (measured: a small MLP then ran
-    50x slower next to a busy core).
+    region sets that runtime's thread count to Numba's: without the check after the call, one
+    large BatchNorm would silently undo a user's ``torch.set_num_threads(1)`` (measured: a
+    small MLP then ran 50x slower next to a busy core). Numba's count is set only when torch's
+    changed since the last call from this thread: ``numba.set_num_threads`` costs ~1 us, and
+    the ``with`` block this replaced ~2.3 us, a call of every parallel kernel.
     """
     threads = torch.get_num_threads()
-    kernels.set_threads(threads)
+    if getattr(_numba_threads, "torch_count", None) != threads:
+        kernels.set_threads(threads)
+        _numba_threads.torch_count = threads
     try:
-        yield
+        return kernel(*args)
     finally:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)

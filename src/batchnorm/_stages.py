@@ -36,7 +36,7 @@ from ._bridge import (
     match_layout,
     numpy_view,
     optional_array,
-    torch_threads,
+    run_parallel,
 )
 from .routing import kernel_layout
 
@@ -110,8 +110,7 @@ def moments(x: torch.Tensor, route: str) -> tuple[np.ndarray, np.ndarray]:
         xa = kernel_view(numpy_view(x), layout)
         mean = np.empty(channels)
         m2 = np.empty(channels)
-        with torch_threads():
-            kernel("moments", layout, xa.dtype)(xa, mean, m2)
+        run_parallel(kernel("moments", layout, xa.dtype), xa, mean, m2)
         return mean, m2
     with torch.no_grad():
         var, mean = torch.var_mean(x.to(accumulate_dtype(x)), dim=reduce_dims(x), correction=0)
@@ -164,8 +163,9 @@ def normalize(x: torch.Tensor, mean, scale, shift, route: str) -> torch.Tensor:
         layout = kernel_layout(x)
         xa = kernel_view(numpy_view(x), layout)
         y, ya = empty_output(x, layout)
-        with torch_threads():
-            kernel("normalize", layout, xa.dtype)(xa, array(mean), array(scale), array(shift), ya)
+        run_parallel(
+            kernel("normalize", layout, xa.dtype), xa, array(mean), array(scale), array(shift), ya
+        )
         return y
     acc = accumulate_dtype(x)
     shape = broadcast_shape(x)
@@ -190,8 +190,9 @@ def backward_sums(dy: torch.Tensor, x: torch.Tensor, mean, route: str):
         sum_dy_xmu = np.zeros(channels)
         xa = kernel_view(numpy_view(x), layout)
         dya = kernel_view(numpy_view(match_layout(dy, x)), layout)
-        with torch_threads():
-            kernel("backward_reduce", layout, xa.dtype)(dya, xa, array(mean), sum_dy, sum_dy_xmu)
+        run_parallel(
+            kernel("backward_reduce", layout, xa.dtype), dya, xa, array(mean), sum_dy, sum_dy_xmu
+        )
         return sum_dy, sum_dy_xmu
     acc = accumulate_dtype(x)
     mean_t = _as_tensor(mean, x, acc).reshape(broadcast_shape(x))
@@ -223,10 +224,16 @@ def backward_apply(dy: torch.Tensor, x: torch.Tensor, mean, k_dy, k_xmu, k_const
         xa = kernel_view(numpy_view(x), layout)
         dya = kernel_view(numpy_view(match_layout(dy, x)), layout)
         dx, dxa = empty_output(x, layout)
-        with torch_threads():
-            kernel("backward_apply", layout, xa.dtype)(
-                dya, xa, array(mean), k_dy, k_xmu, k_const, dxa
-            )
+        run_parallel(
+            kernel("backward_apply", layout, xa.dtype),
+            dya,
+            xa,
+            array(mean),
+            k_dy,
+            k_xmu,
+            k_const,
+            dxa,
+        )
         return dx
     acc = accumulate_dtype(x)
     shape = broadcast_shape(x)
@@ -278,8 +285,7 @@ def train_forward(x, weight, bias, running_mean, running_var, factor: float, eps
     if route == "serial":
         updated = kernel("train_serial", layout, xa.dtype)(*args)
     else:
-        with torch_threads():
-            updated = kernel("train_parallel", layout, xa.dtype)(*args)
+        updated = run_parallel(kernel("train_parallel", layout, xa.dtype), *args)
     if updated and running_mean is not None:
         torch.autograd.graph.increment_version(running_mean)
         torch.autograd.graph.increment_version(running_var)
@@ -351,8 +357,7 @@ def backward(dy, x, weight, mean, var, eps: float, training: bool, route):
     if route == "serial":
         kernel("backward_serial", layout, xa.dtype)(*args)
     else:
-        with torch_threads():
-            kernel("backward_parallel", layout, xa.dtype)(*args)
+        run_parallel(kernel("backward_parallel", layout, xa.dtype), *args)
     return dx, torch.from_numpy(dweight), torch.from_numpy(dbias)
 
 
