@@ -12,7 +12,17 @@ import pytest
 import torch
 
 import batchnorm
-from conftest import TOL, labelled, make_input, randomize_bn_state, snapshot_state
+from batchnorm import NonFiniteStatisticsError, NonFiniteStatisticsWarning, reference
+from conftest import (
+    TOL,
+    assert_state_unchanged,
+    from_np,
+    labelled,
+    make_input,
+    randomize_bn_state,
+    snapshot_state,
+    to_np64,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -50,18 +60,25 @@ def _assert_same_step(got, want, dtype):
 
 
 @pytest.mark.parametrize(
-    ("training", "momentum", "dtype"),
+    ("training", "momentum", "dtype", "affine"),
     [
-        (True, 0.1, torch.float32),
-        # float64 so that a cumulative-average factor rounded to float32 would show.
-        (True, None, torch.float64),
-        (False, 0.1, torch.float32),
+        (True, 0.1, torch.float32, True),
+        # float64 so that a cumulative-average factor rounded to float32 would show, and the
+        # compiled backward's formula is checked to float64 precision.
+        (True, None, torch.float64, True),
+        (True, 1.0, torch.float64, False),
+        (False, 0.1, torch.float32, True),
     ],
-    ids=["train-momentum0.1-float32", "train-momentumNone-float64", "eval-float32"],
+    ids=[
+        "train-momentum0.1-float32",
+        "train-momentumNone-float64",
+        "train-momentum1-float64-no-affine",
+        "eval-float32",
+    ],
 )
-def test_compile_fullgraph_matches_eager(training, momentum, dtype):
+def test_compile_fullgraph_matches_eager(training, momentum, dtype, affine):
     gen = torch.Generator().manual_seed(3)
-    eager = _model(dtype, gen, momentum=momentum).train(training)
+    eager = _model(dtype, gen, momentum=momentum, affine=affine).train(training)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True)
     for _ in range(3):
@@ -84,3 +101,95 @@ def test_export_eval_model_runs_and_matches_eager():
     x_new = make_input((2, 3, 7, 6), torch.float32, "contiguous", gen)
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x_new), model(x_new), **TOL[torch.float32])
+
+
+# --------------------------------------------------------------------------- what the compiler sees
+
+
+def _dynamo_targets(model, x) -> list[str]:
+    """The call targets of the graph dynamo hands to the compiler (no compilation)."""
+    targets: list[str] = []
+
+    def record(gm, example_inputs):
+        # The graph and its subgraphs (an autograd.Function's forward and backward, the
+        # branches of a cond), by the name each is held under.
+        for name, module in gm.named_modules():
+            if isinstance(module, torch.fx.GraphModule):
+                targets.extend(
+                    f"{name}:{n.target}" for n in module.graph.nodes if n.op == "call_function"
+                )
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=record, fullgraph=True)(x)
+    return targets
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compiled_graph_is_torch_ops_the_compiler_can_fuse(training):
+    """An opaque kernel call would stop the compiler's fusion at every BatchNorm (a compiled
+    MLP step ran at 0.84x compiled torch.nn's): under torch.compile the normalization is torch
+    ops; only a batch left out reaches an opaque op (the report, inside a ``cond``)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), batchnorm.BatchNorm1d(6)).train(training)
+    targets = _dynamo_targets(model, torch.randn(8, 4))
+    opaque = [t for t in targets if ":batchnorm." in t]
+    # The report, in the branch for a batch left out (dynamo names the branches of a cond
+    # cond_true_* / cond_false_*; ok is the predicate, so the report is the false branch).
+    assert all(t.startswith("cond_false") and "batch_verdict" in t for t in opaque), opaque
+    assert bool(opaque) == training
+    assert any("var_mean" in t for t in targets) == training, targets
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_compiled_statistics_stay_accurate_for_a_large_mean(layout):
+    """Mean 1e4, spread 1e-2 in float32: a plain float32 sum would put an error of ~1e-3 in the
+    mean and of ~1% in the variance; the compiled path centres each channel on its first value."""
+    gen = torch.Generator().manual_seed(5)
+    layer = batchnorm.BatchNorm2d(3, momentum=1.0)
+    x = make_input((16, 3, 6, 6), torch.float32, layout, gen, scale=1e-2, offset=1e4)
+    y = torch.compile(layer, fullgraph=True)(x)
+    ry, mean, var = reference.batch_norm_train(to_np64(x), eps=layer.eps)
+    m = x.numel() // 3
+    torch.testing.assert_close(y.double(), from_np(ry), **TOL[torch.float32])
+    torch.testing.assert_close(layer.running_mean.double(), from_np(mean), rtol=1e-7, atol=0)
+    torch.testing.assert_close(
+        layer.running_var.double(), from_np(var * m / (m - 1)), rtol=1e-4, atol=0
+    )
+    assert y.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_compiled_nonfinite_batch_changes_no_state_and_is_reported(nonfinite):
+    gen = torch.Generator().manual_seed(6)
+    layer = batchnorm.BatchNorm1d(3, nonfinite=nonfinite, momentum=None)
+    compiled = torch.compile(layer, fullgraph=True)
+    compiled(torch.randn(8, 3, generator=gen))
+    before = snapshot_state(layer)
+    x = torch.randn(8, 3, generator=gen)
+    x[2, 1] = float("nan")
+    if nonfinite == "raise":
+        with pytest.raises(NonFiniteStatisticsError, match=r"channels 1"):
+            compiled(x)
+    else:
+        with pytest.warns(NonFiniteStatisticsWarning, match="left out"):
+            compiled(x)
+    assert_state_unchanged(layer, before)
+    # The next finite batch is the second counted: its weight in the average is 1/2.
+    x = torch.randn(8, 3, generator=gen)
+    compiled(x)
+    assert int(layer.num_batches_tracked) == 2
+    want = (before["running_mean"].double() + x.double().mean(0)) / 2
+    torch.testing.assert_close(layer.running_mean.double(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_compiled_functional_without_counter_still_reports():
+    running_mean, running_var = torch.zeros(2), torch.ones(2)
+
+    def step(x):
+        return batchnorm.batch_norm(x, running_mean, running_var, training=True, momentum=0.5)
+
+    x = torch.randn(6, 2)
+    x[0, 0] = float("inf")
+    with pytest.warns(NonFiniteStatisticsWarning):
+        torch.compile(step, fullgraph=True)(x)
+    assert torch.equal(running_mean, torch.zeros(2)) and torch.equal(running_var, torch.ones(2))

@@ -235,7 +235,7 @@ def test_batch_norm_rejects_unknown_policy_before_any_change(gen):
 
 @pytest.mark.parametrize("nonfinite", ["skip", "raise"])
 def test_update_running_stats_op_guards_compiled_graphs(nonfinite):
-    """The op a compiled graph calls for the running update has the same guard (there is no
+    """The op an exported graph calls for the running update has the same guard (there is no
     module to count the batch, so only the warning or the error)."""
     running_mean, running_var, nbt = torch.zeros(2), torch.ones(2), torch.tensor(4)
     mean = torch.tensor([0.5, float("nan")], dtype=torch.float64)

@@ -1,10 +1,21 @@
-"""The op under ``torch.compile`` and ``torch.export``: custom ops with fake implementations.
+"""The layer inside graphs: torch ops the compiler fuses, or custom ops for ``torch.export``.
 
-Graphs hold the kernels as opaque nodes ``torch.ops.batchnorm.*``, each with a fake (meta)
-implementation for tracing and, for the forwards, an autograd formula in ``setup_context``
-form. Eager mode does not use them: an eager call to a custom op with autograd costs ~80 us,
-more than torch's whole BatchNorm1d on a small batch. The ops run the same stages as the eager
-path (:mod:`._stages`, :mod:`._running`), so compiled and eager results agree.
+* **torch.compile**: the normalization is written in torch ops (:func:`traced_train`,
+  :func:`traced_eval`), which the compiler fuses with the convolutions, activations and
+  additions around it, forward and backward, as it fuses torch.nn's own layer. An opaque call
+  into the Numba kernels would stop that fusion at every BatchNorm: measured on this project's
+  machine, a compiled training step of a 4 x (Linear 512 + BatchNorm1d + ReLU) MLP then ran at
+  0.84x the compiled torch.nn model's, ResNet-18 at 0.93x. The eager guarantees are kept: the
+  statistics are taken about each channel's own first value, so a mean large next to the spread
+  cannot cancel the variance, and the running update is the eager path's own (the
+  ``update_running_stats`` op), which leaves the buffers and the counter untouched on a batch
+  whose statistics are not finite.
+* **torch.export**: graphs hold the kernels as opaque nodes ``torch.ops.batchnorm.*``, each
+  with a fake (meta) implementation for tracing and, for the forwards, an autograd formula in
+  ``setup_context`` form, so that an exported program computes exactly what eager mode does.
+
+Eager mode uses none of this: an eager call to a custom op with autograd costs ~80 us, more
+than torch's whole BatchNorm1d on a small batch.
 """
 
 from __future__ import annotations
@@ -13,10 +24,10 @@ import torch
 
 from . import _running, _stages
 from ._autograd import select_grads
-from ._validate import caller_name
+from ._validate import caller_name, report_nonfinite
 from .routing import choose
 
-__all__ = ["compiled_batch_norm"]
+__all__ = ["compiled_batch_norm", "traced_eval", "traced_train", "traced_update"]
 
 
 def _kernel_route(x: torch.Tensor, op: str) -> str:
@@ -141,6 +152,172 @@ _train_op.register_autograd(_train_backward, setup_context=_train_setup_context)
 _eval_op.register_autograd(_eval_backward, setup_context=_eval_setup_context)
 
 
+def _broadcast(t: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """A ``(C,)`` tensor shaped to broadcast over ``input``'s channel axis."""
+    return t.reshape(input.shape[1], *([1] * (input.dim() - 2)))
+
+
+def _centred_moments(input, dims):
+    """The channels' pivots (first values, 0 where not finite), ``input - pivot``, and the
+    biased variance and mean of that difference."""
+    first = input.detach()[0].reshape(input.shape[1], -1)[:, 0]
+    pivot = torch.where(torch.isfinite(first), first, torch.zeros_like(first))
+    centred = input - _broadcast(pivot, input)
+    var, mean_centred = torch.var_mean(centred, dim=dims, correction=0)
+    return pivot, centred, var, mean_centred
+
+
+class _TracedTrain(torch.autograd.Function):
+    """:func:`traced_train` with its backward in closed form (two channel sums and one
+    elementwise pass), which the compiler fuses as it fuses torch.nn's; differentiating the
+    forward's ops one by one instead gave a longer backward graph."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, eps):
+        dims = [0, *range(2, input.dim())]
+        pivot, centred, var, mean_centred = _centred_moments(input, dims)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight
+        y = (centred - _broadcast(mean_centred, input)) * _broadcast(scale, input)
+        if bias is not None:
+            y = y + _broadcast(bias, input)
+        mean = mean_centred.double() + pivot.double()
+        var64 = var.double()
+        ctx.save_for_backward(input, weight, pivot, mean_centred, invstd)
+        ctx.mark_non_differentiable(mean, var64)
+        return y, mean, var64
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        input, weight, pivot, mean_centred, invstd = ctx.saved_tensors
+        dims = [0, *range(2, input.dim())]
+        count = input.numel() // input.shape[1]
+        x_hat = ((input - _broadcast(pivot, input)) - _broadcast(mean_centred, input)) * (
+            _broadcast(invstd, input)
+        )
+        sum_dy = dy.sum(dim=dims)
+        sum_dy_xhat = (dy * x_hat).sum(dim=dims)
+        scale = invstd if weight is None else invstd * weight
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = _broadcast(scale, input) * (
+                dy
+                - _broadcast(sum_dy / count, input)
+                - x_hat * _broadcast(sum_dy_xhat / count, input)
+            )
+        dweight = sum_dy_xhat if ctx.needs_input_grad[1] else None
+        dbias = sum_dy if ctx.needs_input_grad[2] else None
+        return dx, dweight, dbias, None
+
+
+def traced_train(input, weight, bias, eps: float):
+    r"""The training forward in torch ops, for a graph compiler to fuse and differentiate.
+
+    With :math:`p_c` the channel's first value (0 if it is not finite) and
+    :math:`d = x - p_c`:
+
+    .. math::
+        \mu_d, \sigma^2 = \mathrm{mean}(d), \mathrm{var}(d) \text{ (biased)}, \quad
+        \hat{x} = (d - \mu_d) / \sqrt{\sigma^2 + \epsilon}, \quad
+        y = \gamma\hat{x} + \beta, \quad \mu = \mu_d + p_c
+
+        dx = \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}\Big(\delta - \tfrac{1}{m}\textstyle\sum
+        \delta - \hat{x}\,\tfrac{1}{m}\sum\delta\hat{x}\Big), \quad
+        d\gamma = \textstyle\sum\delta\hat{x}, \quad d\beta = \sum\delta
+
+    The variance of :math:`d` is that of :math:`x`, but :math:`d` is of the size of the spread
+    rather than of the mean, so a mean of 1e4 over a spread of 1e-2 in float32 keeps its
+    variance; and :math:`x - p_c` is exact when the two are within a factor of two
+    (Sterbenz). The pivot is a constant: :math:`y` does not depend on it.
+
+    Returns:
+        ``(y, mean, var)``: the output, and the batch's mean and biased variance as float64
+        ``(C,)`` tensors outside the graph of ``y`` (what the running update takes).
+    """
+    return _TracedTrain.apply(input, weight, bias, eps)
+
+
+def traced_eval(input, running_mean, running_var, weight, bias, eps: float) -> torch.Tensor:
+    r"""The evaluation forward in torch ops: :math:`y = (x - \mu)\,\gamma / \sqrt{\sigma^2 +
+    \epsilon} + \beta` with the given statistics, centred before scaling (as the kernels do) so
+    that a large mean costs no accuracy. The scale is formed in float64, then rounded once."""
+    scale = torch.rsqrt(running_var.double() + eps)
+    if weight is not None:
+        scale = scale * weight.double()
+    y = (input - _broadcast(running_mean, input)) * _broadcast(scale.to(input.dtype), input)
+    if bias is not None:
+        y = y + _broadcast(bias, input)
+    return y
+
+
+@torch.library.custom_op("batchnorm::batch_verdict", mutates_args=())
+def _verdict_op(
+    ok: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, nonfinite: str, where: str
+) -> torch.Tensor:
+    """Report a batch left out (warn, or raise by ``nonfinite``); return the verdict ``ok``.
+
+    The one step of the traced update that is not a torch op: warnings and exceptions are
+    effects a graph cannot hold. The update reads the verdict from this op's output, so the op
+    stays in the graph and runs before anything is written.
+    """
+    if not bool(ok):
+        report_nonfinite(nonfinite, where, mean.numpy(), var.numpy())
+    return ok.clone()
+
+
+@_verdict_op.register_fake
+def _(ok, mean, var, nonfinite, where):
+    return torch.empty_like(ok)
+
+
+def traced_update(
+    running_mean, running_var, num_batches_tracked, mean, var, count, momentum, nonfinite, where
+) -> None:
+    r"""The running update of :mod:`._running` in torch ops, for a graph compiler to fuse.
+
+    The arithmetic of :func:`batchnorm.kernels.update_running` (float64, rounded once to the
+    buffers' dtype; a batch of weight 1 replaces the old values) and its guard: a batch whose
+    mean or unbiased variance is not finite, or too large for the buffers' dtype, writes
+    nothing, is not counted, and is reported by ``nonfinite`` (:func:`_verdict_op`). Measured
+    against the ``update_running_stats`` custom op it replaces under torch.compile (the op
+    mutates its arguments, so the compiled graph clones and copies them back around a Python
+    call): ~250 us a layer and step less.
+    """
+    limit = torch.finfo(running_mean.dtype).max
+    unbiased = var * (count / (count - 1.0))
+    ok = ((mean.abs() <= limit) & (unbiased <= limit)).all()  # NaN fails both comparisons
+
+    def report(ok, mean, unbiased):
+        return torch.ops.batchnorm.batch_verdict(ok, mean, unbiased, nonfinite, where)
+
+    def quiet(ok, mean, unbiased):
+        return ok.clone()
+
+    # The report (an opaque call, ~40 us inside a training step) only for a batch left out.
+    reported = torch.cond(ok, quiet, report, (ok, mean, unbiased))
+    if num_batches_tracked is None:
+        ok = reported  # nothing else would keep the report in the graph
+    old_mean, old_var = running_mean.double(), running_var.double()
+    if momentum is None and num_batches_tracked is not None:
+        factor = 1.0 / (num_batches_tracked.double() + 1.0)
+        keep = 1.0 - factor
+        new_mean = torch.where(keep == 0.0, factor * mean, keep * old_mean + factor * mean)
+        new_var = torch.where(keep == 0.0, factor * unbiased, keep * old_var + factor * unbiased)
+    else:
+        factor = float(momentum)
+        keep = 1.0 - factor
+        if keep == 0.0:
+            new_mean, new_var = factor * mean, factor * unbiased
+        else:
+            new_mean = keep * old_mean + factor * mean
+            new_var = keep * old_var + factor * unbiased
+    with torch.no_grad():
+        running_mean.copy_(torch.where(ok, new_mean, old_mean))
+        running_var.copy_(torch.where(ok, new_var, old_var))
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(reported.to(num_batches_tracked.dtype))
+
+
 def compiled_batch_norm(
     input,
     running_mean,
@@ -154,14 +331,25 @@ def compiled_batch_norm(
     nonfinite: str,
     where,
 ) -> torch.Tensor:
-    """A checked batch-norm call on the kernels while torch.compile traces: graph nodes only."""
+    """A checked batch-norm call while torch.compile or torch.export traces: graph nodes only.
+
+    torch ops for the compiler to fuse (:func:`traced_train`, :func:`traced_eval`,
+    :func:`traced_update`); the kernels' custom ops under export.
+    """
+    exporting = torch.compiler.is_exporting()
     if not training:
-        return torch.ops.batchnorm.batch_norm_eval(
-            input, running_mean, running_var, weight, bias, eps
-        )
-    y, mean, var = torch.ops.batchnorm.batch_norm_train(input, weight, bias, eps)
+        if exporting:
+            return torch.ops.batchnorm.batch_norm_eval(
+                input, running_mean, running_var, weight, bias, eps
+            )
+        return traced_eval(input, running_mean, running_var, weight, bias, eps)
+    if exporting:
+        y, mean, var = torch.ops.batchnorm.batch_norm_train(input, weight, bias, eps)
+    else:
+        y, mean, var = traced_train(input, weight, bias, eps)
     if running_mean is not None:
-        torch.ops.batchnorm.update_running_stats(
+        update = torch.ops.batchnorm.update_running_stats if exporting else traced_update
+        update(
             running_mean,
             running_var,
             num_batches_tracked,
