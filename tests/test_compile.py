@@ -7,12 +7,15 @@ Each compilation costs ~20-60 s on a 2-core machine, so there are few of them; t
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import batchnorm
 from batchnorm import NonFiniteStatisticsError, NonFiniteStatisticsWarning, reference
+from batchnorm.routing import use_routing
 from conftest import (
     TOL,
     assert_state_unchanged,
@@ -193,3 +196,55 @@ def test_compiled_functional_without_counter_still_reports():
     with pytest.warns(NonFiniteStatisticsWarning):
         torch.compile(step, fullgraph=True)(x)
     assert torch.equal(running_mean, torch.zeros(2)) and torch.equal(running_var, torch.ones(2))
+
+
+def test_kernels_flag_is_marked_as_torch_marks_a_constant_result():
+    """routing.kernels_enabled carries the mark torch.compiler.assume_constant_result would set
+    (set directly, so that importing the package does not import torch._dynamo): if a torch
+    release changes what the decorator does, this fails."""
+    from batchnorm.routing import kernels_enabled
+
+    def probe():
+        return True
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert marked is probe and vars(probe)
+    assert {k: getattr(kernels_enabled, k, None) for k in vars(probe)} == vars(probe)
+
+
+def test_importing_and_running_a_layer_does_not_import_dynamo():
+    code = (
+        "import sys, torch, batchnorm\n"
+        "batchnorm.BatchNorm2d(3)(torch.randn(4, 3, 2, 2)).sum().backward()\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compile_with_kernels_off_is_the_same_fused_graph(training):
+    """use_routing(kernels=False) names torch's op for eager calls; in a compiled graph, where
+    no kernel runs, the layer is the same torch ops (before, reading the policy broke
+    fullgraph compilation)."""
+    gen = torch.Generator().manual_seed(8)
+    eager = _model(torch.float32, gen).train(training)
+    compiled_model = copy.deepcopy(eager)
+    with use_routing(kernels=False):
+        compiled = torch.compile(compiled_model, fullgraph=True)
+        x = make_input((5, 3, 7, 6), torch.float32, "contiguous", gen, scale=2.0, offset=1.0)
+        grad = torch.randn(5, 4, 5, 4, generator=gen)
+        got = _step(compiled_model, x, grad, forward=compiled)
+    _assert_same_step(got, _step(eager, x, grad), torch.float32)
+
+
+def test_export_with_kernels_off_holds_no_kernel_ops():
+    gen = torch.Generator().manual_seed(9)
+    model = _model(torch.float32, gen).eval()
+    x = make_input((2, 3, 7, 6), torch.float32, "contiguous", gen)
+    with use_routing(kernels=False):
+        exported = torch.export.export(model, (x,))
+    targets = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    assert not any(t.startswith("batchnorm.") for t in targets), targets
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x), **TOL[torch.float32])

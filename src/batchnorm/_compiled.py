@@ -330,25 +330,27 @@ def compiled_batch_norm(
     num_batches_tracked,
     nonfinite: str,
     where,
+    *,
+    kernels: bool,
 ) -> torch.Tensor:
     """A checked batch-norm call while torch.compile or torch.export traces: graph nodes only.
 
-    torch ops for the compiler to fuse (:func:`traced_train`, :func:`traced_eval`,
-    :func:`traced_update`); the kernels' custom ops under export.
+    With ``kernels`` (torch.export, kernels enabled) the kernels' custom ops, which an exported
+    program runs as eager mode does; otherwise torch ops for the compiler to fuse
+    (:func:`traced_train`, :func:`traced_eval`, :func:`traced_update`).
     """
-    exporting = torch.compiler.is_exporting()
     if not training:
-        if exporting:
+        if kernels:
             return torch.ops.batchnorm.batch_norm_eval(
                 input, running_mean, running_var, weight, bias, eps
             )
         return traced_eval(input, running_mean, running_var, weight, bias, eps)
-    if exporting:
+    if kernels:
         y, mean, var = torch.ops.batchnorm.batch_norm_train(input, weight, bias, eps)
     else:
         y, mean, var = traced_train(input, weight, bias, eps)
     if running_mean is not None:
-        update = torch.ops.batchnorm.update_running_stats if exporting else traced_update
+        update = torch.ops.batchnorm.update_running_stats if kernels else traced_update
         update(
             running_mean,
             running_var,

@@ -50,21 +50,24 @@ def run(input, running_mean, running_var, weight, bias, training, momentum, eps,
     stats_require_grad = running_mean is not None and (
         running_mean.requires_grad or running_var.requires_grad
     )
-    if torch.compiler.is_compiling():
-        if kernels_enabled() and kernels_take(input) and not stats_require_grad:
-            return compiled_batch_norm(
-                input,
-                running_mean,
-                running_var,
-                weight,
-                bias,
-                training,
-                momentum,
-                eps,
-                counter,
-                guard.nonfinite,
-                guard.where if guard.layer is None else layer_name(guard.layer),
-            )
+    if torch.compiler.is_compiling() and kernels_take(input) and not stats_require_grad:
+        # torch ops for torch.compile; the kernels' custom ops for torch.export, unless the
+        # policy turned the kernels off (read only then: torch.compile needs no policy).
+        exporting = torch.compiler.is_exporting()
+        return compiled_batch_norm(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            counter,
+            guard.nonfinite,
+            guard.where if guard.layer is None else layer_name(guard.layer),
+            kernels=exporting and kernels_enabled(),
+        )
     route = choose(
         input, "train" if training else "eval", statistics_require_grad=stats_require_grad
     )

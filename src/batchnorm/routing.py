@@ -185,12 +185,17 @@ _POLICY: contextvars.ContextVar[RoutingPolicy] = contextvars.ContextVar(
 )
 
 
-# torch.compile cannot trace ContextVar.get; it calls this once while tracing and bakes the answer
-# into the graph (a compiled graph keeps the routing it was traced with).
-@torch.compiler.assume_constant_result
 def kernels_enabled() -> bool:
     """Whether the policy in force uses the kernels at all (``RoutingPolicy.kernels``)."""
     return _POLICY.get().kernels
+
+
+# A strict torch.export (Dynamo) cannot trace ContextVar.get: marked as having a constant result,
+# the call is made once while tracing and its answer baked into the graph. The mark is what
+# torch.compiler.assume_constant_result sets, set here directly because that function imports
+# torch._dynamo, which added ~1 s to importing this package (tests/test_compile.py checks that
+# the decorator still sets exactly this).
+kernels_enabled._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def routing_policy() -> RoutingPolicy:
