@@ -196,6 +196,11 @@ def bench_workload(workload: Workload, args: argparse.Namespace) -> dict:
         return record
     modes = ["eager"] + (["compiled"] if args.compile else [])
     for mode in modes:
+        if mode == "compiled":
+            # Every workload's models share code objects (nn.Sequential.forward), and Dynamo
+            # keeps at most 8 compiled versions of one: without a reset, the third workload's
+            # last model silently ran uncompiled.
+            torch._dynamo.reset()
         runners = {
             name: make_step(copy.deepcopy(model), x, target, mode == "compiled")
             for name, model in models.items()
