@@ -248,3 +248,22 @@ def test_export_with_kernels_off_holds_no_kernel_ops():
     assert not any(t.startswith("batchnorm.") for t in targets), targets
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), model(x), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=str)
+def test_compiled_nonfinite_first_value_gives_eager_outputs_and_skips(bad):
+    """The compiled path centres each channel on its first value, even a non-finite one (the
+    kernels use 0 there): the outputs and the untouched state must still be eager's."""
+    gen = torch.Generator().manual_seed(10)
+    eager = batchnorm.BatchNorm1d(3)
+    compiled_layer = copy.deepcopy(eager)
+    x = torch.randn(8, 3, generator=gen)
+    x[0, 1] = bad
+    before = snapshot_state(eager)
+    with pytest.warns(NonFiniteStatisticsWarning):
+        want = eager(x.clone().requires_grad_(True))
+    with pytest.warns(NonFiniteStatisticsWarning):
+        got = torch.compile(compiled_layer, fullgraph=True)(x.clone().requires_grad_(True))
+    torch.testing.assert_close(got, want, equal_nan=True)
+    assert_state_unchanged(compiled_layer, before)
+    assert_state_unchanged(eager, before)

@@ -158,10 +158,16 @@ def _broadcast(t: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
 
 
 def _centred_moments(input, dims):
-    """The channels' pivots (first values, 0 where not finite), ``input - pivot``, and the
-    biased variance and mean of that difference."""
-    first = input.detach()[0].reshape(input.shape[1], -1)[:, 0]
-    pivot = torch.where(torch.isfinite(first), first, torch.zeros_like(first))
+    """The channels' pivots (their first values), ``input - pivot``, and the biased variance
+    and mean of that difference.
+
+    A pivot that is not finite is used as it is (the kernels use 0 there): the channel then
+    holds that value, so its statistics are not finite either way and the batch is left out,
+    and its output is NaN either way. Replacing it (``where(isfinite(p), p, 0)``) cost more
+    than the rest of the layer: the compiler recomputed the choice for every element, and a
+    4-layer MLP's compiled forward took 57 ms per 100 steps instead of 37 (torch.nn: 33).
+    """
+    pivot = input.detach()[0].reshape(input.shape[1], -1)[:, 0]
     centred = input - _broadcast(pivot, input)
     var, mean_centred = torch.var_mean(centred, dim=dims, correction=0)
     return pivot, centred, var, mean_centred
@@ -213,8 +219,7 @@ class _TracedTrain(torch.autograd.Function):
 def traced_train(input, weight, bias, eps: float):
     r"""The training forward in torch ops, for a graph compiler to fuse and differentiate.
 
-    With :math:`p_c` the channel's first value (0 if it is not finite) and
-    :math:`d = x - p_c`:
+    With :math:`p_c` the channel's first value and :math:`d = x - p_c`:
 
     .. math::
         \mu_d, \sigma^2 = \mathrm{mean}(d), \mathrm{var}(d) \text{ (biased)}, \quad
