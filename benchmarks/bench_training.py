@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -288,10 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = _dt.datetime.now()
     threads = _harness.pin_threads(args.threads)
-    load = list(os.getloadavg())
+    load = _harness.loadavg()
+    shown = "n/a" if load is None else " ".join(f"{v:.2f}" for v in load)
     print(
         f"threads: torch={threads['torch']} numba={threads['numba']}   "
-        f"load average at start: {' '.join(f'{v:.2f}' for v in load)}"
+        f"load average at start: {shown}"
     )
     records = []
     for name in args.workloads:
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": _harness.machine_info(),
         "loadavg_start": load,
-        "loadavg_end": list(os.getloadavg()),
+        "loadavg_end": _harness.loadavg(),
         "workloads": records,
     }
     path = args.json or RESULTS_DIR / f"training-{started.strftime('%Y%m%d-%H%M%S')}.json"

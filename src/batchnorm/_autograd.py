@@ -31,6 +31,7 @@ __all__ = [
     "composite_grads",
     "records_graph",
     "select_grads",
+    "training_grads",
 ]
 
 
@@ -86,6 +87,33 @@ def select_grads(ctx, dx, dw, db, offset=1):
     )
 
 
+def training_grads(dy, x_hat, invstd, weight):
+    r"""The backward of a training forward in torch ops, from the normalized input.
+
+    .. math::
+        dx = \frac{\gamma\,\sigma^{-1}}{m}\Big(m\,\delta - \textstyle\sum\delta
+        - \hat{x}\sum\delta\hat{x}\Big), \quad d\gamma = \textstyle\sum\delta\hat{x},
+        \quad d\beta = \sum\delta
+
+    Args:
+        dy: The output's gradient :math:`\delta`.
+        x_hat: :math:`\hat{x}`, the input normalized with the batch's statistics.
+        invstd: :math:`\sigma^{-1}`, shaped to broadcast over the channel axis.
+        weight: :math:`\gamma` (``(C,)``) or None.
+
+    Returns:
+        ``(dx, dweight, dbias)``.
+    """
+    shape = _stages.broadcast_shape(dy)
+    axes = _stages.reduce_dims(dy)
+    m = dy.numel() // dy.shape[1]
+    sum_dy = dy.sum(dim=axes)
+    sum_dy_xhat = (dy * x_hat).sum(dim=axes)
+    scale = invstd if weight is None else invstd * weight.reshape(shape)
+    dx = scale / m * (m * dy - sum_dy.reshape(shape) - x_hat * sum_dy_xhat.reshape(shape))
+    return dx, sum_dy_xhat, sum_dy
+
+
 def composite_grads(dy, x, weight, mean, var, eps, training):
     """The backward formulas in torch ops, so that autograd can differentiate them again.
 
@@ -98,21 +126,17 @@ def composite_grads(dy, x, weight, mean, var, eps, training):
     shape = _stages.broadcast_shape(x)
     axes = _stages.reduce_dims(x)
     if training:
-        m = x.numel() // x.shape[1]
         batch_mean = x.mean(dim=axes, keepdim=True)
         xmu = x - batch_mean
         invstd = torch.rsqrt((xmu * xmu).mean(dim=axes, keepdim=True) + eps)
-    else:
-        xmu = x - mean.reshape(shape)
-        invstd = torch.rsqrt(var.reshape(shape) + eps)
+        return training_grads(dy, xmu * invstd, invstd, weight)
+    xmu = x - mean.reshape(shape)
+    invstd = torch.rsqrt(var.reshape(shape) + eps)
     x_hat = xmu * invstd
     sum_dy = dy.sum(dim=axes)
     sum_dy_xhat = (dy * x_hat).sum(dim=axes)
     scale = invstd if weight is None else invstd * weight.reshape(shape)
-    if training:
-        dx = scale / m * (m * dy - sum_dy.reshape(shape) - x_hat * sum_dy_xhat.reshape(shape))
-    else:
-        dx = scale * dy
+    dx = scale * dy
     return dx, sum_dy_xhat, sum_dy
 
 
