@@ -11,6 +11,8 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh || exit 1
+# The report's browser test opens headless Chromium; it fails rather than skips without it.
+bash scripts/setup_browser.sh || exit 1
 VENV_PY=.venv/bin/python
 failed=()
 

@@ -7,6 +7,7 @@ session); one runs ``python -m batchnorm info`` in a subprocess to check the ent
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from batchnorm import _demo, cli
+from batchnorm.lab.experiments import figure1
 from batchnorm.lab.registry import EXPERIMENTS
 
 TINY = ["--epochs", "1", "--batch-size", "128"]
@@ -183,7 +185,7 @@ def test_lab_list_names_experiments_presets_and_datasets(capsys):
     assert cli.main(["lab", "list"]) == 0
     out = capsys.readouterr().out
     assert "figure1" in out and "claim:" in out
-    for preset in ("tiny", "quick (default)", "paper"):
+    for preset in ("tiny", "quick (default)", "full", "paper"):
         assert f"preset {preset}" in out
     for dataset in ("mnist1d", "digits", "mnist"):
         assert f"\n  {dataset}  " in out
@@ -193,7 +195,13 @@ def test_lab_run_then_plot(tmp_path, capsys):
     argv = ["lab", "run", "figure1", "--preset", "tiny", "--seeds", "1", "--out", str(tmp_path)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "final test accuracy" in out and out.count("HELD: ") == 2
+    assert "final test accuracy" in out
+    verdicts = [
+        line
+        for line in out.splitlines()
+        if line.startswith(("HELD:", "NOT HELD:", "INCONCLUSIVE:"))
+    ]
+    assert len(verdicts) == len(figure1.RULES)
     (run_dir,) = (tmp_path / "figure1").iterdir()
     assert f"wrote {run_dir}/" in out
     assert cli.main(["lab", "plot", str(run_dir)]) == 0
@@ -240,13 +248,58 @@ def test_lab_run_preset_error_lists_valid_presets(capsys):
 
 
 def test_lab_run_rejects_a_preset_of_another_experiment(capsys):
-    assert "long" not in EXPERIMENTS["figure1"].presets
+    assert "paper" not in EXPERIMENTS["population"].presets
     with pytest.raises(SystemExit) as exc:
-        cli.main(["lab", "run", "figure1", "--preset", "long"])
+        cli.main(["lab", "run", "population", "--preset", "paper"])
     assert exc.value.code == 2
-    assert "expected one of tiny, quick, paper for 'figure1', got 'long'" in (
-        capsys.readouterr().err
-    )
+    presets = ", ".join(EXPERIMENTS["population"].presets)
+    assert f"expected one of {presets} for 'population', got 'paper'" in (capsys.readouterr().err)
+
+
+def test_lab_run_all_writes_one_report_and_continues(tmp_path, capsys):
+    argv = ["lab", "run", "all", "--preset", "tiny", "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"report:  {tmp_path / 'report.html'}" in out
+    assert "| experiment | claim |" in out
+    for experiment in EXPERIMENTS.values():
+        (run_dir,) = (tmp_path / experiment.name).iterdir()
+        assert (run_dir / "summary.json").is_file()
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= len(EXPERIMENTS)
+    summary = (tmp_path / "summary.md").read_text()
+    n_rules = sum(len(e.rules) for e in EXPERIMENTS.values())
+    assert summary.count("\n| ") >= n_rules
+    # The same command again keeps the complete runs: nothing is trained twice.
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("complete run kept") == len(EXPERIMENTS)
+    for experiment in EXPERIMENTS.values():
+        assert len(list((tmp_path / experiment.name).iterdir())) == 1
+
+
+def test_lab_tune_writes_the_tuned_file_it_is_given(tmp_path, capsys):
+    path = tmp_path / "tuned.json"
+    argv = ["lab", "tune", "figure1", "--preset", "tiny", "--workers", "1"]
+    assert cli.main([*argv, "--tuned-file", str(path)]) == 0
+    record = json.loads(path.read_text())["figure1"]
+    assert set(record["arms"]) == set(figure1.PRESETS["tiny"].arms)
+    assert f"wrote {path}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "bad"),
+    [
+        (["lab", "run", "all", "--seeds", "2"], "got --seeds."),
+        (["lab", "tune", "all"], "expected one experiment, got all."),
+    ],
+    ids=["all-with-seeds", "tune-all"],
+)
+def test_lab_all_usage_errors(argv, bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert bad in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_lab_run_experiment_error_suggests_nearest(capsys):

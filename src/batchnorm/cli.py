@@ -6,7 +6,12 @@ Subcommands:
     ``batchnorm demo``    train a digits MLP with torch.nn's and with our BatchNorm1d; compare.
     ``batchnorm lab list``              the lab's experiments, presets and datasets.
     ``batchnorm lab run EXPERIMENT``    run one (``--preset``, ``--dataset``, ``--seeds``,
-                                        ``--out``, ``--resume``); writes a run directory.
+                                        ``--out``, ``--resume``, ``--workers``); writes a run
+                                        directory.
+    ``batchnorm lab run all --preset P --out DIR``   every experiment, then ``DIR/report.html``
+                                        and ``DIR/summary.md``; the same command continues.
+    ``batchnorm lab tune EXPERIMENT``   tune each arm on the validation split; writes the
+                                        tuned file the presets read.
     ``batchnorm lab plot RUN_DIR``      regenerate a run's figures from its saved results.
 
 Exit codes: 0 on success, 2 on a usage error (argparse's convention), 1 when a run fails. A
@@ -28,6 +33,8 @@ from . import __version__
 
 __all__ = ["main"]
 
+# Where `lab run` writes unless told otherwise.
+_DEFAULT_OUT = "runs"
 # Exceptions that carry a message meant for the user (house style b.4). Anything else is a bug
 # and keeps its traceback.
 _USER_ERRORS = (ValueError, TypeError, RuntimeError, NotImplementedError, ImportError, OSError)
@@ -126,6 +133,8 @@ def _experiment_name(text: str) -> str:
     """An argparse ``type`` for an experiment's name; its error lists the valid names."""
     from .lab.registry import get_experiment
 
+    if text == "all":
+        return text
     try:
         return get_experiment(text).cli_name
     except ValueError as err:
@@ -162,14 +171,17 @@ def _add_lab_parser(sub: argparse._SubParsersAction) -> None:
         "whether the paper's claim held. Interrupted runs continue with --resume.",
     )
     run.add_argument(
-        "experiment", type=_experiment_name, metavar="EXPERIMENT", help=f"one of: {names}"
+        "experiment",
+        type=_experiment_name,
+        metavar="EXPERIMENT",
+        help=f"one of: {names}; or all (every experiment, then OUT/report.html)",
     )
     run.add_argument(
         "--preset",
         choices=presets,
         default=None,
-        help="tiny: seconds, a smoke test; quick: about a minute; paper: the paper's length "
-        "(default: quick)",
+        help="tiny: seconds, for CI; quick: minutes, for a person; full: the record "
+        "(figure1's paper is its full) (default: quick)",
     )
     run.add_argument(
         "--dataset",
@@ -183,7 +195,12 @@ def _add_lab_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--seeds", type=_int_at_least(1), default=None, metavar="N", help="default: the preset's"
     )
-    run.add_argument("--out", default="runs", metavar="DIR", help="default: runs")
+    run.add_argument(
+        "--out",
+        default=_DEFAULT_OUT,
+        metavar="DIR",
+        help="default: runs (with all: runs/lab-<preset>-<timestamp>)",
+    )
     run.add_argument(
         "--resume",
         nargs="?",
@@ -194,9 +211,42 @@ def _add_lab_parser(sub: argparse._SubParsersAction) -> None:
         "that can be resumed; its name is printed) with its saved settings",
     )
     run.add_argument(
+        "--workers",
+        type=_int_at_least(1),
+        default=None,
+        metavar="N",
+        help="seeds trained at once, one process each (default: in parallel when it pays)",
+    )
+    run.add_argument(
         "--no-progress", action="store_true", help="no progress bar (it is off without a TTY)"
     )
     run.set_defaults(run=_cmd_lab_run, subparser=run)
+
+    tune = lab_sub.add_parser(
+        "tune",
+        help="tune each arm of an experiment on the validation split; writes the tuned file",
+        description="Tune each arm of an experiment on its own over a grid that is extended "
+        "until it brackets the optimum, on the validation split and a seed no preset reports; "
+        "write the chosen values to the tuned file (src/batchnorm/lab/tuned.json), which the "
+        "presets read. Commit that file with the code.",
+    )
+    tune.add_argument(
+        "experiment", type=_experiment_name, metavar="EXPERIMENT", help=f"one of: {names}"
+    )
+    tune.add_argument(
+        "--preset", choices=presets, default=None, help="default: the experiment's tuning preset"
+    )
+    tune.add_argument(
+        "--workers",
+        type=_int_at_least(1),
+        default=None,
+        metavar="N",
+        help="grid points scored at once, one process each (default: the number of CPUs)",
+    )
+    tune.add_argument(
+        "--tuned-file", default=None, metavar="PATH", help="default: the package's tuned.json"
+    )
+    tune.set_defaults(run=_cmd_lab_tune, subparser=tune)
 
     plot = lab_sub.add_parser(
         "plot",
@@ -233,6 +283,8 @@ def _cmd_lab_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from .lab.registry import get_experiment
 
     progress = False if args.no_progress else None
+    if args.experiment == "all":
+        return _lab_run_all(args, progress)
     if args.resume is not None:
         given = [
             flag
@@ -256,7 +308,7 @@ def _cmd_lab_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
                 f"expected a run of {args.experiment!r} to resume, got {str(run_dir)!r}, a run "
                 f"of {spec.experiment.cli_name!r}."
             )
-        runner.resume_run(run_dir, progress=progress)
+        runner.resume_run(run_dir, progress=progress, workers=args.workers)
         return 0
     # --preset's choices are every experiment's presets; one experiment's is a usage error.
     presets = get_experiment(args.experiment).presets
@@ -271,6 +323,64 @@ def _cmd_lab_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         overrides={"dataset": args.dataset, "data_dir": args.data_dir, "seeds": args.seeds},
         out=args.out,
         progress=progress,
+        workers=args.workers,
+    )
+    return 0
+
+
+def _lab_run_all(args: argparse.Namespace, progress: bool | None) -> int:
+    from .lab.report import claims_table_markdown
+    from .lab.suite import run_all
+
+    given = [
+        flag
+        for flag, value in (
+            ("--dataset", args.dataset),
+            ("--data-dir", args.data_dir),
+            ("--seeds", args.seeds),
+            ("--resume", args.resume),
+        )
+        if value is not None
+    ]
+    if given:
+        args.subparser.error(
+            "argument EXPERIMENT: expected only --preset, --out, --workers and --no-progress "
+            f"with all (run the same command again to continue), got {' '.join(given)}."
+        )
+    preset = args.preset or "quick"
+    out = args.out
+    if out == _DEFAULT_OUT:
+        # A directory of its own per suite run, so that one report never mixes two runs.
+        out = os.path.join(out, f"lab-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    start = time.perf_counter()
+    try:
+        suite = run_all(preset, out, workers=args.workers, progress=progress, log=print)
+    except KeyboardInterrupt:
+        print(
+            f"interrupted; continue with: batchnorm lab run all --preset {preset} --out {out}",
+            file=sys.stderr,
+        )
+        raise
+    print()
+    print(f"Claims ({preset} preset):")
+    print(claims_table_markdown(suite.claims))
+    print()
+    for name, seconds in suite.seconds.items():
+        print(f"{name}: {seconds:.0f} s ({suite.run_dirs[name]})")
+    print(f"summary: {suite.markdown}")
+    print(f"report:  {suite.html}")
+    print(f"wall time {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def _cmd_lab_tune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .lab.tuning import tune_experiment
+
+    if args.experiment == "all":
+        args.subparser.error("argument EXPERIMENT: expected one experiment, got all.")
+    workers = args.workers or (os.cpu_count() or 1)
+    tune_experiment(
+        args.experiment, preset=args.preset, workers=workers, path=args.tuned_file, log=print
     )
     return 0
 

@@ -85,7 +85,8 @@ def test_load_mnist_with_missing_directory(tmp_path):
 
 
 def test_load_dataset_rejects_unknown_name():
-    with pytest.raises(ValueError, match=r"expected name in \['mnist1d', 'digits', 'mnist'\]"):
+    names = r"\['mnist1d', 'mnist1d-large', 'digits', 'mnist'\]"
+    with pytest.raises(ValueError, match=rf"expected name in {names}"):
         load_dataset("cifar10")
 
 
@@ -121,3 +122,55 @@ def test_load_mnist1d_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "mnist1d.data", None)
     with pytest.raises(ModuleNotFoundError, match=r'pip install "batchnorm\[lab\]"'):
         data.load_dataset("mnist1d")
+
+
+def test_with_validation_holds_out_a_fixed_disjoint_split():
+    full = data.load_dataset("digits")
+    split = full.with_validation(300)
+    assert len(split.y_val) == 300 and len(split.y_train) == len(full.y_train) - 300
+    # Every training row lands in exactly one part: the parts are a partition of the rows.
+    rows = {tuple(r.tolist()) + (int(y),) for r, y in zip(full.x_train, full.y_train, strict=True)}
+    parts = [(split.x_train, split.y_train), (split.x_val, split.y_val)]
+    seen = [tuple(r.tolist()) + (int(y),) for x, ys in parts for r, y in zip(x, ys, strict=True)]
+    assert len(seen) == len(full.y_train) and set(seen) == rows
+    again = full.with_validation(300)
+    assert torch.equal(again.x_val, split.x_val)  # fixed, whatever the caller's seeds
+    assert torch.equal(split.x_test, full.x_test)
+
+
+def test_with_validation_rejects_bad_sizes_and_a_second_split():
+    full = data.load_dataset("digits")
+    n = len(full.y_train)
+    with pytest.raises(ValueError, match=rf"expected n_val in \[1, {n - 2}\]"):
+        full.with_validation(n)
+    with pytest.raises(ValueError, match="expected a dataset without a validation split"):
+        full.with_validation(10).with_validation(10)
+
+
+def test_generated_data_is_cached_and_a_damaged_cache_is_regenerated(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("BATCHNORM_CACHE", str(tmp_path))
+    calls = []
+
+    def make(args):
+        calls.append(args.num_samples)
+        rng = np.random.default_rng(0)
+        return {
+            "x": rng.normal(size=(8, 3)),
+            "y": np.arange(8),
+            "x_test": rng.normal(size=(2, 3)),
+            "y_test": np.arange(2),
+        }
+
+    args = SimpleNamespace(num_samples=10, seed=42)
+    first = data._cached(args, make)
+    second = data._cached(args, make)
+    assert calls == [10] and np.array_equal(first["x"], second["x"])
+    (path,) = tmp_path.glob("mnist1d-*.npz")
+    path.write_bytes(b"not an npz")
+    third = data._cached(args, make)
+    assert calls == [10, 10] and np.array_equal(third["x"], first["x"])
+    other = data._cached(SimpleNamespace(num_samples=11, seed=42), make)
+    assert calls == [10, 10, 11] and len(list(tmp_path.glob("mnist1d-*.npz"))) == 2
+    assert other["x"].shape == (8, 3)

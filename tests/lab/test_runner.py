@@ -57,29 +57,32 @@ def test_run_writes_every_file(tiny_run):
     assert no_temporary_files(tiny_run)
     config = json.loads((tiny_run / "config.json").read_text())
     assert config["experiment"] == "figure1" and config["preset"] == "tiny"
-    assert config["config"] == dataclasses.asdict(TINY) | {"quantiles": list(TINY.quantiles)}
+    assert config["config"] == dataclasses.asdict(TINY) | {
+        "quantiles": list(TINY.quantiles),
+        "inits": list(TINY.inits),
+    }
     assert {"torch", "numba", "numpy", "batchnorm"} <= set(config["environment"])
 
 
-def test_run_metrics_have_one_row_per_seed_network_and_measurement(tiny_run):
+def test_run_metrics_have_one_row_per_seed_arm_and_measurement(tiny_run):
     rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     measured = TINY.steps // TINY.eval_every + 1  # step 0 included
-    assert len(rows) == TINY.seeds * len(figure1.NETWORKS) * measured
+    assert len(rows) == TINY.seeds * len(TINY.arms) * measured
     first = rows[0]
-    assert {"seed", "network", "step", "test_accuracy", "p15", "p50", "p85", "saturated"} <= set(
-        first
-    )
+    assert {"seed", "arm", "step", "test_accuracy", "p15", "p50", "p85", "saturated"} <= set(first)
     assert first["train_loss"] is None and first["step"] == 0
     assert {r["step"] for r in rows} == set(range(0, TINY.steps + 1, TINY.eval_every))
 
 
 def test_run_summary_states_claims_and_report(tiny_run):
     summary = json.loads((tiny_run / "summary.json").read_text())
-    assert [type(c["held"]) for c in summary["claims"]] == [bool, bool]
+    assert [c["key"] for c in summary["claims"]] == [r.key for r in figure1.RULES]
+    assert {c["verdict"] for c in summary["claims"]} <= {"held", "not held", "inconclusive"}
     assert summary["seeds"] == [0, 1]
     report = (tiny_run / "summary.md").read_text()
     assert report.splitlines() == summary["report"]
-    assert report.count("HELD:") == 2  # "HELD:" or "DID NOT HOLD:" for each claim
+    verdicts = ("HELD:", "NOT HELD:", "INCONCLUSIVE:")
+    assert sum(line.startswith(verdicts) for line in summary["report"]) == len(figure1.RULES)
     assert "percentile range" in report
 
 
@@ -98,10 +101,12 @@ def test_plot_run_regenerates_figures_from_json_alone(tiny_run, monkeypatch):
     monkeypatch.setitem(
         registry.EXPERIMENTS, "figure1", dataclasses.replace(experiment, run_seed=no_training)
     )
-    figure = tiny_run / "figures" / "figure1.png"
-    figure.unlink()
-    assert runner.plot_run(tiny_run, verbose=False) == [figure]
-    png_size(figure)
+    figures = [tiny_run / "figures" / f"{name}.png" for name in ("figure1", "speed", "shift")]
+    for figure in figures:
+        figure.unlink()
+    assert runner.plot_run(tiny_run, verbose=False) == figures
+    for figure in figures:
+        png_size(figure)
 
 
 def interrupting(experiment, seed_to_stop: int, after_steps: int):
@@ -171,7 +176,7 @@ def test_make_config_overrides_and_errors():
     config = runner.make_config(experiment, "tiny", {"seeds": 5, "dataset": None})
     assert config.seeds == 5 and config.dataset == TINY.dataset
     assert runner.make_config(experiment).steps == figure1.PRESETS["quick"].steps
-    with pytest.raises(ValueError, match=r"unknown preset 'fast'.*tiny, quick, paper"):
+    with pytest.raises(ValueError, match=r"unknown preset 'fast'.*tiny, quick, full, paper"):
         runner.make_config(experiment, "fast")
     with pytest.raises(ValueError, match=r"unknown \['epochs'\]"):
         runner.make_config(experiment, "tiny", {"epochs": 3})
@@ -298,16 +303,16 @@ DAMAGE = {
     "checkpoint-weights-of-another-shape": (
         CHECKPOINT,
         lambda p: edit_checkpoint(
-            p, lambda s: s["models"]["bn"].__setitem__("fc1.weight", torch.zeros(3, 64))
+            p, lambda s: s["models"]["bn/paper"].__setitem__("fc1.weight", torch.zeros(3, 64))
         ),
     ),
     "checkpoint-history-cut-short": (
         CHECKPOINT,
-        lambda p: edit_checkpoint(p, lambda s: s["history"]["bn"]["test_loss"].pop()),
+        lambda p: edit_checkpoint(p, lambda s: s["history"]["bn/paper"]["test_loss"].pop()),
     ),
     "checkpoint-trace-of-other-steps": (
         CHECKPOINT,
-        lambda p: edit_checkpoint(p, lambda s: s["traces"]["bn"]["steps"].pop()),
+        lambda p: edit_checkpoint(p, lambda s: s["traces"]["bn/paper"]["steps"].pop()),
     ),
     "checkpoint-of-an-earlier-version": (
         CHECKPOINT,
@@ -322,11 +327,11 @@ DAMAGE = {
     "seed-random-bytes": (SEED_FILE, lambda p: p.write_bytes(bytes(range(7, 250, 3)) * 9)),
     "seed-truncated": (SEED_FILE, lambda p: p.write_bytes(p.read_bytes()[:300])),
     "seed-empty-object": (SEED_FILE, lambda p: p.write_text("{}")),
-    "seed-without-networks": (SEED_FILE, lambda p: edit_json(p, lambda d: d.pop("networks"))),
+    "seed-without-arms": (SEED_FILE, lambda p: edit_json(p, lambda d: d.pop("arms"))),
     "seed-of-another-seed": (SEED_FILE, lambda p: edit_json(p, set_item("seed", 1))),
     "seed-steps-cut-short": (
         SEED_FILE,
-        lambda p: edit_json(p, lambda d: d["networks"]["bn"]["test_accuracy"].pop()),
+        lambda p: edit_json(p, lambda d: d["arms"]["bn/paper"]["test_accuracy"].pop()),
     ),
     # config.json
     "config-empty": ("config.json", lambda p: p.write_bytes(b"")),
@@ -335,7 +340,7 @@ DAMAGE = {
     "config-without-config": ("config.json", lambda p: edit_json(p, lambda d: d.pop("config"))),
     "config-missing-a-field": (
         "config.json",
-        lambda p: edit_json(p, lambda d: d["config"].pop("lr")),
+        lambda p: edit_json(p, lambda d: d["config"].pop("lrs")),
     ),
     "config-value-of-a-wrong-type": (
         "config.json",
@@ -399,7 +404,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(run_copy, tmp_path, train
             runner.run_experiment(
                 "figure1",
                 preset="tiny",
-                overrides={"lr": 1.0},
+                overrides={"lrs": {**TINY.lrs, "bn/paper": 1.0}},
                 out=tmp_path / "other",
                 progress=False,
                 verbose=False,
@@ -418,7 +423,7 @@ def truncating(experiment):
 
     def run_seed(config, data, seed, **kwargs):
         result = experiment.run_seed(config, data, seed, **kwargs)
-        for net in result["networks"].values():
+        for net in result["arms"].values():
             for key in ("steps", "test_accuracy", "test_loss", "train_loss"):
                 net[key].pop()
         return result

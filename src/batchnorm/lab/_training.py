@@ -23,6 +23,7 @@ __all__ = [
     "mean_std",
     "measured_steps",
     "threads",
+    "trailing_mean",
 ]
 
 
@@ -135,3 +136,12 @@ def mean_std(values: Sequence[float] | np.ndarray) -> dict[str, Any]:
         "mean": float(a.mean()),
         "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
     }
+
+
+def trailing_mean(values: Sequence[float], width: int) -> np.ndarray:
+    """The mean of each value and the ``width - 1`` before it (fewer at the start)."""
+    a = np.asarray(values, dtype=np.float64)
+    sums = np.cumsum(np.concatenate([[0.0], a]))
+    count = np.arange(1, len(a) + 1)
+    low = np.maximum(count - width, 0)
+    return (sums[1:] - sums[low]) / (count - low)

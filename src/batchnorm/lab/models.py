@@ -29,6 +29,7 @@ def make_mlp(
     norm: str = "none",
     init_std: float | None = None,
     generator: torch.Generator | None = None,
+    init: str | None = None,
 ) -> nn.Sequential:
     r"""A fully connected net: ``depth`` hidden layers of ``hidden`` units and a linear output.
 
@@ -48,9 +49,13 @@ def make_mlp(
         init_std: If given, every ``nn.Linear`` weight is drawn from
             :math:`\mathcal{N}(0, \text{init\_std}^2)` and every bias is zero (the paper's
             "small random Gaussian values"); ``None`` keeps torch's default initialisation.
-        generator: The generator the weights are drawn from (only with ``init_std``); two
-            calls with generators in the same state give equal ``nn.Linear`` weights whatever
-            ``norm`` is.
+        generator: The generator the weights are drawn from (with ``init_std`` or ``init``);
+            two calls with generators in the same state give equal ``nn.Linear`` weights
+            whatever ``norm`` is.
+        init: ``"glorot"`` draws every ``nn.Linear`` weight from
+            :math:`\mathcal{N}(0, 2 / (\text{fan\_in} + \text{fan\_out}))` (Glorot & Bengio
+            2010, the standard scale for sigmoid networks) and zeroes the biases; ``None``
+            leaves the choice to ``init_std``. Not both.
 
     Returns:
         The model, float32, in training mode.
@@ -71,6 +76,12 @@ def make_mlp(
         raise ValueError(f"{where}: expected norm in {list(NORMS)!r}, got {norm!r}.")
     if init_std is not None and init_std < 0:
         raise ValueError(f"{where}: expected init_std >= 0 or None, got {init_std!r}.")
+    if init not in (None, "glorot"):
+        raise ValueError(f"{where}: expected init to be None or 'glorot', got {init!r}.")
+    if init is not None and init_std is not None:
+        raise ValueError(
+            f"{where}: expected init_std or init, got both (init_std={init_std!r}, init={init!r})."
+        )
 
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     width = n_in
@@ -82,11 +93,15 @@ def make_mlp(
         width = hidden
     layers["out"] = nn.Linear(width, n_out)
     model = nn.Sequential(layers)
-    if init_std is not None:
+    if init_std is not None or init == "glorot":
         with torch.no_grad():
             for module in model.modules():
                 if isinstance(module, nn.Linear):
-                    module.weight.normal_(0.0, init_std, generator=generator)
+                    std = init_std
+                    if init == "glorot":
+                        fan_out, fan_in = module.weight.shape
+                        std = (2.0 / (fan_in + fan_out)) ** 0.5
+                    module.weight.normal_(0.0, std, generator=generator)
                     if module.bias is not None:
                         module.bias.zero_()
     return model

@@ -13,12 +13,32 @@ from typing import Any
 
 from ._figures import figure_and_axes, figure_class
 
-__all__ = ["COLORS", "LABELS", "plot_accuracy", "plot_figure1", "plot_percentiles"]
+__all__ = [
+    "COLORS",
+    "LABELS",
+    "plot_accuracy",
+    "plot_figure1",
+    "plot_percentiles",
+    "plot_shift",
+    "plot_speed",
+]
 
 # One colour pair for the whole lab (ColorBrewer Dark2, distinguishable with the common forms
 # of colour blindness): the network without BN, and the network with BN.
 COLORS = {"baseline": "#d95f02", "bn": "#1b9e77"}
 LABELS = {"baseline": "without BN", "bn": "with BN"}
+# The initialisation of an arm by line style: the paper's small Gaussian solid, Glorot dashed.
+INIT_STYLES = {"paper": "-", "glorot": "--"}
+INIT_LABELS = {"paper": "paper's init", "glorot": "Glorot init"}
+
+
+def _arm(network: str, init: str = "paper") -> str:
+    return f"{network}/{init}"
+
+
+def _arm_label(arm: str) -> str:
+    network, init = arm.split("/")
+    return f"{LABELS[network]}, {INIT_LABELS[init]}"
 
 
 def plot_accuracy(result: Any, ax: Any = None) -> Any:
@@ -34,7 +54,7 @@ def plot_accuracy(result: Any, ax: Any = None) -> Any:
     figure, ax = figure_and_axes(ax, (5.0, 3.8))
     n = len(result.seeds)
     for name in ("baseline", "bn"):
-        acc = result.test_accuracy[name]
+        acc = result.test_accuracy[_arm(name)]
         final = acc[:, -1].mean()
         ax.plot(
             result.steps,
@@ -50,7 +70,7 @@ def plot_accuracy(result: Any, ax: Any = None) -> Any:
     ax.set_xlabel("training step (mini-batches)")
     ax.set_ylabel("test accuracy (fraction correct)")
     spread = f"mean of {n} seeds, band min-max" if n > 1 else "1 seed"
-    ax.set_title(f"(a) Test accuracy ({spread})", fontsize=10)
+    ax.set_title(f"(a) Test accuracy, paper's init ({spread})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     return figure
@@ -82,7 +102,7 @@ def plot_percentiles(
             f"plot_percentiles(): expected network in {list(COLORS)!r}, got {network!r}."
         )
     figure, ax = figure_and_axes(ax, (5.0, 3.8))
-    trace = result.traces[network][seed_index]
+    trace = result.traces[_arm(network)][seed_index]
     unit = result.config.unit
     q = trace.quantiles[:, unit, :]
     color = COLORS[network]
@@ -96,9 +116,10 @@ def plot_percentiles(
         f"{panel} {LABELS[network][0].upper()}{LABELS[network][1:]}: input of one sigmoid\n"
         f"(last hidden layer, unit {unit}, seed {seed}, fixed probe set)"
     )
-    stability = (result.summary or {}).get("percentile_range", {}).get(network)
+    arms = (result.summary or {}).get("arms", {})
+    stability = arms.get(_arm(network), {}).get("percentile_range")
     if stability is not None:
-        title += f"\npercentile range {stability['mean']:.2f} (all units, mean of seeds)"
+        title += f"\npercentile range after warm-up {stability['mean']:.2f} (mean of seeds)"
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("training step (mini-batches)")
     ax.set_ylabel("sigmoid input (pre-activation)")
@@ -128,15 +149,128 @@ def plot_figure1(result: Any) -> Any:
     for ax in (ax_b, ax_c):
         ax.set_ylim(low, high)
     config = result.config
-    held = [c["held"] for c in (result.summary or {}).get("claims", [])]
-    verdict = ""
-    if held:
-        verdict = f" - held in this run: {sum(held)} of {len(held)} parts"
+    lrs = config.lrs
     figure.suptitle(
-        f"Claim: BN trains faster and keeps each sigmoid's input distribution stable{verdict}\n"
+        "Without vs with BN at the paper's init: how fast test accuracy rises (a), how much one "
+        "sigmoid's input drifts (b, c)\n"
         f"Ioffe & Szegedy (2015), Fig. 1: {config.depth}x{config.hidden} sigmoid MLP, "
-        f"{config.dataset}, SGD lr {config.lr:g}, batch {config.batch_size}, "
+        f"{config.dataset}, SGD lr {lrs[_arm('baseline')]:g} / {lrs[_arm('bn')]:g} (tuned per "
+        f"arm), batch {config.batch_size}, "
         f"{len(result.seeds)} seed{'s' if len(result.seeds) != 1 else ''}",
         fontsize=11,
     )
+    return figure
+
+
+def _band(ax: Any, x: Any, values: Any, color: str, style: str, label: str) -> None:
+    """Mean over seeds as a line, min-max over seeds as a band (NaN-aware)."""
+    import numpy as np
+
+    with np.errstate(invalid="ignore"):
+        mean = np.nanmean(values, axis=0)
+    ax.plot(x, mean, color=color, ls=style, lw=1.6, label=label)
+    if values.shape[0] > 1:
+        ax.fill_between(
+            x, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=color, alpha=0.15, lw=0
+        )
+
+
+def plot_speed(result: Any) -> Any:
+    """Training loss (a) and smoothed validation accuracy (b) of every arm over training.
+
+    The dotted lines in (b) are the speed targets of each initialisation (mean over seeds).
+
+    Args:
+        result: A :class:`~batchnorm.lab.experiments.figure1.Figure1Result`.
+
+    Returns:
+        The figure.
+    """
+    import numpy as np
+
+    from ._training import trailing_mean
+
+    figure = figure_class()(figsize=(12.0, 4.2), dpi=100, layout="constrained")
+    ax_loss, ax_acc = figure.subplots(1, 2)
+    config = result.config
+    for arm in config.arms:
+        network, init = arm.split("/")
+        color, style = COLORS[network], INIT_STYLES[init]
+        curves = result.curves[arm]
+        keep = result.steps > 0
+        _band(
+            ax_loss,
+            result.steps[keep],
+            curves["train_loss"][:, keep],
+            color,
+            style,
+            _arm_label(arm),
+        )
+        smoothed = np.array([trailing_mean(row, config.smooth) for row in curves["val_accuracy"]])
+        _band(ax_acc, result.steps, smoothed, color, style, _arm_label(arm))
+    for init, speed in (result.summary or {}).get("speed", {}).items():
+        targets = [t for t in speed["target"] if t is not None]
+        if targets:
+            ax_acc.axhline(np.mean(targets), color="0.4", ls=":", lw=1.0)
+            ax_acc.annotate(
+                f"target, {INIT_LABELS[init]}",
+                (result.steps[-1], np.mean(targets)),
+                xytext=(-4, -11),
+                textcoords="offset points",
+                ha="right",
+                fontsize=7,
+                color="0.3",
+            )
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("training step (mini-batches)")
+    ax_loss.set_ylabel("training loss (cross-entropy, nats; log scale)")
+    ax_loss.set_title("(a) Training loss (mean since previous measurement)", fontsize=10)
+    ax_acc.set_xlabel("training step (mini-batches)")
+    ax_acc.set_ylabel("validation accuracy (fraction, trailing mean)")
+    ax_acc.set_title("(b) Smoothed validation accuracy and the speed targets", fontsize=10)
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+    handles, labels = ax_loss.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncol=4, fontsize=8)
+    figure.suptitle(
+        "Does BN train faster, and is it BN or the rescue of a small init? Four networks, "
+        f"mean of {len(result.seeds)} seeds (band: min-max)",
+        fontsize=11,
+    )
+    return figure
+
+
+def plot_shift(result: Any) -> Any:
+    """The shift caused by earlier layers over training, every arm (log scale).
+
+    Args:
+        result: A :class:`~batchnorm.lab.experiments.figure1.Figure1Result`.
+
+    Returns:
+        The figure.
+    """
+    figure, ax = figure_and_axes(None, (7.0, 4.4))
+    config = result.config
+    keep = result.steps > 0
+    for arm in config.arms:
+        network, init = arm.split("/")
+        _band(
+            ax,
+            result.steps[keep],
+            result.curves[arm]["shift"][:, keep],
+            COLORS[network],
+            INIT_STYLES[init],
+            _arm_label(arm),
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("training step (mini-batches)")
+    ax.set_ylabel(f"shift per {config.eval_every} steps (W1 / spread; log scale)")
+    ax.set_title(
+        "Internal covariate shift: how far a unit's input moves because earlier layers\n"
+        f"changed (hidden layers 2-{config.depth}, own parameters held fixed; mean of "
+        f"{len(result.seeds)} seeds)",
+        fontsize=10,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
     return figure

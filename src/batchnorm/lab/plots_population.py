@@ -2,12 +2,11 @@
 
 The same conventions as :mod:`batchnorm.lab.plots`: figures are
 :class:`matplotlib.figure.Figure` objects outside pyplot, a function draws into ``ax`` if given
-and returns its figure, and variation across seeds is a band (min to max over seeds) around the
-mean. The four sources of inference statistics keep one colour and one line style each
-(:data:`COLORS`), chosen from the same ColorBrewer Dark2 palette as the lab's BN/no-BN pair but
-distinct from it, since every network here has BN. The gaps are drawn to the sequential
-statistics, those of the inference network (see
-:mod:`batchnorm.lab.experiments.population`).
+and returns its figure, and every seed is shown (as a dot, or a band from min to max) next to
+the mean. Each figure makes one comparison, named in its title; legends sit outside the axes.
+The running averages are shades of one purple, darker for a larger momentum; the exact
+statistics keep the brown they had in earlier versions of this figure, the batch-own control is
+grey.
 """
 
 from __future__ import annotations
@@ -16,56 +15,46 @@ from typing import Any
 
 import numpy as np
 
-from ._figures import figure_and_axes, figure_class
-from .experiments._population_spec import COMPARED, EXACT, METHODS, REFERENCE
+from ._figures import figure_and_axes
+from .experiments._population_spec import CONTROL, EXACT, PHASES, ema_method
 
-__all__ = [
-    "COLORS",
-    "LABELS",
-    "plot_difference_to_ema",
-    "plot_inference_accuracy",
-    "plot_population",
-    "plot_statistics_gap",
-    "plot_variance_ratio",
-]
+__all__ = ["COLORS", "color", "label", "plot_end_loss", "plot_fit", "plot_lag"]
 
-# Dark2's brown for sequential: its yellow is too pale on white for a line this thin.
-COLORS = {"ema": "#7570b3", "pooled": "#e7298a", "paper": "#66a61e", "sequential": "#a6761d"}
-LABELS = {
-    "ema": "EMA (torch's running averages)",
-    "pooled": "pooled (exact pass)",
+COLORS = {EXACT: "#a6761d", CONTROL: "#666666", "pooled": "#e7298a", "paper": "#66a61e"}
+_LABELS = {
+    EXACT: "exact (population, sequential pass)",
+    CONTROL: "batch-own (test batches' own statistics)",
+    "pooled": "pooled (one training-mode pass)",
     "paper": "paper (Alg. 2 as written)",
-    "sequential": "sequential (eval-mode passes)",
 }
-_STYLES = {"ema": "-", "pooled": "--", "paper": ":", "sequential": "-."}
-_SHORT = {"ema": "EMA", "pooled": "pooled", "paper": "paper", "sequential": "sequential"}
-_GAP_LABELS = {
-    "mean_shift": "mean shift (sequential std)",
-    "log_var_ratio": "|log variance ratio|",
-}
-_LINE_NAMES = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
-_METRIC_LABELS = {"test_accuracy": "test accuracy", "test_loss": "test loss (cross-entropy)"}
+_PHASE_STYLE = {"early": {"ls": "--", "marker": "o"}, "end": {"ls": "-", "marker": "s"}}
+
+
+def color(result: Any, method: str) -> Any:
+    """The colour of a source of statistics in every figure of this experiment."""
+    if method.startswith("ema"):
+        from matplotlib import colormaps
+
+        n = len(result.momenta)
+        rank = sorted(result.momenta).index(float(method[3:]))
+        return colormaps["Purples"](0.4 + 0.55 * rank / (n - 1) if n > 1 else 0.75)
+    return COLORS[method]
+
+
+def label(method: str) -> str:
+    """A source of statistics as the legends name it."""
+    if method.startswith("ema"):
+        return f"running averages, momentum {method[3:]}"
+    return _LABELS[method]
 
 
 def _spread(n: int) -> str:
-    return f"mean of {n} seeds, band min-max" if n > 1 else "1 seed"
+    return f"{n} seeds: dots, bar = mean" if n > 1 else "1 seed"
 
 
-def _band(ax: Any, x: np.ndarray, values: np.ndarray, color: str, **line: Any) -> None:
-    """Mean over axis 0 as a line, min-max over axis 0 as a band (with more than one row)."""
-    ax.plot(x, values.mean(axis=0), color=color, **line)
-    if len(values) > 1:
-        ax.fill_between(x, values.min(axis=0), values.max(axis=0), color=color, alpha=0.2, lw=0)
-
-
-def _layer_colors(n: int) -> list[Any]:
-    from matplotlib import colormaps
-
-    return [colormaps["viridis"](v) for v in np.linspace(0.0, 0.8, n)]
-
-
-def plot_inference_accuracy(result: Any, ax: Any = None) -> Any:
-    """Test accuracy against training steps with each source of inference statistics.
+def plot_end_loss(result: Any, ax: Any = None) -> Any:
+    """End-of-training test loss per batch size, with each running average, the exact
+    statistics and the batch-own control side by side (dots: seeds; bar: mean).
 
     Args:
         result: A :class:`~batchnorm.lab.experiments.population.PopulationResult`.
@@ -74,278 +63,146 @@ def plot_inference_accuracy(result: Any, ax: Any = None) -> Any:
     Returns:
         The figure.
     """
-    figure, ax = figure_and_axes(ax, (5.0, 3.8))
-    for method in METHODS:
-        acc = result.test_accuracy[method]
-        _band(
-            ax,
-            result.steps,
-            acc,
-            COLORS[method],
-            ls=_STYLES[method],
-            lw=1.6,
-            label=f"{LABELS[method]} (final {acc[:, -1].mean():.3f})",
-        )
-    ax.set_xlabel("training step (mini-batches)")
-    ax.set_ylabel("test accuracy (fraction correct)")
-    ax.set_title(
-        f"(a) Test accuracy by inference statistics\n({_spread(len(result.seeds))})", fontsize=10
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    return figure
-
-
-def plot_difference_to_ema(result: Any, metric: str = "test_accuracy", ax: Any = None) -> Any:
-    """Each exact pass (pooled, paper, sequential) minus the EMA in a test metric, over training.
-
-    Step 0 is left out: the running averages then still hold their initial values (mean 0,
-    variance 1), and the difference there would set the scale of the whole panel.
-
-    Args:
-        result: A :class:`~batchnorm.lab.experiments.population.PopulationResult`.
-        metric: ``"test_accuracy"`` (above 0: the exact statistics are better) or
-            ``"test_loss"`` (below 0: they are better).
-        ax: Axes to draw into; ``None`` makes a new figure.
-
-    Returns:
-        The figure.
-
-    Raises:
-        ValueError: If ``metric`` is not one of the two.
-    """
-    if metric not in _METRIC_LABELS:
-        raise ValueError(
-            f"plot_difference_to_ema(): expected metric in {list(_METRIC_LABELS)!r}, got "
-            f"{metric!r}."
-        )
-    figure, ax = figure_and_axes(ax, (5.0, 3.8))
-    values = result.test_accuracy if metric == "test_accuracy" else result.test_loss
-    keep = result.steps > 0
-    steps = result.steps[keep]
-    for method in EXACT:
-        diff = values[method][:, keep] - values["ema"][:, keep]
-        _band(
-            ax,
-            steps,
-            diff,
-            COLORS[method],
-            ls=_STYLES[method],
-            lw=1.4,
-            label=f"{LABELS[method]} (final {diff[:, -1].mean():+.4f})",
-        )
-    ax.axhline(0.0, color=COLORS["ema"], lw=1.0, label="EMA (reference)")
-    better = "above 0" if metric == "test_accuracy" else "below 0"
-    panel = "(b)" if metric == "test_accuracy" else "(c)"
-    ax.set_title(
-        f"{panel} {_METRIC_LABELS[metric].capitalize()} minus the EMA's\n"
-        f"({better}: the exact pass is better)",
-        fontsize=10,
-    )
-    ax.set_xlabel("training step (mini-batches)")
-    ax.set_ylabel(f"difference in {_METRIC_LABELS[metric]}")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    return figure
-
-
-def plot_statistics_gap(result: Any, gap: str = "mean_shift", ax: Any = None) -> Any:
-    """Per BN layer, the gap of the EMA's, pooled's and paper's statistics to the sequential ones.
-
-    The sequential statistics are those of the inference network, so the gap is how far each
-    source is from what the layer sees at test time. One colour per layer, one line style per
-    source (as in the other panels); log scale. A gap that is exactly 0 at every step (pooled's
-    in the first layer, where the two passes are the same computation) cannot be drawn on a
-    log scale: it gets a legend entry that says so instead of a line.
-
-    Args:
-        result: A :class:`~batchnorm.lab.experiments.population.PopulationResult`.
-        gap: ``"mean_shift"`` or ``"log_var_ratio"`` (see
-            :func:`~batchnorm.lab.experiments.population.statistics_gap`).
-        ax: Axes to draw into; ``None`` makes a new figure.
-
-    Returns:
-        The figure.
-
-    Raises:
-        ValueError: If ``gap`` is not one of the two.
-    """
-    if gap not in _GAP_LABELS:
-        raise ValueError(
-            f"plot_statistics_gap(): expected gap in {list(_GAP_LABELS)!r}, got {gap!r}."
-        )
-    figure, ax = figure_and_axes(ax, (5.0, 3.8))
-    colors = _layer_colors(len(result.layers))
-    drawn = False
-    for method in COMPARED:
-        values = result.gap[method][gap]
-        for i, name in enumerate(result.layers):
-            style = {"color": colors[i], "ls": _STYLES[method], "lw": 1.4}
-            label = f"{name}, {_SHORT[method]}"
-            if not values[:, i].any():
-                ax.plot([], [], label=f"{label}: 0 (identical)", **style)
-                continue
-            _band(ax, result.steps, values[:, i], label=label, **style)
-            drawn = True
-    # Log scale only when there is something positive to show; a gap that is 0 at some steps
-    # only leaves its line, as matplotlib masks the zeros.
-    if drawn:
-        ax.set_yscale("log")
-    panel = "(d)" if gap == "mean_shift" else "(e)"
-    styles = ", ".join(f"{_LINE_NAMES[_STYLES[m]]}: {_SHORT[m]}" for m in COMPARED)
-    ax.set_title(
-        f"{panel} Gap to the sequential statistics: {_GAP_LABELS[gap]}\n"
-        f"(mean over channels; {styles})",
-        fontsize=10,
-    )
-    ax.set_xlabel("training step (mini-batches)")
-    ax.set_ylabel(_GAP_LABELS[gap])
-    ax.grid(alpha=0.3, which="both")
-    # Below the axes: inside, nine entries cover lines wherever they are put, since the EMA's
-    # gaps fall through the whole range during training.
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=7, ncol=len(COMPARED))
-    return figure
-
-
-def plot_variance_ratio(result: Any, ax: Any = None) -> Any:
-    """At the final step, each channel's variance over the sequential one, per BN layer.
-
-    A strip per layer and source (EMA, pooled, paper): one point per channel and seed, at
-    ``100 * (ratio - 1)`` % (:meth:`~batchnorm.lab.experiments.population.PopulationResult.
-    variance_ratios`, with the layer's ``eps``), and a bar at the mean over seeds of the
-    geometric mean over channels (the summary's ``variance_bias``). On the zero line a source
-    has the inference network's spread; below it, it under-estimates it. Points are spread
-    sideways with a fixed generator, so redrawing gives the same picture.
-
-    The y axis is linear and spans the points' 0.5th to 99.5th percentile (and every bar and
-    0): a few channels of the running averages lie tens of per cent off, and an axis stretched
-    to them would flatten the 1-2 % by which the pooled variances are low. Points beyond the
-    axis are drawn at its edge and counted in the title. (A symmetric log axis was tried: it
-    draws the dense middle of a strip thinly and makes it look bimodal.)
-
-    Args:
-        result: A :class:`~batchnorm.lab.experiments.population.PopulationResult`.
-        ax: Axes to draw into; ``None`` makes a new figure.
-
-    Returns:
-        The figure.
-
-    Raises:
-        ValueError: If no seed has final statistics of the sequential and another source for
-            any layer.
-    """
-    ratios = {
-        (m, name): result.variance_ratios(m, name)
-        for m in COMPARED
-        for name in result.layers
-        if result.variance_ratios(m, name).size
-    }
-    if not ratios:
-        raise ValueError(
-            "plot_variance_ratio(): expected final statistics of the sequential and another "
-            "source in at least one seed, got none."
-        )
-    percents = {key: 100 * (r.ravel() - 1) for key, r in ratios.items()}
-    bars = {key: 100 * np.expm1(np.log(r).mean(axis=1)).mean() for key, r in ratios.items()}
-    low, high = np.percentile(np.concatenate(list(percents.values())), [0.5, 99.5])
-    low, high = min(low, *bars.values(), 0.0), max(high, *bars.values(), 0.0)
-    pad = 0.05 * (high - low) or 1.0
-    low, high = low - pad, high + pad
-    figure, ax = figure_and_axes(ax, (5.0, 3.8))
-    jitter = np.random.default_rng(0)
-    offsets = np.linspace(-0.25, 0.25, len(COMPARED))
-    seeds = max(len(r) for r in ratios.values())
-    beyond = 0
-    for j, method in enumerate(COMPARED):
-        labelled = False
-        for i, name in enumerate(result.layers):
-            if (method, name) not in ratios:
-                continue
-            percent = percents[method, name]
-            beyond += int(np.count_nonzero((percent < low) | (percent > high)))
-            x = i + offsets[j] + jitter.uniform(-0.06, 0.06, size=percent.size)
+    figure, ax = figure_and_axes(ax, (6.4, 5.6))
+    shown = [ema_method(m) for m in sorted(result.momenta)] + [EXACT, CONTROL]
+    width = 0.8 / len(shown)
+    jitter = np.random.default_rng(0)  # fixed: redrawing gives the same picture
+    test = result.loss["test"]["end"]
+    for k, method in enumerate(shown):
+        offset = -0.4 + width * (k + 0.5)
+        for j in range(len(result.batch_sizes)):
+            values = test[method][:, j]
+            x = j + offset
             ax.scatter(
-                x,
-                np.clip(percent, low, high),
-                s=6,
-                color=COLORS[method],
-                alpha=0.35,
+                x + jitter.uniform(-0.2, 0.2, size=len(values)) * width,
+                values,
+                s=12,
+                color=color(result, method),
+                alpha=0.7,
                 lw=0,
-                label=None if labelled else LABELS[method],
+                zorder=3,
             )
-            labelled = True
             ax.plot(
-                [i + offsets[j] - 0.1, i + offsets[j] + 0.1],
-                [bars[method, name]] * 2,
-                color=COLORS[method],
+                [x - 0.4 * width, x + 0.4 * width],
+                [values.mean()] * 2,
+                color=color(result, method),
                 lw=2.4,
                 solid_capstyle="butt",
+                label=label(method) if j == 0 else None,
             )
-    ax.axhline(0.0, color=COLORS[REFERENCE], lw=1.0, ls=_STYLES[REFERENCE], label=LABELS[REFERENCE])
-    ax.set_ylim(low, high)
-    ax.set_xticks(range(len(result.layers)), result.layers)
-    ax.set_xlim(-0.5, len(result.layers) - 0.5)
-    steps = int(result.steps[-1])
-    edge = (
-        f"\n{beyond} dot{'s' if beyond != 1 else ''} beyond the axis, drawn at its edge"
-        if beyond
-        else ""
+    ax.set_xticks(
+        range(len(result.batch_sizes)),
+        [
+            f"{b}\n({int(s)} steps)"
+            for b, s in zip(result.batch_sizes, result.steps["end"], strict=True)
+        ],
     )
+    ax.set_xlim(-0.5, len(result.batch_sizes) - 0.5)
+    ax.set_xlabel("training batch size")
+    ax.set_ylabel("test loss at the end of training (nats)")
     ax.set_title(
-        f"(f) Variance at step {steps} relative to sequential's\n"
-        f"(dots: channels of {seeds} seed{'s' if seeds != 1 else ''}; bars: geometric mean){edge}",
+        "End-of-training test loss: running averages (per momentum)\n"
+        "vs exact vs batch-own statistics, by batch size\n"
+        f"({result.config.epochs:g} epochs per network; {_spread(len(result.seeds))})",
         fontsize=10,
     )
-    ax.set_xlabel("BN layer")
-    ax.set_ylabel("variance / sequential variance - 1 (%)")
     ax.grid(alpha=0.3, axis="y")
-    # Below the axes, as in the gap panels: the dots fill the axes at every height.
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=7, ncol=2, markerscale=2)
+    # Below the axes: the points fill the axes at every height.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.24), fontsize=8, ncol=2, frameon=False)
     return figure
 
 
-def plot_population(result: Any) -> Any:
-    """The experiment's figure: what inference gains (top row) and why (bottom row).
-
-    Top: (a) test accuracy with each source of statistics, (b, c) the exact passes' test
-    accuracy and loss minus the EMA's. Bottom: (d, e) the per-layer gaps to the sequential
-    statistics over training, (f) every layer's per-channel variances at the end relative to
-    the sequential ones.
+def plot_lag(result: Any, ax: Any = None) -> Any:
+    """Test loss with the running averages minus with the exact statistics, against momentum,
+    at the early checkpoint (dashed) and at the end (solid), one colour per batch size (mean
+    line, band min to max over seeds). Above zero the running averages are worse.
 
     Args:
         result: A :class:`~batchnorm.lab.experiments.population.PopulationResult`.
+        ax: Axes to draw into; ``None`` makes a new figure.
 
     Returns:
         The figure.
     """
-    figure = figure_class()(figsize=(15.0, 9.8), dpi=100, layout="constrained")
-    axes = figure.subplots(2, 3)
-    plot_inference_accuracy(result, ax=axes[0, 0])
-    plot_difference_to_ema(result, "test_accuracy", ax=axes[0, 1])
-    plot_difference_to_ema(result, "test_loss", ax=axes[0, 2])
-    plot_statistics_gap(result, "mean_shift", ax=axes[1, 0])
-    plot_statistics_gap(result, "log_var_ratio", ax=axes[1, 1])
-    if any(result.variance_ratios(m, name).size for m in COMPARED for name in result.layers):
-        plot_variance_ratio(result, ax=axes[1, 2])
-    else:
-        axes[1, 2].set_axis_off()
-    config = result.config
-    held = [c["held"] for c in (result.summary or {}).get("claims", [])]
-    verdict = f" - held in this run: {sum(held)} of {len(held)} parts" if held else ""
-    momentum = "cumulative" if config.momentum is None else f"{config.momentum:g}"
-    n = len(result.seeds)
-    spread = " (bands: min-max over seeds)" if n > 1 else ""
-    figure.suptitle(
-        "Claim: exact population statistics (Alg. 2) are at least as good for inference as the "
-        f"running averages{verdict}\n"
-        f"Ioffe & Szegedy (2015), Sec. 3.1: {config.depth}x{config.hidden} {config.activation} "
-        f"MLP with BN (momentum {momentum}), {config.dataset}, SGD lr {config.lr:g}, batch "
-        f"{config.batch_size}, exact passes in batches of {config.pass_batch_size}, {n} "
-        f"seed{'s' if n != 1 else ''}{spread}\n"
-        "EMA = torch's running averages, pooled = exact mean and variance over the training set, "
-        "paper = mean of batch statistics (Alg. 2),\nsequential = pooled, layer by layer, with "
-        "the other layers in eval mode (the statistics the inference network computes; the "
-        "reference of the gaps)",
-        fontsize=11,
+    from matplotlib import colormaps
+
+    figure, ax = figure_and_axes(ax, (6.4, 5.6))
+    momenta = sorted(result.momenta)
+    x = np.arange(len(momenta))
+    shades = [colormaps["viridis"](v) for v in np.linspace(0.0, 0.8, len(result.batch_sizes))]
+    for j, b in enumerate(result.batch_sizes):
+        for phase in PHASES:
+            test = result.loss["test"][phase]
+            diff = np.stack([test[ema_method(m)][:, j] - test[EXACT][:, j] for m in momenta], 1)
+            step = int(result.steps[phase][j])
+            ax.plot(
+                x,
+                diff.mean(axis=0),
+                color=shades[j],
+                lw=1.6,
+                ms=5,
+                label=f"batch {b}, {phase} (step {step})",
+                **_PHASE_STYLE[phase],
+            )
+            if len(diff) > 1:
+                ax.fill_between(x, diff.min(axis=0), diff.max(axis=0), color=shades[j], alpha=0.15)
+    ax.axhline(0.0, color=COLORS[EXACT], lw=1.0)
+    ax.set_xticks(x, [f"{m:g}" for m in momenta])
+    ax.set_xlabel("BN momentum of the running averages (weight of the newest batch)")
+    ax.set_ylabel("test loss: running averages - exact (nats)")
+    band = "; bands: min-max over seeds" if len(result.seeds) > 1 else ""
+    ax.set_title(
+        "The running averages' lag: test loss with EMA(momentum) minus\n"
+        "with exact statistics, early checkpoint (dashed) and end (solid)\n"
+        f"(above 0: the running averages are worse{band})",
+        fontsize=10,
     )
+    ax.grid(alpha=0.3)
+    # Below the axes: the points fill the axes at every height.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncol=2, frameon=False)
+    return figure
+
+
+def plot_fit(result: Any, ax: Any = None) -> Any:
+    """Training-set loss against validation loss, both with the exact statistics, per batch
+    size, early and at the end (bars: means; dots: seeds): the memorisation check.
+
+    Args:
+        result: A :class:`~batchnorm.lab.experiments.population.PopulationResult`.
+        ax: Axes to draw into; ``None`` makes a new figure.
+
+    Returns:
+        The figure.
+    """
+    figure, ax = figure_and_axes(ax, (6.4, 5.0))
+    bars = [("train", phase, result.train_loss[phase]) for phase in PHASES] + [
+        ("validation", phase, result.loss["val"][phase][EXACT]) for phase in PHASES
+    ]
+    bars.sort(key=lambda item: (PHASES.index(item[1]), item[0] != "train"))
+    width = 0.8 / len(bars)
+    fills = {"train": "#1b9e77", "validation": "#d95f02"}
+    for k, (split, phase, values) in enumerate(bars):
+        x = np.arange(len(result.batch_sizes)) - 0.4 + width * (k + 0.5)
+        ax.bar(
+            x,
+            values.mean(axis=0),
+            width=0.9 * width,
+            color=fills[split],
+            alpha=1.0 if phase == "end" else 0.45,
+            label=f"{split}, {phase}",
+        )
+        for j in range(len(result.batch_sizes)):
+            ax.scatter([x[j]] * len(values), values[:, j], s=8, color="black", lw=0, zorder=3)
+    ax.set_xticks(range(len(result.batch_sizes)), [str(b) for b in result.batch_sizes])
+    ax.set_xlabel("training batch size")
+    ax.set_ylabel("loss with the exact statistics (nats)")
+    ax.set_title(
+        "Memorisation check: training-set vs validation loss (exact statistics)\n"
+        f"(pale: early checkpoint, full: end; dots: {len(result.seeds)} seed"
+        f"{'s' if len(result.seeds) != 1 else ''})",
+        fontsize=10,
+    )
+    ax.grid(alpha=0.3, axis="y")
+    # Below the axes: the points fill the axes at every height.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, ncol=2, frameon=False)
     return figure

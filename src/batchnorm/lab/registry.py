@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .experiments import figure1, population
+from .protocol import Rule
 
 __all__ = ["EXPERIMENTS", "Experiment", "get_experiment"]
 
@@ -52,6 +53,9 @@ class Experiment:
             ``save_checkpoint`` (its ``step`` and ``seconds`` already checked), can continue
             this seed of this config; the runner calls it for every checkpoint before any seed
             trains.
+        rules: The claims' pass rules (:class:`~batchnorm.lab.protocol.Rule`), declared in the
+            experiment's module before its first results; ``summarize`` judges each one.
+        tuning: How ``batchnorm lab tune`` tunes the experiment (:class:`Tuning`), or ``None``.
     """
 
     name: str
@@ -68,11 +72,40 @@ class Experiment:
     plot: Callable[[Any, Mapping[int, dict], dict], dict]
     check_result: Callable[[Any, int, Mapping[str, Any]], None]
     check_checkpoint: Callable[[Any, Any, int, Mapping[str, Any]], None]
+    rules: tuple[Rule, ...] = ()
+    tuning: Tuning | None = None
 
     @property
     def cli_name(self) -> str:
         """The name on the command line: the module name in kebab-case."""
         return self.name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """What ``batchnorm lab tune`` needs from an experiment: each arm is tuned on its own.
+
+    Attributes:
+        arms: ``arms(config) -> list of arm names``.
+        score: ``score(config, data, arm, value, seed) -> float``: train one arm with the
+            hyper-parameter at ``value`` on ``seed`` and score it on the validation split,
+            higher is better (NaN for a diverged run).
+        grid: The starting grid, ascending; it is extended by ``factor`` until the best value
+            is inside it (at most ``max_extensions`` times per side).
+        factor: The grid's ratio.
+        hyper_parameter: The tuned field's name (``"lr"``).
+        metric: The score in words, for the tuned file.
+        preset: The preset whose configuration (length, data) tuning runs with.
+    """
+
+    arms: Callable[[Any], list[str]]
+    score: Callable[..., float]
+    grid: tuple[float, ...]
+    factor: float
+    hyper_parameter: str = "lr"
+    metric: str = ""
+    preset: str = "quick"
+    max_extensions: int = field(default=3)
 
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -91,6 +124,16 @@ EXPERIMENTS: dict[str, Experiment] = {
         plot=figure1.plot,
         check_result=figure1.check_result,
         check_checkpoint=figure1.check_checkpoint,
+        rules=figure1.RULES,
+        tuning=Tuning(
+            arms=figure1.tune_arms,
+            score=figure1.tune_score,
+            grid=(0.1, 0.3, 1.0, 3.0),
+            factor=3.0,
+            hyper_parameter="lr",
+            metric="best smoothed validation accuracy",
+            preset="quick",
+        ),
     ),
     "population": Experiment(
         name="population",
@@ -107,6 +150,16 @@ EXPERIMENTS: dict[str, Experiment] = {
         plot=population.plot,
         check_result=population.check_result,
         check_checkpoint=population.check_checkpoint,
+        rules=population.RULES,
+        tuning=Tuning(
+            arms=population.tune_arms,
+            score=population.tune_score,
+            grid=(0.03, 0.1, 0.3, 1.0),
+            factor=3.0,
+            hyper_parameter="lr",
+            metric="minus the mean validation loss of EMA(0.1) and exact statistics at the end",
+            preset="quick",
+        ),
     ),
 }
 

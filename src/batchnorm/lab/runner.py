@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ._parallel import worth_parallel
 from ._run_files import (
     CONFIG_FILE,
     RunFileError,
@@ -216,6 +217,7 @@ def run_experiment(
     out: str | Path = "runs",
     progress: bool | None = None,
     verbose: bool = True,
+    workers: int | None = None,
 ) -> Path:
     """Run an experiment for all its seeds in a new run directory; print the report.
 
@@ -227,6 +229,8 @@ def run_experiment(
         out: The directory runs go under (``<out>/<name>/<timestamp>/``).
         progress: Show a progress bar; ``None``: only on a terminal and not under ``CI``.
         verbose: Print the header, report and list of files.
+        workers: Seeds trained at once, each in its own process; ``None`` decides by the
+            size of the run (parallel when it pays: see :mod:`batchnorm.lab._parallel`).
 
     Returns:
         The run directory.
@@ -257,7 +261,17 @@ def run_experiment(
         with contextlib.suppress(OSError):
             run_dir.rmdir()
         raise
-    return _execute(run_dir, experiment, config, data, {}, {}, progress=progress, verbose=verbose)
+    return _execute(
+        run_dir,
+        experiment,
+        config,
+        data,
+        {},
+        {},
+        progress=progress,
+        verbose=verbose,
+        workers=workers,
+    )
 
 
 def _run_order(run_dir: Path) -> tuple[str, int]:
@@ -318,7 +332,13 @@ def find_resumable(out: str | Path, name: str, *, verbose: bool = False) -> Path
     )
 
 
-def resume_run(run_dir: str | Path, *, progress: bool | None = None, verbose: bool = True) -> Path:
+def resume_run(
+    run_dir: str | Path,
+    *,
+    progress: bool | None = None,
+    verbose: bool = True,
+    workers: int | None = None,
+) -> Path:
     """Continue an interrupted run with the configuration saved in its ``config.json``.
 
     Completed seeds are read back; a seed in progress continues from its last checkpoint (a
@@ -349,7 +369,15 @@ def resume_run(run_dir: str | Path, *, progress: bool | None = None, verbose: bo
         elif checkpoint_path.is_file():
             checkpoints[seed] = load_checkpoint(checkpoint_path, experiment, config, seed, data)
     return _execute(
-        run_dir, experiment, config, data, results, checkpoints, progress=progress, verbose=verbose
+        run_dir,
+        experiment,
+        config,
+        data,
+        results,
+        checkpoints,
+        progress=progress,
+        verbose=verbose,
+        workers=workers,
     )
 
 
@@ -385,6 +413,7 @@ def _execute(
     *,
     progress: bool | None,
     verbose: bool,
+    workers: int | None = None,
 ) -> Path:
     """Train the seeds not in ``results`` (those in ``checkpoints`` from there), then write the
     run's summary, metrics, report and figures. ``results`` and ``checkpoints`` have been
@@ -406,28 +435,39 @@ def _execute(
         )
 
     bar = _Progress(len(seeds) * steps, done_steps, experiment.cli_name, progress)
+    todo = [seed for seed in seeds if seed not in results]
+    for seed in seeds:
+        if seed in results:
+            # Left by an interruption between writing the result and deleting it; the
+            # result has been checked, so the checkpoint is no longer needed.
+            _seed_paths(run_dir, seed)[1].unlink(missing_ok=True)
+    remaining = sum(steps - int(checkpoints.get(s, {}).get("step", 0)) for s in todo)
+    if workers is None:
+        workers = worth_parallel(remaining, len(todo))
+    if verbose and workers > 1 and len(todo) > 1:
+        print(f"  {min(workers, len(todo))} seeds at a time, one process each")
     try:
-        for seed in seeds:
-            result_path, checkpoint_path = _seed_paths(run_dir, seed)
-            if seed in results:
-                # Left by an interruption between writing the result and deleting it; the
-                # result has been checked, so the checkpoint is no longer needed.
-                checkpoint_path.unlink(missing_ok=True)
-                continue
-
-            def save(state: dict, path: Path = checkpoint_path, seed: int = seed) -> None:
-                _save_torch(path, checkpoint_record(experiment, config, seed, state))
-
-            result = experiment.run_seed(
-                config,
-                data,
-                seed,
-                checkpoint=checkpoints.get(seed),
-                save_checkpoint=save,
-                advance=bar.advance,
+        if workers > 1 and len(todo) > 1:
+            _train_in_processes(
+                run_dir, experiment, config, todo, checkpoints, results, bar, workers
             )
-            results[seed] = _keep_result(result_path, result, experiment, config, seed)
-            checkpoint_path.unlink(missing_ok=True)  # only now: the result is safely on disk
+        else:
+            for seed in todo:
+                result_path, checkpoint_path = _seed_paths(run_dir, seed)
+
+                def save(state: dict, path: Path = checkpoint_path, seed: int = seed) -> None:
+                    _save_torch(path, checkpoint_record(experiment, config, seed, state))
+
+                result = experiment.run_seed(
+                    config,
+                    data,
+                    seed,
+                    checkpoint=checkpoints.get(seed),
+                    save_checkpoint=save,
+                    advance=bar.advance,
+                )
+                results[seed] = _keep_result(result_path, result, experiment, config, seed)
+                checkpoint_path.unlink(missing_ok=True)  # only now: the result is on disk
     except KeyboardInterrupt:
         bar.close()
         print(
@@ -460,6 +500,97 @@ def _execute(
         print(f"wrote {run_dir}/: {', '.join(files)}")
         print(f"wall time {time.perf_counter() - start:.1f} s")
     return run_dir
+
+
+# Steps a worker accumulates before reporting them to the progress bar (a queue put per step
+# would cost more than a small network's step).
+_ADVANCE_BATCH = 50
+
+
+def _seed_job(
+    name: str,
+    config: Any,
+    seed: int,
+    run_dir: str,
+    checkpoint: dict | None,
+    queue: Any,
+) -> dict:
+    """One seed in a worker process: its checkpoints are written by the worker, its result is
+    returned to the parent, which checks and writes it."""
+    experiment = get_experiment(name)
+    data = experiment.prepare(config)
+    checkpoint_path = _seed_paths(Path(run_dir), seed)[1]
+    pending = 0
+
+    def save(state: dict) -> None:
+        _save_torch(checkpoint_path, checkpoint_record(experiment, config, seed, state))
+
+    def advance(n: int) -> None:
+        nonlocal pending
+        pending += n
+        if pending >= _ADVANCE_BATCH:
+            queue.put(pending)
+            pending = 0
+
+    result = experiment.run_seed(
+        config, data, seed, checkpoint=checkpoint, save_checkpoint=save, advance=advance
+    )
+    if pending:
+        queue.put(pending)
+    return result
+
+
+def _train_in_processes(
+    run_dir: Path,
+    experiment: Experiment,
+    config: Any,
+    todo: list[int],
+    checkpoints: Mapping[int, dict],
+    results: dict[int, dict],
+    bar: _Progress,
+    workers: int,
+) -> None:
+    """Train the seeds ``todo`` in spawned worker processes (see :mod:`._parallel`), keeping
+    each result as it arrives, in the same way as the serial loop does."""
+    import multiprocessing
+    import threading
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager:
+        queue = manager.Queue()
+
+        def relay() -> None:
+            while (n := queue.get()) is not None:
+                bar.advance(n)
+
+        relay_thread = threading.Thread(target=relay, daemon=True)
+        relay_thread.start()
+        try:
+            with ProcessPoolExecutor(
+                max_workers=min(workers, len(todo)), mp_context=context
+            ) as pool:
+                futures = {
+                    pool.submit(
+                        _seed_job,
+                        experiment.cli_name,
+                        config,
+                        seed,
+                        str(run_dir),
+                        checkpoints.get(seed),
+                        queue,
+                    ): seed
+                    for seed in todo
+                }
+                for future in as_completed(futures):
+                    seed = futures[future]
+                    result_path, checkpoint_path = _seed_paths(run_dir, seed)
+                    result = future.result()
+                    results[seed] = _keep_result(result_path, result, experiment, config, seed)
+                    checkpoint_path.unlink(missing_ok=True)
+        finally:
+            queue.put(None)
+            relay_thread.join(timeout=5)
 
 
 def _write_figures(

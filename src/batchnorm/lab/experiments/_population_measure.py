@@ -1,209 +1,170 @@
-"""One measurement of the population experiment: a model tested with its running averages
-and with three exact passes over the training set, and the gap between their statistics.
+"""One measurement of the population experiment: a trained network tested on the validation and
+test sets with every source of inference statistics.
 
-:func:`measure_statistics` is what :func:`~batchnorm.lab.experiments.population.run_seed`
-calls at every measured step; :func:`statistics_gap` is the gap metric and
-:func:`statistics_batches` cuts the training set into the batches of the exact passes.
+:func:`measure` is what :func:`~batchnorm.lab.experiments.population.run_seed` calls at each
+network's early and end step. Every source is tested on a deep copy of the network, so
+measuring never touches the network that goes on training: the running averages of each
+momentum (:class:`~._population_ema.RunningAverages`), the exact population statistics
+(:func:`~batchnorm.tools.population.recompute_statistics`, ``method="sequential"``), the two
+one-pass estimators (``"pooled"``, ``"paper"``) and the control, which normalises the examples
+with their own mini-batch statistics.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ...tools.population import recompute_statistics
-from ._population_spec import COMPARED, EXACT, GAPS, REFERENCE
+from .. import data as lab_data
+from ._population_ema import RunningAverages, bn_layers
+from ._population_spec import CONTROL, EXACT, EXTRA, SPLITS, ema_method, methods
 
-__all__ = ["bn_layers", "measure_statistics", "statistics_batches", "statistics_gap"]
+__all__ = [
+    "EXACT_PASS_BATCH",
+    "batch_own_metrics",
+    "batch_slices",
+    "evaluate",
+    "exact_statistics",
+    "measure",
+    "statistics_batches",
+]
+
+# Examples per batch of the exact (sequential) pass. Its statistics do not depend on how the
+# training set is cut: the first layer's input involves no normalisation, and each later layer
+# is recomputed with the layers before it in eval mode. Large batches only make it faster.
+EXACT_PASS_BATCH = 1_000
 
 
-def statistics_gap(
-    mean: np.ndarray,
-    var: np.ndarray,
-    ref_mean: np.ndarray,
-    ref_var: np.ndarray,
-    eps: float = 0.0,
-) -> dict[str, float]:
-    r"""How far one layer's inference statistics are from reference ones, in two numbers.
+def batch_slices(n: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """Indices ``0 .. n - 1`` in one seeded order, cut into batches of ``batch_size``.
 
-    For :math:`C` channels with statistics :math:`(\mu_c, v_c)` and reference statistics
-    :math:`(\mu^*_c, v^*_c)`:
-
-    .. math::
-        \text{mean\_shift} = \frac{1}{C}\sum_c \frac{|\mu_c - \mu^*_c|}{\sqrt{v^*_c + \epsilon}},
-        \qquad
-        \text{log\_var\_ratio} = \frac{1}{C}\sum_c
-            \left|\log\frac{v_c + \epsilon}{v^*_c + \epsilon}\right| .
-
-    With :math:`\epsilon` the layer's own ``eps``, both are what the layer's output sees:
-    normalising with :math:`(\mu_c, v_c)` instead of the reference shifts :math:`\hat{x}` by
-    ``mean_shift`` reference standard deviations (on average over channels) and scales it by
-    :math:`e^{\pm\text{log\_var\_ratio}/2}`. ``eps`` also keeps both finite for a channel whose
-    variance is 0.
+    Every index is used once. The last batch is smaller when ``batch_size`` does not divide
+    ``n``; if it would hold a single example, that example joins the batch before it instead,
+    because BatchNorm cannot normalise one value per channel.
 
     Args:
-        mean: Means, shape ``(C,)``.
-        var: Variances, shape ``(C,)``.
-        ref_mean: Reference means, shape ``(C,)``.
-        ref_var: Reference variances, shape ``(C,)``.
-        eps: Added to every variance; computed in float64.
-
-    Returns:
-        ``{"mean_shift": float, "log_var_ratio": float}``.
-
-    Raises:
-        ValueError: If the four arrays do not share one shape ``(C,)`` with ``C >= 1``, or a
-            variance plus ``eps`` is not positive.
-    """
-    arrays = [np.asarray(a, dtype=np.float64) for a in (mean, var, ref_mean, ref_var)]
-    shapes = [a.shape for a in arrays]
-    if len(set(shapes)) != 1 or len(shapes[0]) != 1 or shapes[0][0] < 1:
-        raise ValueError(
-            f"statistics_gap(): expected mean, var, ref_mean, ref_var of one shape (C,), got "
-            f"{', '.join(map(str, shapes))}."
-        )
-    mean, var, ref_mean, ref_var = arrays
-    var, ref_var = var + eps, ref_var + eps
-    if not (var > 0).all() or not (ref_var > 0).all():
-        low = float(min(var.min(), ref_var.min()))
-        raise ValueError(
-            f"statistics_gap(): expected every variance + eps to be > 0, got a minimum of {low!r}."
-        )
-    return {
-        "mean_shift": float(np.mean(np.abs(mean - ref_mean) / np.sqrt(ref_var))),
-        "log_var_ratio": float(np.mean(np.abs(np.log(var) - np.log(ref_var)))),
-    }
-
-
-def statistics_batches(x: torch.Tensor, batch_size: int, seed: int) -> list[torch.Tensor]:
-    """The training set cut into the batches of the exact passes, in one seeded order.
-
-    Every example is used once. The last batch is smaller when ``batch_size`` does not divide
-    the set; if it would hold a single example, that example joins the batch before it
-    instead, because BatchNorm cannot normalise one value per channel.
-
-    Args:
-        x: The training inputs, ``(N, D)``.
+        n: Number of examples, ``>= 2``.
         batch_size: Examples per batch, ``>= 2``.
         seed: Seeds the order (a generator of its own; global RNGs are untouched).
 
-    Returns:
-        The batches, views of a permuted copy of ``x``.
-
     Raises:
-        ValueError: If ``batch_size < 2`` or ``x`` has fewer than 2 examples.
+        ValueError: If ``batch_size < 2`` or ``n < 2``.
     """
-    n = len(x)
     if batch_size < 2 or n < 2:
         raise ValueError(
-            f"statistics_batches(): expected batch_size >= 2 and at least 2 examples, got "
+            f"batch_slices(): expected batch_size >= 2 and at least 2 examples, got "
             f"batch_size={batch_size!r} and {n} examples."
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    shuffled = x[order]
     bounds = list(range(0, n, batch_size)) + [n]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
         del bounds[-2]
-    return [shuffled[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def bn_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
-    """Every BatchNorm layer of ``model`` (torch's and ours) with its name, in module order."""
-    return [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    ]
+def statistics_batches(x: torch.Tensor, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """The rows of ``x`` in the batches of :func:`batch_slices` (for the one-pass estimators)."""
+    return [x[idx] for idx in batch_slices(len(x), batch_size, seed)]
 
 
-def _test_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy (nats) and the fraction classified correctly, in one forward.
+
+    The mean is taken in float64, so that differences of a thousandth of a nat between
+    sources of statistics are not float32 rounding of a sum over thousands of examples.
+    """
     with torch.no_grad():
-        logits = model(x)
+        logits = model(x).double()
         loss = nn.functional.cross_entropy(logits, y).item()
         accuracy = (logits.argmax(dim=1) == y).double().mean().item()
-    return accuracy, loss
+    return loss, accuracy
 
 
-def measure_statistics(
+def batch_own_metrics(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int
+) -> tuple[float, float]:
+    """The control: loss and accuracy when every BN layer normalises each mini-batch of the
+    examples with that batch's own statistics (training-mode BN), as :func:`evaluate` returns.
+
+    Works on a deep copy: ``model``'s buffers and modes are left as they were. The batches are
+    :func:`batch_slices` of the examples.
+    """
+    probe = copy.deepcopy(model)
+    for _, layer in bn_layers(probe):
+        layer.train()
+    logits, labels = [], []
+    with torch.no_grad():
+        for idx in batch_slices(len(y), batch_size, seed):
+            logits.append(probe(x[idx]).double())
+            labels.append(y[idx])
+    logits_all, labels_all = torch.cat(logits), torch.cat(labels)
+    loss = nn.functional.cross_entropy(logits_all, labels_all).item()
+    accuracy = (logits_all.argmax(dim=1) == labels_all).double().mean().item()
+    return loss, accuracy
+
+
+def exact_statistics(probe: nn.Module, x_train: torch.Tensor) -> None:
+    """Write the exact population statistics of ``probe``'s inference network over ``x_train``
+    into its BN buffers (``recompute_statistics(method="sequential")``)."""
+    batches = [x_train[a : a + EXACT_PASS_BATCH] for a in range(0, len(x_train), EXACT_PASS_BATCH)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    recompute_statistics(probe, batches, method=EXACT, progress=False)
+
+
+def measure(
     model: nn.Module,
-    batches: Sequence[torch.Tensor],
-    x_test: torch.Tensor,
-    y_test: torch.Tensor,
+    averages: RunningAverages,
+    data: lab_data.Dataset,
+    batch_size: int,
+    seed: int,
 ) -> dict[str, Any]:
-    """Test a model with its running averages and with three exact statistics; compare them.
-
-    Works on a deep copy in eval mode: ``model`` itself (parameters, buffers, modes) is left
-    exactly as it was. The copy is tested with its running averages (``"ema"``), then its BN
-    statistics are recomputed over ``batches`` with
-    :func:`~batchnorm.tools.population.recompute_statistics` (``method="pooled"``) and it is
-    tested again, then likewise with ``method="paper"`` and ``method="sequential"`` (one pass
-    over ``batches`` per BN layer).
+    """Test a network with every source of inference statistics on the validation and test sets.
 
     Args:
-        model: A model with BN layers that track running statistics.
-        batches: The batches of the exact passes (e.g. :func:`statistics_batches`); a sequence,
-            since ``method="sequential"`` iterates it once per BN layer.
-        x_test: Test inputs, one batch.
-        y_test: Test labels.
+        model: The network being trained (left exactly as it was).
+        averages: The running averages followed on it.
+        data: The dataset, with a validation split.
+        batch_size: The training batch size: the batches of the one-pass estimators and of
+            the control.
+        seed: Seeds the order of those batches.
 
     Returns:
-        A dict with ``test_accuracy`` and ``test_loss`` (each of :data:`METHODS` -> float),
-        ``layers`` (the BN layers' names, in module order), ``eps`` (layer -> its ``eps``),
-        ``statistics`` (layer -> method -> ``(mean, var)``, float64 arrays ``(C,)``; ``var``
-        is the unbiased variance, the one torch's ``running_var`` holds) and ``gap``
-        (each of :data:`COMPARED` -> gap name -> layer -> float: :func:`statistics_gap` to the
-        :data:`REFERENCE` (sequential) statistics with the layer's ``eps``).
-
-    Raises:
-        ValueError: If ``model`` has no BN layer with running statistics.
+        ``{"train_loss": float, "val": {...}, "test": {...}}``; each split holds ``"loss"``
+        and ``"accuracy"``, each a dict over :func:`~._population_spec.methods`. ``train_loss``
+        is the mean loss over the whole training set with the exact statistics in eval mode,
+        comparable with the validation loss of the same statistics.
     """
+    splits = {"val": (data.x_val, data.y_val), "test": (data.x_test, data.y_test)}
+    found: dict[str, Any] = {s: {"loss": {}, "accuracy": {}} for s in SPLITS}
     probe = copy.deepcopy(model).eval()
-    layers = [(n, m) for n, m in bn_layers(probe) if m.running_mean is not None]
-    if not layers:
-        raise ValueError(
-            f"measure_statistics(): expected a model with BatchNorm layers that track running "
-            f"statistics, got none in {type(model).__name__}."
-        )
-    names = [n for n, _ in layers]
-    # Three calls, sequential's one pass per layer: a generator would be spent after the first.
-    batches = list(batches)
-    statistics: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {
-        n: {
-            "ema": (
-                m.running_mean.detach().double().numpy().copy(),
-                m.running_var.detach().double().numpy().copy(),
-            )
-        }
-        for n, m in layers
-    }
-    accuracy, loss = {}, {}
-    accuracy["ema"], loss["ema"] = _test_metrics(probe, x_test, y_test)
-    for method in EXACT:
-        # Each call overwrites the copy's buffers, and none reads what the one before wrote:
-        # pooled and paper normalise with batch statistics only, and sequential's first pass
-        # does too, after which the layers in eval mode use the values sequential itself wrote.
-        found = recompute_statistics(probe, batches, method=method, progress=False)
-        for name in names:
-            statistics[name][method] = (found[name].mean, found[name].var_unbiased)
-        accuracy[method], loss[method] = _test_metrics(probe, x_test, y_test)
-    eps = {n: float(m.eps) for n, m in layers}
-    gap = {method: {g: {} for g in GAPS} for method in COMPARED}
-    for name in names:
-        ref_mean, ref_var = statistics[name][REFERENCE]
-        for method in COMPARED:
-            values = statistics_gap(*statistics[name][method], ref_mean, ref_var, eps[name])
-            for g in GAPS:
-                gap[method][g][name] = values[g]
-    return {
-        "test_accuracy": accuracy,
-        "test_loss": loss,
-        "layers": names,
-        "eps": eps,
-        "statistics": statistics,
-        "gap": gap,
-    }
+
+    def record(method: str) -> None:
+        for split, (x, y) in splits.items():
+            found[split]["loss"][method], found[split]["accuracy"][method] = evaluate(probe, x, y)
+
+    for m in averages.momenta:
+        averages.load_into(probe, m)
+        record(ema_method(m))
+    # Each call overwrites every BN buffer and none reads what the one before wrote: pooled and
+    # paper normalise with batch statistics only, and sequential's first pass does too.
+    for method in EXTRA:
+        batches = statistics_batches(data.x_train, batch_size, seed)
+        recompute_statistics(probe, batches, method=method, progress=False)
+        record(method)
+    exact_statistics(probe, data.x_train)
+    record(EXACT)
+    train_loss = evaluate(probe, data.x_train, data.y_train)[0]
+    for split, (x, y) in splits.items():
+        loss, accuracy = batch_own_metrics(probe, x, y, batch_size, seed)
+        found[split]["loss"][CONTROL], found[split]["accuracy"][CONTROL] = loss, accuracy
+    # In report order (methods()), whatever order they were measured in.
+    order = methods(averages.momenta)
+    for split in SPLITS:
+        for key in ("loss", "accuracy"):
+            found[split][key] = {m: found[split][key][m] for m in order}
+    return {"train_loss": train_loss, **found}

@@ -1,280 +1,279 @@
-"""The verdict of a population run: :func:`summarize` judges the claims on the results of
-every seed and writes the numbers and the printable report of ``summary.json`` and
-``summary.md``.
+"""The verdict of a population run: :func:`summarize` computes each rule's per-seed effect,
+judges it (:meth:`batchnorm.lab.protocol.Rule.judge`), and writes the numbers and the printable
+report of ``summary.json`` and ``summary.md``.
+
+The rules themselves, with their thresholds and margin, are declared in
+:mod:`batchnorm.lab.experiments.population`; this module only knows how to measure each one,
+by its key (:data:`EFFECTS`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from .._training import mean_std
+from ..protocol import Rule, Verdict
 from ._population_config import PopulationConfig
 from ._population_result import PopulationResult
-from ._population_spec import CLAIM, COMPARED, EXACT, GAPS, METHODS, REFERENCE
-
-__all__ = ["summarize"]
-
-# How the claims name each source of statistics: as the subject of "give(s)", and as the owner
-# of the value it is compared with.
-_SUBJECTS = {
-    "pooled": "Exact (pooled) population statistics give",
-    "paper": "Algorithm 2 as written (paper) gives",
-    "sequential": "The inference network's own (sequential) statistics give",
-}
-_OWNERS = {"ema": "the EMA's", "pooled": "pooled's"}
-# The comparison claims, (metric, candidate, baseline), in the order the report lists them:
-# every exact pass against the incumbent on both metrics, then the finding of population's
-# module docstring, that the inference network's statistics beat the training-mode pass.
-_COMPARISONS = (
-    *(("test accuracy", m, "ema") for m in EXACT),
-    *(("test loss", m, "ema") for m in EXACT),
-    ("test loss", "sequential", "pooled"),
+from ._population_spec import (
+    CLAIM,
+    CONTROL,
+    EXACT,
+    LAG_BATCH_SIZE,
+    NATIVE_MOMENTUM,
+    PHASES,
+    SPLITS,
+    ema_method,
 )
 
+__all__ = ["EFFECTS", "FIGURE_NOTES", "summarize"]
 
-def summarize(config: PopulationConfig, results: Mapping[int, dict]) -> dict:
-    """Judge the claim on a run's results; numbers and a printable report.
+_EMA = ema_method(NATIVE_MOMENTUM)
 
-    The claims, each judged on the mean over seeds at the final step (a tie holds, since the
-    claim is "at least as good"):
 
-    1-3. the pooled, the paper's (Algorithm 2 as written) and the sequential statistics each
-         give at least the EMA's test accuracy;
-    4-6. each gives at most the EMA's test loss (a finer measure than accuracy, which moves in
-         steps of one test example);
-    7.   the sequential statistics give at most pooled's test loss: normalising like the
-         inference network beats normalising like the training network;
-    8.   the EMA lags: its gap to the sequential statistics (``mean_shift``, mean over layers)
-         is larger early in training (:meth:`PopulationResult.early_mask`) than at the end.
+def _difference(result: PopulationResult, phase: str, method: str) -> np.ndarray:
+    """``(S, B)``: test loss with ``method`` minus test loss with the exact statistics."""
+    test = result.loss["test"][phase]
+    return test[method] - test[EXACT]
 
-    Each comparison claim also carries ``difference`` (candidate minus baseline:
-    ``per_seed``, ``mean``, ``std``), so a verdict can be read against the spread over seeds.
+
+def _mean(values: np.ndarray) -> float:
+    return float(np.mean(values))
+
+
+def _exact_no_worse(result: PopulationResult, margin: float) -> tuple[np.ndarray, str]:
+    effect = _difference(result, "end", _EMA).min(axis=1) + margin
+    test = result.loss["test"]["end"]
+    pairs = ", ".join(
+        f"batch {b} {_mean(test[_EMA][:, j]):.4f} vs {_mean(test[EXACT][:, j]):.4f}"
+        for j, b in enumerate(result.batch_sizes)
+    )
+    words = (
+        f"end-of-training test loss, mean over seeds, EMA({NATIVE_MOMENTUM:g}) vs exact: {pairs}; "
+        f"effect = min over batch sizes of the difference + {margin:g}"
+    )
+    return effect, words
+
+
+def _early_lag(result: PopulationResult, margin: float) -> tuple[np.ndarray, str]:
+    j = result.column(LAG_BATCH_SIZE)
+    effect = _difference(result, "early", _EMA)[:, j]
+    test = result.loss["test"]["early"]
+    words = (
+        f"test loss at the early checkpoint (step {int(result.steps['early'][j])} of "
+        f"{int(result.steps['end'][j])}), batch {LAG_BATCH_SIZE}, mean over seeds: "
+        f"EMA({NATIVE_MOMENTUM:g}) {_mean(test[_EMA][:, j]):.4f} vs exact "
+        f"{_mean(test[EXACT][:, j]):.4f}"
+    )
+    return effect, words
+
+
+def _control(result: PopulationResult, margin: float) -> tuple[np.ndarray, str]:
+    j = result.column(min(result.batch_sizes))
+    effect = _difference(result, "end", CONTROL)[:, j]
+    test = result.loss["test"]["end"]
+    words = (
+        f"end-of-training test loss, batch {result.batch_sizes[j]}, mean over seeds: test "
+        f"batches normalised with their own statistics {_mean(test[CONTROL][:, j]):.4f} vs exact "
+        f"{_mean(test[EXACT][:, j]):.4f}"
+    )
+    return effect, words
+
+
+# Rule key -> effect(result, margin) -> (per-seed effects, the measured numbers in words).
+EFFECTS: dict[str, Callable[[PopulationResult, float], tuple[np.ndarray, str]]] = {
+    "exact_no_worse": _exact_no_worse,
+    "early_lag": _early_lag,
+    "control_batch": _control,
+}
+
+# Figure name -> what to see in it (plot() draws exactly these).
+FIGURE_NOTES = {
+    "end_loss": (
+        "End-of-training test loss per batch size with each source of inference statistics "
+        "(dots: seeds, bars: means): compare each running average and the batch-own control "
+        "with the exact statistics in the same group."
+    ),
+    "lag": (
+        "Test loss with the running averages minus with the exact statistics, per momentum, "
+        "at the early checkpoint and at the end: above zero the running averages are worse, "
+        "and the early points show how far they lag."
+    ),
+    "fit": (
+        "Training vs validation loss with the exact statistics, early and at the end: a "
+        "training loss far below the validation loss would mean the network memorises."
+    ),
+}
+
+
+def summarize(
+    config: PopulationConfig,
+    results: Mapping[int, dict],
+    rules: Sequence[Rule],
+    margin: float,
+) -> dict:
+    """Judge the rules on a run's results; numbers, verdicts and a printable report.
+
+    Args:
+        config: The run's settings.
+        results: Seed -> ``run_seed`` result.
+        rules: The declared rules; each key must be in :data:`EFFECTS`.
+        margin: The non-inferiority margin (nats) the ``"exact_no_worse"`` effect adds.
 
     Returns:
-        A JSON-serialisable dict: ``reference`` (:data:`REFERENCE`); ``final_accuracy`` and
-        ``final_loss`` (each of :data:`METHODS` -> ``per_seed``, ``mean``, ``std``);
-        ``accuracy_difference`` and ``loss_difference`` (each of :data:`EXACT` minus
-        ``"ema"``, likewise); ``final_gap`` (each of :data:`COMPARED` -> gap name -> layer ->
-        likewise, the gap to the sequential statistics); ``early_gap`` (the EMA's, over the
-        early steps); ``early_steps``; ``variance_bias`` (each of :data:`COMPARED` -> layer ->
-        likewise: per seed, the geometric mean over channels of
-        :meth:`PopulationResult.variance_ratios`, minus 1, so ``-0.02`` is 2 % below the
-        sequential variances; only layers with final statistics); ``loss_wins`` (each of
-        :data:`EXACT` -> per seed, the share of measured steps after 0 at which its test loss
-        was below the EMA's); ``claims`` (each with ``held``); ``seconds``; ``report`` (lines
-        of text).
+        A JSON-serialisable dict: ``experiment``, ``claim``, ``seeds``, ``dataset``,
+        ``epochs`` (per network), ``batch_sizes``, ``momenta``, ``methods``, ``lr`` and
+        ``steps`` (batch size -> value), ``early_steps`` (batch size -> the early
+        checkpoint's step), ``n_val``, ``n_test``; ``loss`` and ``accuracy``
+        (split -> phase -> batch size -> method -> ``per_seed``, ``mean``, ``std``);
+        ``train_loss`` (phase -> batch size -> likewise); ``claims`` (one
+        :meth:`~batchnorm.lab.protocol.Verdict.to_dict` row per rule, with ``measured``);
+        ``figure_notes``; ``seconds``; ``report`` (lines of text).
 
     Raises:
-        ValueError: If ``results`` is empty, its seeds disagree on steps or layers, come from
-            an earlier version of this experiment, or no step after 0 was measured.
+        ValueError: If ``results`` is empty or inconsistent, or a rule has no effect here.
     """
-    result = PopulationResult.from_seed_results(config, results)
-    if not (result.steps > 0).any():
+    unknown = [rule.key for rule in rules if rule.key not in EFFECTS]
+    if unknown:
         raise ValueError(
-            f"summarize(): expected results measured after step 0, got steps "
-            f"{result.steps.tolist()}."
+            f"population summarize(): expected rules with keys among {list(EFFECTS)}, got "
+            f"{unknown}."
         )
-    n = len(result.seeds)
-    final_accuracy = {m: mean_std(result.test_accuracy[m][:, -1]) for m in METHODS}
-    final_loss = {m: mean_std(result.test_loss[m][:, -1]) for m in METHODS}
-    accuracy_difference = {
-        m: mean_std(result.test_accuracy[m][:, -1] - result.test_accuracy["ema"][:, -1])
-        for m in EXACT
-    }
-    loss_difference = {
-        m: mean_std(result.test_loss[m][:, -1] - result.test_loss["ema"][:, -1]) for m in EXACT
-    }
-    final_gap = {
-        m: {
-            g: {name: mean_std(result.gap[m][g][:, i, -1]) for i, name in enumerate(result.layers)}
-            for g in GAPS
-        }
-        for m in COMPARED
-    }
-    early = result.early_mask()
-    early_steps = [int(s) for s in result.steps[early]]
-    early_gap = {
-        g: {
-            name: mean_std(result.gap["ema"][g][:, i, early].mean(axis=1))
-            for i, name in enumerate(result.layers)
-        }
-        for g in GAPS
-    }
-    variance_bias: dict[str, dict[str, Any]] = {m: {} for m in COMPARED}
-    for m in COMPARED:
-        for name in result.layers:
-            ratios = result.variance_ratios(m, name)
-            if len(ratios):
-                # The geometric mean: a channel 2 % low and one 2 % high cancel, as they do in
-                # statistics_gap's log variance ratio before its absolute value.
-                variance_bias[m][name] = mean_std(np.expm1(np.log(ratios).mean(axis=1)))
-    # The final step is always measured and is > 0, so neither mask below is empty.
-    later = result.steps > 0
-    loss_wins = {
-        m: [
-            float(np.mean(result.test_loss[m][s, later] < result.test_loss["ema"][s, later]))
-            for s in range(n)
-        ]
-        for m in EXACT
-    }
+    result = PopulationResult.from_seed_results(config, results)
+    sizes = [str(b) for b in result.batch_sizes]
 
-    def seeds_where(ok: np.ndarray) -> int:
-        return int(np.count_nonzero(ok))
-
-    claims = []
-    for metric, candidate, baseline in _COMPARISONS:
-        values = result.test_accuracy if metric == "test accuracy" else result.test_loss
-        better = "at least" if metric == "test accuracy" else "at most"
-        diff = values[candidate][:, -1] - values[baseline][:, -1]
-        # A tie counts as held: the claim is "at least as good".
-        ok = diff >= 0 if better == "at least" else diff <= 0
-        claims.append(
-            {
-                "claim": f"{_SUBJECTS[candidate]} {better} {_OWNERS[baseline]} {metric}",
-                "measure": f"final {metric}, mean over seeds",
-                "values": {
-                    baseline: float(values[baseline][:, -1].mean()),
-                    candidate: float(values[candidate][:, -1].mean()),
-                },
-                "difference": mean_std(diff),
-                "held": bool(diff.mean() >= 0 if better == "at least" else diff.mean() <= 0),
-                "seeds_held": seeds_where(ok),
-                "seeds": n,
+    def table(values: dict[str, dict[str, dict[str, np.ndarray]]]) -> dict:
+        return {
+            s: {
+                p: {
+                    b: {m: mean_std(values[s][p][m][:, j]) for m in result.methods}
+                    for j, b in enumerate(sizes)
+                }
+                for p in PHASES
             }
-        )
-    shift_final = result.gap["ema"]["mean_shift"][:, :, -1].mean(axis=1)
-    shift_early = result.gap["ema"]["mean_shift"][:, :, early].mean(axis=(1, 2))
-    claims.append(
-        {
-            "claim": "The EMA lags: its gap to the inference network's statistics is larger "
-            "early in training than at the end",
-            "measure": f"EMA-vs-sequential mean shift (sequential std, mean over layers), "
-            f"{_step_range(early_steps)} vs the final step",
-            "values": {"early": float(shift_early.mean()), "final": float(shift_final.mean())},
-            "held": float(shift_early.mean()) > float(shift_final.mean()),
-            "seeds_held": seeds_where(shift_early > shift_final),
-            "seeds": n,
+            for s in SPLITS
         }
-    )
-    summary = {
+
+    claims, verdicts = [], []
+    for rule in rules:
+        effect, words = EFFECTS[rule.key](result, margin)
+        verdict = rule.judge([float(v) for v in effect])
+        verdicts.append(verdict)
+        claims.append(verdict.to_dict(measured=words))
+    summary: dict[str, Any] = {
         "experiment": "population",
         "claim": CLAIM,
-        "reference": REFERENCE,
         "seeds": list(result.seeds),
-        "steps": config.steps,
         "dataset": config.dataset,
-        "layers": list(result.layers),
-        "final_accuracy": final_accuracy,
-        "final_loss": final_loss,
-        "accuracy_difference": accuracy_difference,
-        "loss_difference": loss_difference,
-        "final_gap": final_gap,
-        "early_gap": early_gap,
-        "early_steps": early_steps,
-        "variance_bias": variance_bias,
-        "loss_wins": loss_wins,
+        "epochs": config.epochs,
+        "batch_sizes": list(result.batch_sizes),
+        "momenta": list(result.momenta),
+        "methods": list(result.methods),
+        "lr": dict(zip(sizes, result.lr.tolist(), strict=True)),
+        "steps": {b: int(result.steps["end"][j]) for j, b in enumerate(sizes)},
+        "early_steps": {b: int(result.steps["early"][j]) for j, b in enumerate(sizes)},
+        "n_val": result.n_val,
+        "n_test": result.n_test,
+        "loss": table(result.loss),
+        "accuracy": table(result.accuracy),
+        "train_loss": {
+            p: {b: mean_std(result.train_loss[p][:, j]) for j, b in enumerate(sizes)}
+            for p in PHASES
+        },
         "claims": claims,
+        "figure_notes": dict(FIGURE_NOTES),
         "seconds": float(sum(r["seconds"] for r in results.values())),
     }
-    summary["report"] = _report(config, summary)
+    summary["report"] = _report(config, result, summary, verdicts)
     return summary
 
 
-def _step_range(steps: Sequence[int]) -> str:
-    return f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
+# Column headers of the report's tables, by source of statistics.
+def _header(method: str) -> str:
+    if method.startswith("ema"):
+        return f"EMA {method[3:]}"
+    return {EXACT: "exact", CONTROL: "batch-own"}.get(method, method)
 
 
-def _fmt(stats: Mapping[str, Any], digits: int = 3, sign: bool = False) -> str:
-    plus = "+" if sign else ""
-    return f"{stats['mean']:{plus}.{digits}f} ± {stats['std']:.{digits}f}"
+def _cell(stats: Mapping[str, Any], digits: int = 4, scale: float = 1.0) -> str:
+    return f"{scale * stats['mean']:.{digits}f}±{scale * stats['std']:.{digits}f}"
 
 
-# Column headers of the report, one per source of statistics.
-_HEADERS = {
-    "ema": "EMA (torch)",
-    "pooled": "pooled (exact)",
-    "paper": "paper (Alg. 2)",
-    "sequential": "sequential (eval)",
-}
-
-
-def _report(config: PopulationConfig, s: Mapping[str, Any]) -> list[str]:
-    n = len(s["seeds"])
-    momentum = "cumulative" if config.momentum is None else f"{config.momentum:g}"
-    width = 19
-    lines = [
-        f"Population statistics on {s['dataset']}: {config.depth}x{config.hidden} "
-        f"{config.activation} MLP with BN (momentum {momentum}), {config.steps} steps of SGD "
-        f"(lr {config.lr:g}, batch {config.batch_size}); exact passes over the training set in "
-        f"batches of {config.pass_batch_size}; {n} seed{'s' if n != 1 else ''}; mean ± std "
-        "over seeds",
-        "",
-        f"{'':<24}" + "".join(f"{_HEADERS[m]:>{width}}" for m in METHODS),
-    ]
-    for label, key, digits in (
-        ("final test accuracy", "final_accuracy", 3),
-        ("final test loss", "final_loss", 4),
-    ):
-        cells = "".join(f"{_fmt(s[key][m], digits):>{width}}" for m in METHODS)
-        lines.append(f"{label:<24}{cells}")
-    for label, key, digits in (
-        ("  minus EMA's accuracy", "accuracy_difference", 3),
-        ("  minus EMA's loss", "loss_difference", 4),
-    ):
-        cells = "".join(f"{_fmt(s[key][m], digits, sign=True):>{width}}" for m in EXACT)
-        lines.append(f"{label:<24}{'':>{width}}{cells}")
-    wins = ", ".join(f"{m} {100 * np.mean(s['loss_wins'][m]):.0f} %" for m in EXACT)
-    lines.append(
-        f"Share of the measured steps after 0 at which the test loss was below the EMA's (mean "
-        f"over seeds): {wins}."
+def _report(
+    config: PopulationConfig,
+    result: PopulationResult,
+    s: Mapping[str, Any],
+    verdicts: Sequence[Verdict],
+) -> list[str]:
+    n = len(result.seeds)
+    width = 16
+    sizes = [str(b) for b in result.batch_sizes]
+    lrs = ", ".join(f"b{b} {s['lr'][b]:g}" for b in sizes)
+    lr_source = (
+        "fixed by the config"
+        if config.lr is not None
+        else "tuned per batch size (batchnorm lab tune; untuned: the default)"
     )
-    early_label = f"EMA, {_step_range(s['early_steps'])}"
+    lines = [
+        f"Population statistics on {s['dataset']} ({config.n_train} train / {s['n_val']} val / "
+        f"{s['n_test']} test): {config.depth}x{config.hidden} {config.activation} MLP with BN, "
+        f"{config.epochs:g} epochs of plain SGD per batch size; lr {lrs} ({lr_source}); "
+        f"{n} seed{'s' if n != 1 else ''}; mean±std over seeds. exact = the inference network's "
+        "own population statistics (sequential pass); pooled, paper = one training-mode pass "
+        "(Alg. 2 as written for paper); batch-own = test batches normalised with their own "
+        "statistics (the control).",
+    ]
+    header = f"{'batch':>6}{'step':>8}" + "".join(f"{_header(m):>{width}}" for m in result.methods)
+    for phase, title in (
+        ("end", "End of training: test loss (nats)"),
+        ("early", f"Early checkpoint ({config.early_fraction:g} of training): test loss (nats)"),
+    ):
+        lines += ["", title, header]
+        for j, b in enumerate(sizes):
+            by_method = s["loss"]["test"][phase][b]
+            cells = "".join(f"{_cell(by_method[m]):>{width}}" for m in result.methods)
+            lines.append(f"{b:>6}{int(result.steps[phase][j]):>8}{cells}")
     lines += [
         "",
-        "Gap to the sequential statistics (the inference network's), per BN layer, mean over "
-        "channels and seeds: mean shift in sequential std | |log variance ratio|",
-        f"{'layer':<8}{'EMA, final':>20}{early_label:>26}{'pooled, final':>20}{'paper, final':>20}",
+        f"End of training: test accuracy (%; {s['n_test']} test examples, one is "
+        f"{100 / s['n_test']:.3g} %)",
+        header,
     ]
-    for name in s["layers"]:
-        cells = []
-        for source in (
-            s["final_gap"]["ema"],
-            s["early_gap"],
-            s["final_gap"]["pooled"],
-            s["final_gap"]["paper"],
-        ):
-            shift, ratio = source["mean_shift"][name], source["log_var_ratio"][name]
-            cells.append(f"{shift['mean']:.4f} | {ratio['mean']:.4f}")
-        lines.append(f"{name:<8}{cells[0]:>20}{cells[1]:>26}{cells[2]:>20}{cells[3]:>20}")
-    biased = [name for name in s["layers"] if all(name in s["variance_bias"][m] for m in COMPARED)]
-    if biased:
-        lines += [
-            "",
-            "Variance at the final step relative to sequential's, per BN layer (geometric mean "
-            "over channels, in %; below 0: the inference input's spread is under-estimated)",
-            f"{'layer':<8}" + "".join(f"{_HEADERS[m]:>{width}}" for m in COMPARED),
-        ]
-        for name in biased:
-            cells = "".join(
-                f"{_fmt(_percent(s['variance_bias'][m][name]), 2, sign=True):>{width}}"
-                for m in COMPARED
+    for j, b in enumerate(sizes):
+        cells = "".join(
+            f"{_cell(s['accuracy']['test']['end'][b][m], 2, 100.0):>{width}}"
+            for m in result.methods
+        )
+        lines.append(f"{b:>6}{int(result.steps['end'][j]):>8}{cells}")
+    lines += [
+        "",
+        "Fit (exact statistics): training-set loss vs validation loss (nats); a training loss "
+        "far below the validation loss would mean memorisation",
+        f"{'batch':>6}{'phase':>8}{'train':>{width}}{'val':>{width}}{'val - train':>{width}}",
+    ]
+    for j, b in enumerate(sizes):
+        for phase in PHASES:
+            train = result.train_loss[phase][:, j]
+            val = result.loss["val"][phase][EXACT][:, j]
+            lines.append(
+                f"{b:>6}{phase:>8}{_cell(mean_std(train)):>{width}}{_cell(mean_std(val)):>{width}}"
+                f"{_cell(mean_std(val - train)):>{width}}"
             )
-            lines.append(f"{name:<8}{cells}")
-    lines.append("")
-    for claim in s["claims"]:
-        verdict = "HELD" if claim["held"] else "DID NOT HOLD"
-        values = ", ".join(f"{k} {v:.4f}" for k, v in claim["values"].items())
-        if "difference" in claim:
-            values += f"; difference {_fmt(claim['difference'], 4, sign=True)}"
+    lines += [
+        "",
+        "Claims (rules declared in batchnorm.lab.experiments.population before any result; "
+        "'held' needs the stated share of seeds above the threshold):",
+    ]
+    for verdict, claim in zip(verdicts, s["claims"], strict=True):
+        rule = verdict.rule
+        record = "" if verdict.for_record else f" [{verdict.seeds} seeds: not for the record]"
         lines.append(
-            f"{verdict}: {claim['claim']} ({claim['measure']}: {values}; held in "
-            f"{claim['seeds_held']} of {claim['seeds']} seeds)."
+            f"{verdict.verdict.upper()}: {rule.claim} ({rule.anchor}). Effect "
+            f"{verdict.mean:+.4f} ± {verdict.std:.4f} {rule.unit} ({rule.measure}); above "
+            f"{rule.threshold:g} in {verdict.above} of {verdict.seeds} seeds, {verdict.needed} "
+            f"needed; sign-test p = {verdict.p_sign:.3g}.{record} Measured: {claim['measured']}."
         )
     return lines
-
-
-def _percent(stats: Mapping[str, Any]) -> dict[str, float]:
-    return {"mean": 100 * stats["mean"], "std": 100 * stats["std"]}
