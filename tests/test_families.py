@@ -10,6 +10,7 @@ import batchnorm.tools  # noqa: F401  (imports every layer module: the table is 
 from batchnorm.families import (
     Family,
     add_twin,
+    add_variant,
     families,
     family_for_rank,
     family_of,
@@ -118,4 +119,23 @@ def test_registration_refuses_a_second_family_or_class_and_unknown_twins():
         add_twin("BatchNorm2d", ghost=batchnorm.BatchNorm2d)
     with pytest.raises(ValueError, match=r"'BatchNorm2d' has a frozen twin already"):
         add_twin("BatchNorm2d", frozen=batchnorm.FrozenBatchNorm1d)
+    assert families() == FAMILIES
+
+
+def test_variants_belong_to_the_fixed_rank_family_of_their_rank():
+    for family in FIXED_RANK:
+        suffix = family.name.removeprefix("BatchNorm")
+        names = sorted(cls.__name__ for cls in family.variants)
+        assert names == [f"BatchRenorm{suffix}", f"GhostBatchNorm{suffix}"]
+        for cls in family.variants:
+            assert issubclass(cls, family.torch) and family_of(cls) is family
+            assert cls.input_ranks == family.ranks and cls.forward in stock_forwards()
+    assert family_of(batchnorm.SyncBatchNorm).variants == ()
+
+
+def test_add_variant_refuses_unknown_families_and_classes_of_a_family():
+    with pytest.raises(ValueError, match=r"expected a registered family, got 'Nope'"):
+        add_variant("Nope", batchnorm.GhostBatchNorm2d)
+    with pytest.raises(ValueError, match=r"no family, got batchnorm.variants.GhostBatchNorm2d of"):
+        add_variant("BatchNorm1d", batchnorm.GhostBatchNorm2d)
     assert families() == FAMILIES

@@ -183,9 +183,12 @@ def test_module_constructor_signature_matches_torch(name):
     def params(cls):
         return [(p.name, p.kind, p.default) for p in inspect.signature(cls).parameters.values()]
 
-    # Ours adds exactly one keyword-only argument at the end, so every call that works with
-    # torch's class works with ours.
-    extra = [("nonfinite", inspect.Parameter.KEYWORD_ONLY, "skip")]
+    # Ours adds keyword-only arguments at the end only, so every call that works with torch's
+    # class works with ours.
+    extra = [
+        ("nonfinite", inspect.Parameter.KEYWORD_ONLY, "skip"),
+        ("single_value", inspect.Parameter.KEYWORD_ONLY, "raise"),
+    ]
     assert params(OURS[name]) == params(getattr(torch.nn, f"BatchNorm{name}")) + extra
 
 

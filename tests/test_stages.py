@@ -71,7 +71,7 @@ def test_batch_moments_of_empty_batch_is_the_merge_identity():
 def test_batch_moments_with_mask_are_those_of_the_kept_positions(shape, gen):
     x = make_input(shape, torch.float64, "contiguous", gen, scale=2.0)
     excluded = torch.rand((shape[0], *shape[2:]), generator=gen) < 0.4
-    moments = F.batch_moments(x, excluded)
+    moments = F.batch_moments(x, ~excluded)  # the mask marks real values
     kept = x.movedim(1, -1)[~excluded].numpy()  # (kept positions, C)
     assert moments.count == kept.shape[0]
     np.testing.assert_allclose(moments.mean, kept.mean(axis=0), rtol=1e-12)
@@ -180,10 +180,10 @@ def test_normalize_batch_with_mask_gradcheck_and_statistics(shape, gen):
     weight, bias = (p.requires_grad_(True) for p in _params(shape[1], torch.float64, gen))
 
     def run(x, weight, bias):
-        return F.normalize_batch(x, weight, bias, eps=1e-3, mask=excluded)[0]
+        return F.normalize_batch(x, weight, bias, eps=1e-3, mask=~excluded)[0]
 
     assert torch.autograd.gradcheck(run, (x, weight, bias))
-    y, moments = F.normalize_batch(x, weight, bias, mask=excluded)
+    y, moments = F.normalize_batch(x, weight, bias, mask=~excluded)
     kept = x.detach()[1:-1]
     want, mu_B, _ = reference.batch_norm_train(
         to_np64(kept), to_np64(weight), to_np64(bias), eps=1e-5
@@ -196,7 +196,7 @@ def test_normalize_batch_with_mask_gradcheck_and_statistics(shape, gen):
 def test_normalize_batch_rejects_a_mask_that_keeps_one_value(gen):
     x = make_input((4, 2), torch.float64, "contiguous", gen)
     with pytest.raises(ValueError, match=r"more than 1 value per channel .* got 1 unmasked"):
-        F.normalize_batch(x, mask=torch.tensor([True, True, False, True]))
+        F.normalize_batch(x, mask=torch.tensor([False, False, True, False]))
 
 
 @pytest.mark.parametrize("shape", [(7, 3), (4, 3, 5, 6), (40, 8, 40, 40)], ids=shape_id)

@@ -22,9 +22,15 @@ _EXPORTS = {
     "BatchNorm1d": "modules",
     "BatchNorm2d": "modules",
     "BatchNorm3d": "modules",
+    "BatchRenorm1d": "variants",
+    "BatchRenorm2d": "variants",
+    "BatchRenorm3d": "variants",
     "FrozenBatchNorm1d": "frozen",
     "FrozenBatchNorm2d": "frozen",
     "FrozenBatchNorm3d": "frozen",
+    "GhostBatchNorm1d": "variants",
+    "GhostBatchNorm2d": "variants",
+    "GhostBatchNorm3d": "variants",
     "RoutingPolicy": "routing",
     "LayerStatistics": "tools.population",
     "LazyBatchNorm1d": "lazy",
@@ -40,6 +46,7 @@ _EXPORTS = {
     "ShapeError": "_errors",
     "UnsupportedDtypeError": "_errors",
     "SyncBatchNorm": "distributed",
+    "accumulate_statistics": "tools.accumulate",
     "backend_for": "functional",
     "batch_norm": "functional",
     "check_fold": "tools.fold",
@@ -62,9 +69,15 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
     "FrozenBatchNorm1d",
     "FrozenBatchNorm2d",
     "FrozenBatchNorm3d",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
     "LayerStatistics",
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
@@ -80,6 +93,7 @@ __all__ = [
     "ShapeError",
     "SyncBatchNorm",
     "__version__",
+    "accumulate_statistics",
     "backend_for",
     "batch_norm",
     "check_fold",
@@ -123,10 +137,19 @@ if TYPE_CHECKING:
         set_output_cache_limit,
     )
     from .routing import RoutingPolicy, routing_policy, use_routing
+    from .tools.accumulate import accumulate_statistics
     from .tools.convert import convert, convert_sync_batchnorm, revert_sync_batchnorm
     from .tools.fold import check_fold, fold
     from .tools.freeze import freeze, unfreeze
     from .tools.population import LayerStatistics, recompute_statistics
+    from .variants import (
+        BatchRenorm1d,
+        BatchRenorm2d,
+        BatchRenorm3d,
+        GhostBatchNorm1d,
+        GhostBatchNorm2d,
+        GhostBatchNorm3d,
+    )
 
 
 def __getattr__(name: str):

@@ -33,6 +33,7 @@ from ._errors import (
 
 __all__ = [
     "NONFINITE_POLICIES",
+    "SINGLE_VALUE_POLICIES",
     "NonFiniteStatisticsError",
     "NonFiniteStatisticsWarning",
     "caller_name",
@@ -44,16 +45,21 @@ __all__ = [
     "check_module_input",
     "check_nonfinite_policy",
     "check_normalize_args",
+    "check_single_value_policy",
     "check_update_args",
     "check_writable",
     "layer_name",
     "report_nonfinite",
+    "single_value_error",
 ]
 
 # What to do with a training batch whose statistics are NaN or infinite (in the dtype of the
 # running buffers): leave the running statistics as they were and warn, or raise. There is
 # deliberately no "fold it in" choice: a NaN in a running average never leaves it (pytorch#88474).
 NONFINITE_POLICIES = ("skip", "raise")
+
+# A layer's training batch of one value per channel: raise (torch), or use the running stats.
+SINGLE_VALUE_POLICIES = ("raise", "use_running")
 
 
 _ALLOWED_PARAM_DTYPES = {
@@ -126,6 +132,35 @@ def check_nonfinite_policy(where, nonfinite) -> None:
             f"{_name(where)}: expected nonfinite to be one of "
             f"{', '.join(map(repr, NONFINITE_POLICIES))}, got {nonfinite!r}."
         )
+
+
+def check_single_value_policy(where, single_value, track_running_stats: bool) -> None:
+    """ValueError for a policy not in SINGLE_VALUE_POLICIES, or "use_running" without stats."""
+    if single_value not in SINGLE_VALUE_POLICIES:
+        raise ValueError(
+            f"{_name(where)}: expected single_value to be one of "
+            f"{', '.join(map(repr, SINGLE_VALUE_POLICIES))}, got {single_value!r}."
+        )
+    if single_value == "use_running" and not track_running_stats:
+        raise ValueError(
+            f"{_name(where)}: expected track_running_stats=True with "
+            "single_value='use_running' (it normalizes with the running statistics), got "
+            "track_running_stats=False. Keep running statistics, or use single_value='raise'."
+        )
+
+
+def single_value_error(where, input, count: int | None = None) -> ValueError:
+    """The error for fewer than 2 values per channel in training; ``count``: a mask's real ones."""
+    given = f"input of shape {tuple(input.shape)}"
+    if count is not None:
+        given = f"{count} value(s) per channel that mask marks as real, in {given}"
+    return ValueError(
+        with_torch_words(
+            f"{_name(where)}: expected more than 1 value per channel when using batch "
+            f"statistics (training), got {given}.",
+            f"Expected more than 1 value per channel when training, got input size {input.size()}",
+        )
+    )
 
 
 def check_constructor_args(cls_name: str, num_features, eps, momentum) -> None:
@@ -313,7 +348,7 @@ def check_layer_input(where, layer, input, state_dtype: torch.dtype | None) -> N
 
 
 def check_mask(where, input, mask) -> None:
-    """A mask of excluded positions: boolean, shaped like the input without its channel axis.
+    """A mask (of left-out or of real positions): boolean, the input's shape without axis 1.
 
     Raises:
         TypeError: ``mask`` is not a boolean tensor.
@@ -595,14 +630,7 @@ def check_batch_norm_args(
     if updates:
         check_writable(where, running_mean, running_var, num_batches_tracked)
     if training and input.numel() > 0 and input.numel() // channels == 1:
-        raise ValueError(
-            with_torch_words(
-                f"{_name(where)}: expected more than 1 value per channel when using batch "
-                f"statistics (training), got input of shape {tuple(input.shape)}.",
-                f"Expected more than 1 value per channel when training, got input size "
-                f"{input.size()}",
-            )
-        )
+        raise single_value_error(where, input)
 
 
 def _check_momentum(where, momentum, num_batches_tracked) -> None:

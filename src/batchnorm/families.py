@@ -3,14 +3,19 @@
 A *family* is one kind of BatchNorm layer in its several implementations: this package's class,
 torch.nn's, the frozen one (:mod:`batchnorm.frozen`), the synchronized one
 (:class:`batchnorm.SyncBatchNorm`) and a lazy one (torch.nn's ``LazyBatchNorm*d``; ours is a
-slot for now). Every piece of code that changes or recognizes layers reads this table:
-:func:`batchnorm.convert`, :func:`batchnorm.convert_sync_batchnorm` and its reverse,
-:func:`batchnorm.freeze`, :func:`batchnorm.fold`, :func:`batchnorm.recompute_statistics`.
+slot for now). A family also lists its *variants* (:mod:`batchnorm.variants`: ghost batches,
+batch renormalization): layers that train differently but whose evaluation transform, state and
+torch.nn twin are the family's, so the tools treat them as the family's layers (``convert``
+turns one into the torch.nn class, with a warning). Every piece of code that changes or
+recognizes layers reads this table: :func:`batchnorm.convert`,
+:func:`batchnorm.convert_sync_batchnorm` and its reverse, :func:`batchnorm.freeze`,
+:func:`batchnorm.fold`, :func:`batchnorm.recompute_statistics`.
 
 The table is filled where the classes are defined: each layer module registers its family
-(:func:`register`) or its twin of a family (:func:`add_twin`) once, right after the class, so
-a new variant is added in one place and this module imports no layer. It is complete once
-:mod:`batchnorm.modules`, :mod:`batchnorm.frozen` and :mod:`batchnorm.distributed` are
+(:func:`register`), its twin of a family (:func:`add_twin`) or its variant of a family
+(:func:`add_variant`) once, right after the class, so a new variant is added in one place and
+this module imports no layer. It is complete once :mod:`batchnorm.modules`,
+:mod:`batchnorm.frozen`, :mod:`batchnorm.distributed` and :mod:`batchnorm.variants` are
 imported, which every reader of it does.
 
 Lookups are by exact class: a user's subclass of a BatchNorm class is not a member (converting
@@ -34,6 +39,7 @@ import torch
 __all__ = [
     "Family",
     "add_twin",
+    "add_variant",
     "families",
     "family_for_rank",
     "family_of",
@@ -58,6 +64,9 @@ class Family:
         torch_lazy: torch.nn's lazy twin (``num_features`` inferred on the first call), or
             ``None``.
         lazy: This package's lazy twin, or ``None`` (a slot: none exists yet).
+        variants: This package's classes that normalize otherwise in training (ghost batches,
+            batch renormalization) but are the family's layers in evaluation: same evaluation
+            transform, parameters, buffers and ``state_dict``; ``()`` if none.
     """
 
     name: str
@@ -68,10 +77,11 @@ class Family:
     sync: type[torch.nn.Module] | None = None
     torch_lazy: type[torch.nn.Module] | None = None
     lazy: type[torch.nn.Module] | None = None
+    variants: tuple[type[torch.nn.Module], ...] = ()
 
     def members(self) -> tuple[type[torch.nn.Module], ...]:
-        """Every class of the family, ``None`` slots left out."""
-        classes = (self.ours, self.torch, self.frozen, self.torch_lazy, self.lazy)
+        """Every class of the family, ``None`` slots left out, variants included."""
+        classes = (self.ours, self.torch, self.frozen, self.torch_lazy, self.lazy, *self.variants)
         return tuple(cls for cls in classes if cls is not None)
 
 
@@ -115,6 +125,24 @@ def add_twin(name: str, **twins: type[torch.nn.Module]) -> None:
         if getattr(family, slot) not in (None, cls):
             raise ValueError(f"add_twin(): {name!r} has a {slot} twin already.")
     _TABLE[name] = dataclasses.replace(family, **twins)
+
+
+def add_variant(name: str, cls: type[torch.nn.Module]) -> None:
+    """Add a variant class to a registered family (once, where the class is defined).
+
+    Raises:
+        ValueError: No family ``name``, or ``cls`` belongs to a family already.
+    """
+    if name not in _TABLE:
+        raise ValueError(f"add_variant(): expected a registered family, got {name!r}.")
+    owner = family_of(cls)
+    if owner is not None:
+        raise ValueError(
+            f"add_variant(): expected a class of no family, got "
+            f"{cls.__module__}.{cls.__qualname__} of {owner.name!r}."
+        )
+    family = _TABLE[name]
+    _TABLE[name] = dataclasses.replace(family, variants=(*family.variants, cls))
 
 
 def families() -> tuple[Family, ...]:

@@ -241,8 +241,10 @@ def batch_moments(input: torch.Tensor, mask: torch.Tensor | None = None, *, wher
     Args:
         input: ``(N, C, *)`` floating-point tensor; ``N = 0`` gives the empty summary.
         mask: Optional boolean tensor of shape ``(N, *)`` (the input's shape without the
-            channel axis), on the input's device; ``True`` marks a position to leave out (such
-            as padding). Its count is then the number of positions kept.
+            channel axis), on the input's device; ``True`` marks a real value, ``False`` a
+            position to leave out (such as padding), as the layers' ``forward(input, mask)``
+            reads it. The count is then the number of real positions; the values left out
+            never enter the arithmetic, so NaN or infinite padding is harmless.
         where: The caller's name for error messages (a string or a callable returning one);
             default ``"batch_moments()"``.
 
@@ -265,7 +267,8 @@ def batch_moments(input: torch.Tensor, mask: torch.Tensor | None = None, *, wher
     channels = input.shape[1]
     if mask is not None:
         check_mask(where, input, mask)
-        count, mean, m2 = _stages.masked_moments(input.detach(), mask)
+        excluded = ~mask
+        count, mean, m2 = _stages.masked_moments(_zero_excluded(input.detach(), excluded), excluded)
         stats = torch.stack([mean, m2]).double().cpu().numpy()
         return Moments(count, stats[0].copy(), stats[1].copy())
     count = input.numel() // channels
@@ -384,15 +387,17 @@ def normalize_batch(
     returned, a caller composes the rest (:func:`update_running`, a merge across ghost batches
     or processes). Without a mask, the fused kernels (or torch's op) compute it in one pass;
     with one, torch ops in float64 on the CPU (float32 elsewhere) do, and positions left out
-    are normalized with the statistics of the others.
+    are normalized with the statistics of the others; their values never enter the statistics
+    (NaN or infinite padding leaves them finite), and their gradient is only that of their own
+    output.
 
     Args:
         input: ``(N, C, *)``; more than one value (kept) per channel.
         weight: ``(C,)`` scale or ``None``.
         bias: ``(C,)`` shift or ``None``.
         eps: Added to the variance before the square root.
-        mask: Optional boolean ``(N, *)`` tensor; ``True`` marks positions left out of the
-            statistics (see :func:`batch_moments`).
+        mask: Optional boolean ``(N, *)`` tensor; ``True`` marks real values, ``False``
+            positions left out of the statistics (see :func:`batch_moments`).
         where: The caller's name for error messages; default ``"normalize_batch()"``.
 
     Returns:
@@ -414,7 +419,7 @@ def normalize_batch(
     channels = input.shape[1]
     if mask is not None:
         check_mask(where, input, mask)
-        return _normalize_masked(where, input, weight, bias, eps, mask)
+        return _normalize_masked(where, input, weight, bias, eps, ~mask)
     count = input.numel() // channels
     if count == 0:
         return _stages.native_batch_norm(
@@ -457,9 +462,10 @@ def _refuse_transforms(where) -> None:
         )
 
 
-def _normalize_masked(where, input, weight, bias, eps, mask):
-    """:func:`normalize_batch` with a mask: torch ops, differentiated by autograd."""
-    count, mean, m2 = _stages.masked_moments(input, mask)
+def _normalize_masked(where, input, weight, bias, eps, excluded):
+    """:func:`normalize_batch` with a mask (``excluded``: True where left out): torch ops,
+    differentiated by autograd."""
+    count, mean, m2 = _stages.masked_moments(_zero_excluded(input, excluded), excluded)
     if count <= 1:
         raise ValueError(
             f"{caller_name(where)}: expected more than 1 value per channel when using batch "
@@ -479,6 +485,12 @@ def _normalize_masked(where, input, weight, bias, eps, mask):
         y = y.contiguous(memory_format=_memory_format(input))
     stats = torch.stack([mean.detach(), m2.detach()]).double().cpu().numpy()
     return y, Moments(count, stats[0].copy(), stats[1].copy())
+
+
+def _zero_excluded(input: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
+    """``input`` with zeros where ``excluded`` is True: the statistics sum ``value * keep``, and
+    ``NaN * 0`` is NaN, so padding must be replaced, not weighted out (no gradient flows to it)."""
+    return input.masked_fill(excluded.unsqueeze(1), 0)
 
 
 def _memory_format(x: torch.Tensor):

@@ -173,15 +173,16 @@ def make_pass_forward(acc: Accumulator, state: PassState):
 def pass_forward(acc: Accumulator, state: PassState):
     """How a layer runs during the pass: ``(forward or None, records its own statistics)``.
 
-    This package's layers with a stock forward compute their statistics once
-    (:func:`make_pass_forward`). A synchronizing layer of another class runs torch's
-    unsynchronized BatchNorm forward (its own syncs every batch when distributed, and torch's
-    refuses CPU input then). Every other layer runs its own forward. Those two are watched by
-    a hook (:func:`make_hook`).
+    This package's layers with a stock forward, and its variants (ghost batches, batch
+    renormalization: the pass normalizes them as BatchNorm, their evaluation transform),
+    compute their statistics once (:func:`make_pass_forward`). A synchronizing layer of
+    another class runs torch's unsynchronized BatchNorm forward (its own syncs every batch
+    when distributed, and torch's refuses CPU input then). Every other layer runs its own
+    forward. Those two are watched by a hook (:func:`make_hook`).
     """
     module = acc.module
     family = family_of(type(module))
-    if family is not None and type(module) is family.ours:
+    if family is not None and (type(module) is family.ours or type(module) in family.variants):
         return make_pass_forward(acc, state), True
     if isinstance(module, BatchNormBase) and isinstance(module, SYNC_CLASSES):
         return make_pass_forward(acc, state), True

@@ -14,6 +14,8 @@ layer changes, so a refused model is left as it was.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..distributed import ORIGINAL_CLASS, SyncBatchNorm, forget_sync_state, last_input_rank
@@ -42,6 +44,8 @@ def _convert_target(cls: type, to: str) -> type | None:
     family = family_of(cls)
     if family is None:
         return None
+    if cls in family.variants:  # already ours; torch.nn's twin is the family's class
+        return family.torch if to == "torch" else cls
     for theirs, ours in ((family.torch, family.ours), (family.torch_lazy, family.lazy)):
         if theirs is not None and ours is not None and cls in (theirs, ours):
             return ours if to == "batchnorm" else theirs
@@ -55,8 +59,10 @@ def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
         model: Any module; the root may itself be a BatchNorm layer.
         to: ``"batchnorm"`` turns ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm``
             and (uninitialized) ``torch.nn.LazyBatchNorm1d/2d/3d`` into this package's twins
-            (:mod:`batchnorm.families`); ``"torch"`` turns them back. Layers already of the
-            target kind are left alone.
+            (:mod:`batchnorm.families`); ``"torch"`` turns them back, and turns this package's
+            variants (:mod:`batchnorm.variants`: ghost batches, batch renormalization) into
+            the torch.nn class of their rank, with a warning. Layers already of the target
+            kind are left alone.
 
     Returns:
         ``model`` itself (converted in place), for chaining.
@@ -66,6 +72,10 @@ def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
         TypeError: ``model`` holds a BatchNorm-like layer whose class is none of the exact
             classes above (a user subclass). The whole tree is checked first, so nothing is
             converted then.
+
+    Warns:
+        UserWarning: ``to="torch"`` converts variant layers: their evaluation is identical,
+            but in training they will normalize with the whole batch's statistics.
 
     Example:
         >>> import torch, batchnorm
@@ -79,12 +89,15 @@ def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
         raise ValueError(f"convert(): expected to='batchnorm' or to='torch', got {to!r}.")
     _check_model("convert()", model)
     swaps = []
+    variants = []
     for path, module in model.named_modules():
         cls = type(module)
         target = _convert_target(cls, to)
         if target is not None:
             if cls is not target:
                 swaps.append((module, target))
+                if cls in family_of(cls).variants:
+                    variants.append(f"{_path_text(path)} ({cls.__name__})")
         elif is_batchnorm_like(module):
             raise TypeError(
                 f"convert(): cannot convert {_path_text(path)} of type {_type_text(cls)}: only "
@@ -98,6 +111,14 @@ def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
             forget_sync_state(module)
             module.__dict__.pop(ORIGINAL_CLASS, None)
         module.__class__ = target
+    if variants:
+        warnings.warn(
+            f"convert(): {', '.join(variants)} became torch.nn BatchNorm layers; evaluation is "
+            "identical, but training now normalizes with the whole batch's statistics (no ghost "
+            "batches, no renormalization).",
+            UserWarning,
+            stacklevel=2,
+        )
     return model
 
 

@@ -15,6 +15,7 @@ hooks again, and build the optimizer again, after converting.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -32,7 +33,9 @@ def _frozen_classes() -> tuple[type, ...]:
 def _frozen_twin(cls: type) -> type | None:
     """The frozen class ``cls`` freezes into: a family's own or torch.nn's class."""
     family = family_of(cls)
-    if family is None or family.frozen is None or cls not in (family.ours, family.torch):
+    if family is None or family.frozen is None:
+        return None
+    if cls not in (family.ours, family.torch, *family.variants):
         return None
     return family.frozen
 
@@ -117,9 +120,11 @@ def _frozen_from(module: torch.nn.Module, trainable_affine: bool) -> torch.nn.Mo
         else:
             setattr(frozen, name, value.detach().clone())
     # Our layers' non-finite policy (torch's have none); back to the class default if unset.
-    frozen.frozen_from = FrozenOrigin(
-        type(module), module.momentum, getattr(module, "nonfinite", None)
-    )
+    # A variant (batchnorm.variants) is rebuilt with its own extra arguments.
+    origin = type(module)
+    if origin in family_of(origin).variants:
+        origin = functools.partial(origin, **module.variant_arguments())
+    frozen.frozen_from = FrozenOrigin(origin, module.momentum, getattr(module, "nonfinite", None))
     frozen.training = module.training
     return frozen
 
