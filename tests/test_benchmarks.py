@@ -28,6 +28,7 @@ from benchmarks import (  # noqa: E402
     bench_sweep,
     bench_sync,
     bench_training,
+    bench_variants,
     run_all,
 )
 from benchmarks.cases import make_case, make_kernel_case  # noqa: E402
@@ -91,6 +92,82 @@ def test_bench_modules_main_writes_json(tmp_path, capsys):
     rec = json.loads(path.read_text())
     assert rec["benchmark"] == "bench_modules" and len(rec["cases"]) == 1
     assert "torch/ours" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- bench_variants
+
+
+def _variant_args(**kwargs):
+    options = {"repeats": 3, "target_ms": 1.0, "warmup_s": 0.0, "seed": 0, "verbose": False}
+    return argparse.Namespace(**{**options, "virtual_batch_size": 2, **kwargs})
+
+
+def _wrong_variant(name, case, state, virtual_batch_size):
+    """The real layers, except ghost and renorm built with a wrong epsilon."""
+    module = bench_variants.build(name, case, state, virtual_batch_size)
+    if name in ("ghost", "renorm"):
+        module.eps = 1e-2
+    return module
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_bench_variants_case_times_all_four_then_wrong_variants_invalid(dtype):
+    # N = 7 with ghost batches of 2: chunks 2, 2, 3 (the grouped kernels and a merged remainder).
+    # float64 too: there .double() aliases, and the references must not touch the shared state.
+    case = make_case((7, 3, 2, 2), "fwd_bwd", dtype=dtype)
+    rec = bench_variants.bench_case(case, _variant_args())
+    assert rec["valid"] is True, rec["invalid_reason"]
+    assert rec["ghost_chunks"] == [2, 2, 3]
+    assert set(rec["times"]) == set(bench_variants.IMPLS)
+    for t in rec["times"].values():
+        assert t["q1"] <= t["median"] <= t["q3"] and t["n"] == len(t["samples"]) == 3
+    assert set(rec["ratio"]) == {"torch", "ghost", "renorm"}
+    assert set(rec["ratio_torch"]) == {"batchnorm", "ghost", "renorm"}
+    assert all(set(p) >= {"q1", "q3"} for p in rec["paired_ratio_torch"].values())
+
+    bad = bench_variants.bench_case(case, _variant_args(), build_fn=_wrong_variant)
+    assert bad["valid"] is False and set(bad["invalid_reason"]) == {"ghost", "renorm"}
+    assert bad["invalid_reason"]["ghost"].startswith("output:")
+    assert set(bad["times"]) == {"batchnorm", "torch"} and set(bad["ratio"]) == {"torch"}
+
+
+def test_bench_variants_main_prints_the_table_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "variants.json"
+    argv = ["--shapes", "smoke", "--threads", "1", "--repeats", "15", "--target-ms", "0.5"]
+    argv += ["--warmup-s", "0", "--virtual-batch-size", "2", "--json", str(path)]
+    assert bench_variants.main(argv) == 0
+    rec = json.loads(path.read_text())
+    assert rec["benchmark"] == "bench_variants" and rec["implementations"] == [
+        "batchnorm",
+        "torch",
+        "ghost",
+        "renorm",
+    ]
+    assert [c["case"]["mode"] for c in rec["cases"]] == ["fwd_bwd", "fwd_bwd"]
+    assert set(rec["machine"]["versions"]) >= {"python", "torch", "numpy", "numba"}
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("case"))
+    assert header.split() == [
+        "case",
+        "valid",
+        "torch/ours",
+        "ghost/ours",
+        "ghost/torch",
+        "renorm/ours",
+        "renorm/torch",
+        "ours",
+        "median",
+        "(IQR)",
+    ]
+    rows = [line for line in out.splitlines() if line.startswith("bn")]
+    assert len(rows) == 2 and all(row.split()[1] in ("ok", "ok~") for row in rows)
+
+
+def test_bench_variants_quick_set_is_fwd_bwd_with_the_large_batches():
+    names = [c.name for c in bench_variants.variant_cases("quick")]
+    assert "bn2d-64x64x56x56-f32-nc-fwd_bwd" in names
+    assert {"bn2d-256x64x16x16-f32-nc-fwd_bwd", "bn1d-256x512-f32-nc-fwd_bwd"} <= set(names)
+    assert all(name.endswith("fwd_bwd") for name in names)
 
 
 # --------------------------------------------------------------------------- bench_training

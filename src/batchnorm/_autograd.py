@@ -25,6 +25,7 @@ from . import _stages
 
 __all__ = [
     "EvalFn",
+    "GhostTrainFn",
     "NormalizeFn",
     "TrainFn",
     "apply",
@@ -171,6 +172,44 @@ class TrainFn(torch.autograd.Function):
         else:
             dx, dw, db = _stages.backward(dy, x, weight, mean, var, ctx.eps, True, ctx.route)
         return (*select_grads(ctx, dx, dw, db), None, None, None, None, None)
+
+
+class GhostTrainFn(torch.autograd.Function):
+    """Ghost batch norm's training forward on the grouped kernels: ``(x, weight, bias, size,
+    groups, eps) -> (y, (mean, var, merged_mean, merged_m2))`` (see
+    :func:`._stages.ghost_train_forward`); the second output is not a tensor."""
+
+    @staticmethod
+    def forward(x, weight, bias, size, groups, eps):
+        y, *stats = _stages.ghost_train_forward(x, size, groups, weight, bias, eps)
+        return y, tuple(stats)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _bias, size, _groups, eps = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.stats = output[1]
+        ctx.size = size
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, dy, _stats):
+        x, weight = ctx.saved_tensors
+        mean, var = ctx.stats[:2]
+        if _needs_composite(dy):
+            # Per chunk, in torch ops (differentiable again); the last chunk runs to N.
+            sizes = [ctx.size] * (mean.shape[0] - 1)
+            sizes.append(x.shape[0] - sum(sizes))
+            parts = [
+                composite_grads(d, c, weight, None, None, ctx.eps, True)
+                for d, c in zip(dy.split(sizes), x.split(sizes), strict=True)
+            ]
+            dx = torch.cat([p[0] for p in parts])
+            dw = torch.stack([p[1] for p in parts]).sum(0)
+            db = torch.stack([p[2] for p in parts]).sum(0)
+        else:
+            dx, dw, db = _stages.ghost_backward(dy, x, weight, mean, var, ctx.eps, ctx.size)
+        return (*select_grads(ctx, dx, dw, db), None, None, None)
 
 
 class EvalFn(torch.autograd.Function):

@@ -47,6 +47,8 @@ __all__ = [
     "backward_sums",
     "broadcast_shape",
     "eval_forward",
+    "ghost_backward",
+    "ghost_train_forward",
     "masked_moments",
     "moments",
     "native_batch_norm",
@@ -358,6 +360,75 @@ def backward(dy, x, weight, mean, var, eps: float, training: bool, route):
         kernel("backward_serial", layout, xa.dtype)(*args)
     else:
         run_parallel(kernel("backward_parallel", layout, xa.dtype), *args)
+    return dx, torch.from_numpy(dweight), torch.from_numpy(dbias)
+
+
+# --------------------------------------------------------------------------------------------
+# Ghost batches: the training passes per chunk of the batch (kernels/grouped.py)
+# --------------------------------------------------------------------------------------------
+
+
+def ghost_train_forward(x, size: int, groups: int, weight, bias, eps: float):
+    """Batch norm of each of ``groups`` chunks of ``size`` samples (the last runs to ``N``).
+
+    Only for a contiguous float32/float64 CPU ``x`` on the parallel route: one kernel call,
+    no copy of ``x``.
+
+    Returns:
+        ``(y, mean, var, merged_mean, merged_m2)``: the output (``x``'s shape, dtype and
+        layout); the chunks' means and *biased* variances, float64 ``(groups, C)`` (what the
+        backward needs); the whole batch's mean and M2, float64 ``(C,)`` (the chunks' moments
+        merged).
+    """
+    channels = x.shape[1]
+    xa = kernel_view(numpy_view(x), "nchw")
+    y, ya = empty_output(x, "nchw")
+    mean = np.empty((groups, channels))
+    var = np.empty((groups, channels))
+    merged_mean = np.empty(channels)
+    merged_m2 = np.empty(channels)
+    run_parallel(
+        kernel("ghost_train", "nchw", xa.dtype),
+        xa,
+        size,
+        optional_array(weight, x.dtype),
+        optional_array(bias, x.dtype),
+        eps,
+        ya,
+        mean,
+        var,
+        merged_mean,
+        merged_m2,
+    )
+    return y, mean, var, merged_mean, merged_m2
+
+
+def ghost_backward(dy, x, weight, mean, var, eps: float, size: int):
+    """Gradients of :func:`ghost_train_forward`: batch norm's training backward per chunk.
+
+    Returns:
+        ``(dx, dweight, dbias)``; ``dweight``/``dbias`` (summed over the chunks) have ``x``'s
+        dtype and shape ``(C,)``.
+    """
+    channels = x.shape[1]
+    xa = kernel_view(numpy_view(x), "nchw")
+    dya = kernel_view(numpy_view(dy.contiguous()), "nchw")
+    dx, dxa = empty_output(x, "nchw")
+    dweight = np.empty(channels, xa.dtype)
+    dbias = np.empty(channels, xa.dtype)
+    run_parallel(
+        kernel("ghost_backward", "nchw", xa.dtype),
+        dya,
+        xa,
+        size,
+        mean,
+        var,
+        optional_array(weight, x.dtype),
+        eps,
+        dxa,
+        dweight,
+        dbias,
+    )
     return dx, torch.from_numpy(dweight), torch.from_numpy(dbias)
 
 

@@ -33,16 +33,20 @@ import numbers
 import numpy as np
 import torch
 
+from . import _stages
+from ._autograd import GhostTrainFn, apply, records_graph
 from ._validate import (
     check_batch_norm_args,
     check_layer_input,
+    check_mask,
     check_nonfinite_policy,
     layer_name,
 )
 from .families import add_variant
 from .functional import batch_moments, forward_layer, normalize_batch, update_running
 from .modules import BatchNormBase
-from .stats import Moments, merge_all, merge_moments
+from .routing import choose
+from .stats import Moments, merge_all
 
 __all__ = [
     "BatchRenorm1d",
@@ -110,14 +114,6 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
-
-
-def _refuse_mask(layer, mask, kind: str) -> None:
-    if mask is not None:
-        raise NotImplementedError(
-            f"{type(layer).__name__}.forward(): mask is not supported by {kind} yet; call "
-            "it without mask (or use batchnorm.functional.normalize_batch(..., mask=...))."
-        )
 
 
 class _TrainingChecks:
@@ -199,9 +195,23 @@ class GhostBatchNormBase(_TrainingChecks, BatchNormBase):
     BatchNorm's: running statistics in evaluation, or the whole batch's statistics when the
     layer has none (``track_running_stats=False``).
 
-    Dtypes and cost: the ghost batches are regrouped (one copy) so that each becomes a channel of
-    one BatchNorm call on the package's kernels (float64 statistics, rounded once to the input's
-    dtype); merged statistics and the running update are float64 too.
+    Masks: ``forward(input, mask=...)`` takes BatchNorm's mask of real values
+    (:meth:`batchnorm.BatchNorm2d.forward`: ``True`` = real; padding is left out of the
+    statistics and of the running update, its output and gradient are 0; an all-``True`` mask
+    is the unmasked call). Each chunk is normalized with the statistics of its own real
+    positions; a chunk with fewer than 2 real values per channel has no spread of its own and
+    is normalized with the statistics of the whole batch's real values (gradients flow through
+    those). The one running update uses all real values. Fewer than 2 real values in the whole
+    batch, a batch of one chunk, and evaluation mode are BatchNorm's masked call. The masked
+    call runs in torch ops (float64 on the CPU).
+
+    Dtypes and cost: a contiguous float32/float64 CPU input runs on dedicated kernels
+    (:mod:`batchnorm.kernels.grouped`), one call forward and one backward, without copying the
+    input: each chunk is one contiguous block, and each (chunk, channel) pair is normalized from
+    cache right after its float64 statistics are taken (rounded once to the input's dtype).
+    Channels-last input is copied to a contiguous one first (and its gradient back); inputs the
+    kernels do not take (another device or dtype, a process made by fork) run BatchNorm on each
+    chunk in turn. Merged statistics and the running update are float64.
 
     Args:
         num_features: :math:`C`.
@@ -229,6 +239,7 @@ class GhostBatchNormBase(_TrainingChecks, BatchNormBase):
         *,
         bias: bool = True,
         nonfinite: str = "skip",
+        single_value: str = "raise",
     ) -> None:
         _check_int(f"{type(self).__name__}()", "virtual_batch_size", virtual_batch_size, 1)
         super().__init__(
@@ -241,6 +252,7 @@ class GhostBatchNormBase(_TrainingChecks, BatchNormBase):
             dtype,
             bias=bias,
             nonfinite=nonfinite,
+            single_value=single_value,
         )
         self.virtual_batch_size = int(virtual_batch_size)
 
@@ -252,109 +264,114 @@ class GhostBatchNormBase(_TrainingChecks, BatchNormBase):
         return {"virtual_batch_size": self.virtual_batch_size}
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        _refuse_mask(self, mask, "GhostBatchNorm")
+        if mask is not None:
+            return _ghost_forward_masked(self, input, mask)
         if not self.training or not isinstance(input, torch.Tensor):
             return forward_layer(self, input)
+        if input.dim() >= 2 and (
+            input.shape[0] <= self.virtual_batch_size + 1 or input.numel() == 0
+        ):
+            # One chunk: BatchNorm itself, with its checks and its single_value policy.
+            return BatchNormBase.forward(self, input)
         where, running_mean, running_var, counter = self._checked_training_call(input)
-        if input.shape[0] <= self.virtual_batch_size + 1 or input.numel() == 0:
-            return forward_layer(self, input)  # one chunk: BatchNorm itself
         full, last = ghost_chunks(input.shape[0], self.virtual_batch_size)
-        # Every chunk has virtual_batch_size examples or more (the last one: 2 or more), so
-        # only chunks of one example with no spatial extent have one value per channel.
-        if self.virtual_batch_size == 1 and input[0].numel() == input.shape[1]:
-            raise ValueError(
-                f"{where()}: expected more than 1 value per channel in each ghost batch when "
-                f"training, got virtual_batch_size={self.virtual_batch_size} for input of "
-                f"shape {tuple(input.shape)}; use virtual_batch_size >= 2."
-            )
-        weight, bias, eps = self.weight, self.bias, self.eps
-        # split, not two slices: its backward joins the two gradients in one pass.
-        parts = input.split([full * self.virtual_batch_size, last]) if last else (input,)
-        pieces = [
-            _ghost_normalize(part, groups, weight, bias, eps, where)
-            for part, groups in zip(parts, (full, 1), strict=False)
-        ]
-        output = torch.cat([y for y, _ in pieces]) if last else pieces[0][0]
-        output = output.contiguous(memory_format=_memory_format(input))
-        if running_mean is not None:
+        _refuse_chunks_of_one_value(where, self.virtual_batch_size, input)
+        weight, bias, eps, size = self.weight, self.bias, self.eps, self.virtual_batch_size
+        if choose(input, "stage") == "parallel":
+            # The grouped kernels take a contiguous input: channels-last data is copied there
+            # (autograd copies the gradient back), and the output returns to its layout.
+            groups = full + (1 if last else 0)
+            output, merged = _ghost_grouped(input.contiguous(), size, groups, weight, bias, eps)
+            output = output.contiguous(memory_format=_memory_format(input))
+        else:
+            # torch's route (another device or dtype, a forked process): BatchNorm per chunk.
+            sizes = [size] * full + ([last] if last else [])
+            parts = input.split(sizes)
+            pieces = [normalize_batch(x, weight, bias, eps, where=where) for x in parts]
+            output = torch.cat([y for y, _ in pieces])
             merged = merge_all(moments for _, moments in pieces)
+        if running_mean is not None:
             self._update_running(where, running_mean, running_var, merged, counter)
         return output
 
 
-def _regroup(x: torch.Tensor, groups: int, inverse: bool) -> torch.Tensor:
-    """``(groups * k, C, *)`` -> ``(k, groups * C, *)`` (chunk g's channel c becomes channel
-    ``g * C + c``), or back with ``inverse``; one contiguous copy."""
-    rest = x.shape[2:]
-    if inverse:
-        size, channels = x.shape[0], x.shape[1] // groups
-        split = x.reshape(size, groups, channels, *rest).transpose(0, 1)
-        return split.reshape(groups * size, channels, *rest)
-    size, channels = x.shape[0] // groups, x.shape[1]
-    split = x.reshape(groups, size, channels, *rest).transpose(0, 1)
-    return split.reshape(size, groups * channels, *rest)
-
-
-class _Regroup(torch.autograd.Function):
-    """:func:`_regroup` with the inverse regrouping as its backward: one copy each way, where
-    autograd through reshape and transpose makes two in the backward."""
-
-    # forward(ctx, ...) rather than setup_context: apply() then binds no signature (~40 us).
-    @staticmethod
-    def forward(ctx, x, groups, inverse):
-        ctx.groups, ctx.inverse = groups, inverse
-        return _regroup(x, groups, inverse)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _Regroup.apply(grad, ctx.groups, not ctx.inverse), None, None
-
-
-def _ghost_normalize(x, groups, weight, bias, eps, where):
-    """BatchNorm of each of ``groups`` equal consecutive chunks of ``x``, in one call.
-
-    Chunk ``g``'s channel ``c`` becomes channel ``g * C + c`` of a ``(k, groups * C, *)``
-    batch (one copy): each ghost batch is then a channel of ordinary BatchNorm, which the
-    package's fused kernels normalize with float64 statistics and differentiate through those
-    statistics, exactly BatchNorm of each chunk alone. Returns the output (the shape of ``x``)
-    and the chunks' :class:`Moments` merged.
-    """
-    if groups == 1:
-        return normalize_batch(x, weight, bias, eps, where=where)
-    regrouped = _Regroup.apply(x, groups, False)
-    weight = None if weight is None else weight.repeat(groups)  # its gradient sums the chunks'
-    bias = None if bias is None else bias.repeat(groups)
-    y, moments = normalize_batch(regrouped, weight, bias, eps, where=where)
-    y = _Regroup.apply(y, groups, True)
-    return y, _merge_groups(moments, groups)
-
-
-def _merge_groups(moments: Moments, groups: int) -> Moments:
-    """Merge the ``groups`` blocks of ``C`` channels of ``moments`` into one ``(C,)`` summary.
-
-    A tree of :func:`batchnorm.stats.merge_moments` calls, each merging the first half of the
-    blocks with the second half as wider arrays: about log2(groups) calls instead of one per
-    chunk; Chan's merge is exact in any order up to rounding.
-    """
-    mean = moments.mean.reshape(groups, -1)
-    m2 = moments.m2.reshape(groups, -1)
-    counts = np.full(groups, moments.count)
-    while mean.shape[0] > 1:
-        half = mean.shape[0] // 2
-        first = Moments(
-            np.repeat(counts[:half], mean.shape[1]), mean[:half].ravel(), m2[:half].ravel()
+def _refuse_chunks_of_one_value(where, size: int, input: torch.Tensor) -> None:
+    # Every chunk has `size` examples or more (the last one: 2 or more), so only chunks of one
+    # example with no spatial extent have one value per channel.
+    if size == 1 and input[0].numel() == input.shape[1]:
+        raise ValueError(
+            f"{where()}: expected more than 1 value per channel in each ghost batch when "
+            f"training, got virtual_batch_size={size} for input of shape "
+            f"{tuple(input.shape)}; use virtual_batch_size >= 2."
         )
-        second = Moments(
-            np.repeat(counts[half : 2 * half], mean.shape[1]),
-            mean[half : 2 * half].ravel(),
-            m2[half : 2 * half].ravel(),
+
+
+def _ghost_grouped(x, size, groups, weight, bias, eps):
+    """Ghost batch norm of a contiguous ``x`` on the grouped kernels: one call, no copy of ``x``.
+
+    Returns the output and the whole batch's :class:`Moments` (the chunks' merged).
+    """
+    if records_graph(x, weight, bias):
+        y, (_, _, mean, m2) = apply(GhostTrainFn, x, weight, bias, size, groups, eps)
+    else:
+        y, _, _, mean, m2 = _stages.ghost_train_forward(x, size, groups, weight, bias, eps)
+    return y, Moments(x.numel() // x.shape[1], mean, m2)
+
+
+def _ghost_forward_masked(layer, input, mask):
+    """:meth:`GhostBatchNormBase.forward` with a mask of real values (torch ops, float64 on the
+    CPU): every check first; one chunk, evaluation or fewer than 2 real values in the whole
+    batch are BatchNorm's masked call, an all-True mask the unmasked call."""
+    if not (layer.training and isinstance(input, torch.Tensor)):
+        return BatchNormBase.forward(layer, input, mask)
+    where, running_mean, running_var, counter = layer._checked_training_call(input)
+    check_mask(where, input, mask)
+    size = layer.virtual_batch_size
+    if input.shape[0] <= size + 1 or input.numel() == 0:
+        return BatchNormBase.forward(layer, input, mask)  # one chunk: BatchNorm itself
+    _refuse_chunks_of_one_value(where, size, input)
+    if bool(mask.all()):
+        return layer.forward(input)  # nothing is padding: the unmasked call (grouped kernels)
+    excluded = ~mask
+    # Padding replaced by zeros, so that its values (NaN, Inf) never reach the arithmetic.
+    clean = input.masked_fill(excluded.unsqueeze(1), 0)
+    count, mean, m2 = _stages.masked_moments(clean, excluded)
+    if count < 2:
+        # Too few real values for any statistics: BatchNorm's rule for that (its single_value
+        # policy: raise, or normalize with the running statistics) applies to the whole batch.
+        return BatchNormBase.forward(layer, input, mask)
+    full, last = ghost_chunks(input.shape[0], size)
+    sizes = [size] * full + ([last] if last else [])
+    per_chunk = mask.reshape(mask.shape[0], -1).sum(dim=1).split(sizes)
+    shape = _stages.broadcast_shape(input)
+    batch_invstd = torch.rsqrt(m2 / count + layer.eps)
+    pieces = []
+    for x_chunk, out_chunk, real in zip(
+        clean.split(sizes), excluded.split(sizes), per_chunk, strict=True
+    ):
+        real = int(real.sum())
+        if real >= 2:
+            _, chunk_mean, chunk_m2 = _stages.masked_moments(x_chunk, out_chunk)
+            chunk_invstd = torch.rsqrt(chunk_m2 / real + layer.eps)
+        else:
+            # A chunk with fewer than 2 real values has no spread of its own: it is normalized
+            # with the statistics of the whole batch's real values.
+            chunk_mean, chunk_invstd = mean, batch_invstd
+        pieces.append(
+            (x_chunk.to(mean.dtype) - chunk_mean.reshape(shape)) * chunk_invstd.reshape(shape)
         )
-        merged = merge_moments(first, second)
-        mean = np.concatenate([merged.mean.reshape(half, -1), mean[2 * half :]])
-        m2 = np.concatenate([merged.m2.reshape(half, -1), m2[2 * half :]])
-        # An odd block out (the last) waits for the next round.
-        counts = np.concatenate([counts[:half] + counts[half : 2 * half], counts[2 * half :]])
-    return Moments(int(counts[0]), mean[0].copy(), m2[0].copy())
+    output = torch.cat(pieces)
+    if layer.weight is not None:
+        output = output * layer.weight.to(mean.dtype).reshape(shape)
+    if layer.bias is not None:
+        output = output + layer.bias.to(mean.dtype).reshape(shape)
+    output = output.to(input.dtype).masked_fill(excluded.unsqueeze(1), 0)
+    output = output.contiguous(memory_format=_memory_format(input))
+    if running_mean is not None:
+        stats = torch.stack([mean.detach(), m2.detach()]).double().cpu().numpy()
+        merged = Moments(count, stats[0].copy(), stats[1].copy())
+        layer._update_running(where, running_mean, running_var, merged, counter)
+    return output
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,6 +414,14 @@ class BatchRenormBase(_TrainingChecks, BatchNormBase):
     (``track_running_stats=False``) :math:`r = 1, d = 0`: the layer is BatchNorm. Evaluation
     mode is BatchNorm's.
 
+    Masks, ``forward(input, mask)``: as BatchNorm's (:meth:`batchnorm.BatchNorm2d.forward`,
+    ``True`` = real value, checked before any state changes). Padding is left out of
+    :math:`\mu_B`, :math:`\sigma_B^2` (hence of :math:`r`, :math:`d`) and of the running update;
+    its output and gradient are zero, NaN there is harmless; an all-``True`` mask is the unmasked
+    call. Fewer than 2 (real) values per channel in training: BatchNorm's ``single_value`` policy
+    (``"raise"``: ``ValueError``; ``"use_running"``: the running statistics normalize, no
+    :math:`r`, :math:`d`, and neither they nor ``num_batches_tracked`` change).
+
     Dtypes: statistics, :math:`r` and :math:`d` in float64; the normalization is the package's
     BatchNorm kernel with scale :math:`\gamma r` and shift :math:`\gamma d + \beta` rounded to
     the parameters' dtype.
@@ -410,6 +435,7 @@ class BatchRenormBase(_TrainingChecks, BatchNormBase):
         dmax: Limit of :math:`|d|`, a finite float >= 0.
         warmup: Training steps over which the limits ramp up, an int >= 0.
         track_running_stats, device, dtype, bias, nonfinite: As for BatchNorm.
+        single_value: Keyword-only, ``"raise"`` or ``"use_running"``: as for BatchNorm.
 
     Raises:
         TypeError: ``rmax``/``dmax`` not numbers, ``warmup`` not an int.
@@ -432,6 +458,7 @@ class BatchRenormBase(_TrainingChecks, BatchNormBase):
         *,
         bias: bool = True,
         nonfinite: str = "skip",
+        single_value: str = "raise",
     ) -> None:
         where = f"{type(self).__name__}()"
         _check_limit(where, "rmax", rmax, 1.0)
@@ -447,6 +474,7 @@ class BatchRenormBase(_TrainingChecks, BatchNormBase):
             dtype,
             bias=bias,
             nonfinite=nonfinite,
+            single_value=single_value,
         )
         self.rmax = float(rmax)
         self.dmax = float(dmax)
@@ -505,13 +533,27 @@ class BatchRenormBase(_TrainingChecks, BatchNormBase):
         return r, d
 
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        _refuse_mask(self, mask, "BatchRenorm")
         if not self.training or not isinstance(input, torch.Tensor):
-            return forward_layer(self, input)
+            return BatchNormBase.forward(self, input, mask)  # evaluation is BatchNorm's
+        padding = None
+        # At most one value per channel (or none): no sigma_B, hence no r.
+        too_few = input.dim() >= 2 and input.numel() <= input.shape[1]
+        if mask is not None:
+            where = functools.partial(layer_name, self)
+            check_layer_input(where, self, input, _state_dtype(self))
+            check_mask(where, input, mask)
+            count = int(mask.sum())  # real values per channel (the mask has no channel axis)
+            mask, padding = (None, None) if count == mask.numel() else (mask, ~mask)
+            too_few = count < 2
+        if too_few:
+            return BatchNormBase.forward(self, input, mask)  # BatchNorm's single_value rule
         where, running_mean, running_var, counter = self._checked_training_call(input)
-        if running_mean is None or input.numel() == 0:
-            return forward_layer(self, input)  # r = 1, d = 0: BatchNorm
-        moments = batch_moments(input, where=where)
+        if running_mean is None:
+            return BatchNormBase.forward(self, input, mask)  # r = 1, d = 0: BatchNorm
+        # Padding zeroed first (as BatchNorm's masked call): NaN there would reach the weight's
+        # gradient as 0 * NaN.
+        x = input if mask is None else _zero_padding(input, padding)
+        moments = batch_moments(x, mask, where=where)
         # The biased variance (more than one value per channel was checked).
         r, d = self.correction(moments.mean, moments.m2 / moments.count)
         weight, bias = self.weight, self.bias
@@ -523,9 +565,14 @@ class BatchRenormBase(_TrainingChecks, BatchNormBase):
             shift = d_t if weight is None else d_t * weight
             weight = r_t if weight is None else r_t * weight
             bias = shift if bias is None else shift + bias
-        output, _ = normalize_batch(input, weight, bias, self.eps, where=where)
+        output, _ = normalize_batch(x, weight, bias, self.eps, mask=mask, where=where)
         self._update_running(where, running_mean, running_var, moments, counter)
-        return output
+        return output if mask is None else _zero_padding(output, padding)
+
+
+def _zero_padding(t: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    # As modules.py's: a copy in t's memory format (masked_fill broadcast over C loses it).
+    return t.clone(memory_format=torch.preserve_format).masked_fill_(padding.unsqueeze(1), 0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from .fused import (
     train_parallel_nchw,
     train_parallel_nhwc,
 )
+from .grouped import ghost_backward_nchw, ghost_train_nchw
 from .moments import merge_moments_into, moments_nchw, moments_nhwc, moments_serial
 from .normalize import normalize_nchw, normalize_nhwc
 from .serial import (
@@ -63,6 +64,10 @@ __all__ = [
     "backward_serial_nhwc",
     "eval_serial_nchw",
     "eval_serial_nhwc",
+    "GROUPED_KERNELS",
+    "GROUPED_OPS",
+    "ghost_backward_nchw",
+    "ghost_train_nchw",
     "moments_nchw",
     "moments_nhwc",
     "normalize_nchw",
@@ -88,6 +93,10 @@ OPS = (
     "train_parallel",
     "backward_parallel",
 )
+# Kernels over chunks of the batch (ghost batch norm, see grouped.py): nchw only, since a chunk
+# of a contiguous (N, C, S) array is one contiguous block. Kept apart from KERNELS, whose ops
+# every layout covers.
+GROUPED_OPS = ("ghost_train", "ghost_backward")
 LAYOUTS = ("nchw", "nhwc")
 DTYPE_NAMES = ("float32", "float64")
 
@@ -133,6 +142,13 @@ KERNELS: dict[tuple[str, str, str], Callable] = {
     ("backward_parallel", "nhwc", "float64"): backward_parallel_nhwc,
 }
 
+GROUPED_KERNELS: dict[tuple[str, str, str], Callable] = {
+    ("ghost_train", "nchw", "float32"): ghost_train_nchw,
+    ("ghost_train", "nchw", "float64"): ghost_train_nchw,
+    ("ghost_backward", "nchw", "float32"): ghost_backward_nchw,
+    ("ghost_backward", "nchw", "float64"): ghost_backward_nchw,
+}
+
 
 def _dtype_name(dtype) -> str | None:
     try:
@@ -148,7 +164,9 @@ def select_kernel(op: str, layout: str, dtype) -> Callable | None:
         op: One of :data:`OPS`: the parallel building blocks ``"moments"``, ``"normalize"``,
             ``"backward_reduce"``, ``"backward_apply"``, the serial fused passes for small
             inputs ``"train_serial"``, ``"eval_serial"``, ``"backward_serial"``, or the whole
-            parallel passes ``"train_parallel"``, ``"backward_parallel"``.
+            parallel passes ``"train_parallel"``, ``"backward_parallel"``; or one of
+            :data:`GROUPED_OPS`, the ghost batch norm passes ``"ghost_train"``,
+            ``"ghost_backward"`` (``"nchw"`` only).
         layout: ``"nchw"`` or ``"nhwc"``; any other value is "not covered".
         dtype: A NumPy dtype, NumPy scalar type or dtype name (``np.float32``,
             ``np.dtype("float64")``, ``"float32"``). Anything NumPy cannot interpret (for example
@@ -166,8 +184,10 @@ def select_kernel(op: str, layout: str, dtype) -> Callable | None:
         >>> select_kernel("moments", "nchw", "float16") is None
         True
     """
+    if op in GROUPED_OPS:
+        return GROUPED_KERNELS.get((op, layout, _dtype_name(dtype)))
     if op not in OPS:
-        raise ValueError(f"select_kernel(): expected op in {OPS!r}, got {op!r}.")
+        raise ValueError(f"select_kernel(): expected op in {OPS + GROUPED_OPS!r}, got {op!r}.")
     return KERNELS.get((op, layout, _dtype_name(dtype)))
 
 
@@ -203,6 +223,8 @@ def warmup(dtypes: Iterable[str] = DTYPE_NAMES) -> None:
             _run_all(np.ones(shape, dtype=name), layout="nchw")
         for shape in ((3, 2), (3, 1)):
             _run_all(np.ones(shape, dtype=name), layout="nhwc")
+        for shape in ((4, 2, 3), (4, 2, 1)):  # both variants of the ghost kernels
+            _run_grouped(np.ones(shape, dtype=name))
     # The merge and the serial moments of stats (float64 data and per-channel vectors).
     ones = np.ones(2)
     moments_serial(np.ones((2, 2, 3)), ones.copy(), ones.copy())
@@ -238,3 +260,14 @@ def _run_all(x: np.ndarray, layout: str) -> None:
         KERNELS["eval_serial", layout, name](x, own, own, params, params, 1e-5, out)
     for factor in (0.1, 1.0):
         update_running(own.copy(), own.copy(), a, b, 2, factor, 1e38)
+
+
+def _run_grouped(x: np.ndarray) -> None:
+    n_chan = x.shape[1]
+    stats = [np.zeros((2, n_chan)) for _ in range(2)]
+    merged = [np.zeros(n_chan) for _ in range(2)]
+    params = np.ones(n_chan, dtype=x.dtype)
+    out = np.empty_like(x)
+    grads = (np.empty(n_chan, dtype=x.dtype), np.empty(n_chan, dtype=x.dtype))
+    ghost_train_nchw(x, 2, params, params, 1e-5, out, *stats, *merged)
+    ghost_backward_nchw(x, x, 2, *stats, params, 1e-5, out, *grads)
