@@ -529,7 +529,7 @@ def _dispatch_lines() -> list[str]:
 def _cmd_warmup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import numba
 
-    from .kernels import KERNELS, warmup
+    from .kernels import GROUPED_KERNELS, KERNELS, warmup
 
     if numba.config.DISABLE_JIT:
         print("NUMBA_DISABLE_JIT=1: the kernels run as plain Python; there is nothing to compile.")
@@ -537,7 +537,7 @@ def _cmd_warmup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     start = time.perf_counter()
     warmup()
     elapsed = time.perf_counter() - start
-    kernels = set(KERNELS.values())
+    kernels = set(KERNELS.values()) | set(GROUPED_KERNELS.values())
     specialisations = sum(len(getattr(k, "signatures", ())) for k in kernels)
     print(
         f"{len(kernels)} Numba kernels ({specialisations} type specialisations) ready in "
