@@ -411,6 +411,19 @@ def machine_info() -> dict:
     }
 
 
+def format_number(v: float) -> str:
+    """About three significant digits, never in exponent notation."""
+    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+
+
+def format_time(t: dict | None) -> str:
+    """A timing summary as ``"<median> <unit> (<iqr>)"`` in ms or us; ``"-"`` for none."""
+    if t is None:
+        return "-"
+    scale, unit = (1e3, "ms") if t["median"] >= 1e-3 else (1e6, "us")
+    return f"{format_number(t['median'] * scale)} {unit} ({format_number(t['iqr'] * scale)})"
+
+
 def format_table(header: list[str], rows: list[list[str]], align: str) -> str:
     """Fixed-width text table; ``align`` holds one ``<`` or ``>`` per column."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]

@@ -174,7 +174,8 @@ def mismatch(got: dict, want: dict, tol: dict) -> str | None:
         if o is None:
             return f"{key}: missing"
         try:
-            torch.testing.assert_close(o, w, **tol)
+            # The observed dtype may be the data's (float32) where the reference is float64.
+            torch.testing.assert_close(o.to(w.dtype), w, **tol)
         except AssertionError as err:
             first = " ".join(str(err).split("\n")[:4])
             return f"{key}: {first}"
@@ -350,18 +351,6 @@ def bench_case(case: Case, impls: dict[str, Factory], args: argparse.Namespace) 
 # --------------------------------------------------------------------------- report
 
 
-def _num(v: float) -> str:
-    """About three significant digits, never in exponent notation."""
-    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
-
-
-def _fmt_ms(t: dict | None) -> str:
-    if t is None:
-        return "-"
-    scale, unit = (1e3, "ms") if t["median"] >= 1e-3 else (1e6, "us")
-    return f"{_num(t['median'] * scale)} {unit} ({_num(t['iqr'] * scale)})"
-
-
 def _fmt_pct(frac: float | None) -> str:
     return "-" if frac is None else f"{100 * frac:.0f}%"
 
@@ -393,8 +382,8 @@ def report_rows(
         row += [
             _fmt_pct(r["roofline"].get("batchnorm")),
             _fmt_pct(r["roofline"].get("torch")),
-            _fmt_ms(times.get("torch")),
-            _fmt_ms(times.get("batchnorm")),
+            _harness.format_time(times.get("torch")),
+            _harness.format_time(times.get("batchnorm")),
         ]
         rows.append(row)
     align = "<<" + ">>" * len(baselines) + ">>>>"
@@ -536,9 +525,9 @@ def main(argv: list[str] | None = None, extra: dict[str, Factory] | None = None)
     for i, case in enumerate(cases, 1):
         rec = bench_case(case, impls, args)
         records.append(rec)
-        tt, to = rec["times"].get("torch"), rec["times"].get("batchnorm")
+        tt, to = (_harness.format_time(rec["times"].get(k)) for k in ("torch", "batchnorm"))
         msg = (
-            f"ratio {rec['ratio']['torch']:.2f}  torch {_fmt_ms(tt)}  ours {_fmt_ms(to)}"
+            f"ratio {rec['ratio']['torch']:.2f}  torch {tt}  ours {to}"
             if rec["valid"]
             else f"INVALID: {rec['invalid_reason']['batchnorm']}"
         )

@@ -51,15 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _harness
+from .bench_modules import RESULTS_DIR, TOL, first_call, mismatch
 from .cases import CASE_SETS, Case, make_case
-
-#: Validation tolerances against the float64 reference, per dtype (the test suite's table).
-TOL = {
-    torch.float32: {"rtol": 1e-4, "atol": 1e-5},
-    torch.float64: {"rtol": 1e-10, "atol": 1e-10},
-}
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 #: The implementations, in the order of the table; ``batchnorm`` is the ``/ours`` yardstick.
 IMPLS = ("batchnorm", "torch", "ghost", "renorm")
@@ -191,41 +184,6 @@ def reference(name: str, x: torch.Tensor, g: torch.Tensor, state: dict, vbs: int
     }
 
 
-def first_call(module: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[dict, float]:
-    """The validation call (it also pays compilation): what a user can observe after it."""
-    x.grad = None
-    module.zero_grad(set_to_none=True)
-    t0 = time.perf_counter()
-    y = module(x)
-    y.backward(g)
-    elapsed = time.perf_counter() - t0
-    observed = {
-        "output": y.detach(),
-        "grad input": x.grad,
-        "grad weight": module.weight.grad,
-        "grad bias": module.bias.grad,
-        "running_mean": module.running_mean.detach().clone(),
-        "running_var": module.running_var.detach().clone(),
-        "num_batches_tracked": module.num_batches_tracked.detach().clone(),
-    }
-    x.grad = None
-    module.zero_grad(set_to_none=True)
-    return observed, elapsed
-
-
-def mismatch(got: dict, want: dict, tol: dict) -> str | None:
-    """The first observed quantity of ``got`` not close to the float64 ``want``; else None."""
-    for key, w in want.items():
-        o = got.get(key)
-        if o is None:
-            return f"{key}: missing"
-        try:
-            torch.testing.assert_close(o.to(w.dtype), w, **tol)
-        except AssertionError as err:
-            return f"{key}: " + " ".join(str(err).split("\n")[:4])
-    return None
-
-
 def make_runner(module: torch.nn.Module, inputs: list[torch.Tensor], g: torch.Tensor):
     """``run(n)``: ``n`` training steps of the layer, each on the next input of the cycle."""
     params = list(module.parameters())
@@ -264,7 +222,7 @@ def bench_case(case: Case, args: argparse.Namespace, impls=IMPLS, build_fn=build
     for name in impls:
         try:
             module = build_fn(name, case, state, vbs)
-            observed, first_s[name] = first_call(module, inputs[0], g)
+            observed, first_s[name] = first_call(module, case, inputs[0], g)
         except Exception as err:  # noqa: BLE001 - a failure of ours is a finding, not a crash
             if name == "torch":
                 raise
@@ -318,17 +276,6 @@ def bench_case(case: Case, args: argparse.Namespace, impls=IMPLS, build_fn=build
 # --------------------------------------------------------------------------- report
 
 
-def _num(v: float) -> str:
-    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
-
-
-def _fmt_time(t: dict | None) -> str:
-    if t is None:
-        return "-"
-    scale, unit = (1e3, "ms") if t["median"] >= 1e-3 else (1e6, "us")
-    return f"{_num(t['median'] * scale)} {unit} ({_num(t['iqr'] * scale)})"
-
-
 def _fmt_ratio(ratio: dict, paired: dict, key: str) -> str:
     if key not in ratio:
         return "-"
@@ -356,7 +303,7 @@ def report_rows(records: list[dict]) -> tuple[list[str], list[list[str]], str]:
         row = [r["case"]["name"], valid]
         for _, table, key in COLUMNS:
             row.append(_fmt_ratio(r[table], r[f"paired_{table}"], key))
-        row.append(_fmt_time(r["times"].get("batchnorm")))
+        row.append(_harness.format_time(r["times"].get("batchnorm")))
         rows.append(row)
     return header, rows, "<<" + ">" * (len(COLUMNS) + 1)
 
