@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._atomic import atomic_path
+
 __all__ = ["DATASETS", "Dataset", "cache_dir", "load_dataset", "read_idx", "write_idx"]
 
 # name -> one-line description, for `batchnorm lab list` and error messages.
@@ -223,10 +225,8 @@ def _cached(args: object, make_dataset: object) -> dict:
         except (OSError, KeyError, ValueError):
             pass  # regenerate below
     data = _generate(args, make_dataset)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **{k: np.asarray(data[k]) for k in keys})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **{k: np.asarray(data[k]) for k in keys})
     return data
 
 

@@ -17,7 +17,6 @@ verdict, and what they lack is shown as an em dash.
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import math
 import os
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._atomic import write_text
 from ._run_files import CONFIG_FILE, read_json, read_summary
 from .protocol import MIN_SEEDS_FOR_RECORD
 from .registry import get_experiment
@@ -350,23 +350,6 @@ def _facts(run: _Run) -> str:
 # --- writing ------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: a
-    reader sees the old file or the new one, never half of one."""
-    # Named by process id, as the runner names its own: a plain open() keeps the umask's file
-    # mode (mkstemp's would be 0600), and two processes never share a temporary file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 def _relative_link(path: Path, out_dir: Path) -> str:
     relative = Path(os.path.relpath(path.resolve(), out_dir.resolve())).as_posix()
     return urllib.parse.quote(relative)
@@ -513,6 +496,6 @@ def write_report(
     runs = [_read_run(Path(d), seconds) for d in run_dirs]
     out_dir.mkdir(parents=True, exist_ok=True)
     html_path, md_path = out_dir / HTML_FILE, out_dir / MARKDOWN_FILE
-    _write_atomic(md_path, _markdown(runs, out_dir, preset))
-    _write_atomic(html_path, _html(runs, preset))
+    write_text(md_path, _markdown(runs, out_dir, preset))
+    write_text(html_path, _html(runs, preset))
     return html_path, md_path

@@ -31,12 +31,13 @@ import platform
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ._atomic import atomic_path, write_text
 from ._parallel import worth_parallel
 from ._run_files import (
     CONFIG_FILE,
@@ -66,27 +67,7 @@ REPORT_FILE = "summary.md"
 METRICS_FILE = "metrics.jsonl"
 
 
-# --- atomic files -----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def _write_text(path: Path, text: str) -> None:
-    with _atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+# --- atomic files ---------------------------------------------------------------------------------
 
 
 def _write_json(path: Path, data: Any, compact: bool = False) -> None:
@@ -96,19 +77,19 @@ def _write_json(path: Path, data: Any, compact: bool = False) -> None:
         text = json.dumps(data, separators=(",", ":"), allow_nan=False)
     else:
         text = json.dumps(data, indent=1, allow_nan=False)
-    _write_text(path, text + "\n")
+    write_text(path, text + "\n")
 
 
 def _save_torch(path: Path, obj: Any) -> None:
     import torch
 
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
 def _save_figure(path: Path, figure: Any) -> None:
     # The lab's figures are matplotlib.figure.Figure objects outside pyplot: nothing to close.
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         figure.savefig(tmp, format=path.suffix.lstrip("."), dpi=figure.dpi)
 
 
@@ -483,12 +464,12 @@ def _execute(
     summary = experiment.summarize(config, results)
     summary["wall_seconds"] = time.perf_counter() - start
     rows = [row for seed in seeds for row in experiment.metric_rows(results[seed])]
-    with _atomic_path(run_dir / METRICS_FILE) as tmp:
+    with atomic_path(run_dir / METRICS_FILE) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, allow_nan=False) + "\n")
     figures = _write_figures(run_dir, experiment, config, results, summary)
-    _write_text(run_dir / REPORT_FILE, "\n".join(summary["report"]) + "\n")
+    write_text(run_dir / REPORT_FILE, "\n".join(summary["report"]) + "\n")
     # Last: its presence marks the run complete.
     _write_json(run_dir / SUMMARY_FILE, summary)
     if verbose:
