@@ -74,7 +74,7 @@ def run_all(
             f"lab run all: expected a preset every experiment has, got {preset!r}, which "
             f"{', '.join(missing)} lacks."
         )
-    run_dirs, seconds = {}, {}
+    run_dirs, seconds, claims = {}, {}, []
     for experiment in EXPERIMENTS.values():
         start = time.perf_counter()
         found, complete = _existing(out, experiment.name, preset)
@@ -96,9 +96,6 @@ def run_all(
         run_dirs[experiment.name] = run_dir
         summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
         seconds[experiment.name] = float(summary.get("wall_seconds", time.perf_counter() - start))
+        claims += [{"experiment": experiment.name, **row} for row in summary.get("claims", [])]
     html, markdown = write_report(out, list(run_dirs.values()), preset=preset, seconds=seconds)
-    claims = []
-    for name, run_dir in run_dirs.items():
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
-        claims += [{"experiment": name, **row} for row in summary.get("claims", [])]
     return SuiteResult(html, markdown, run_dirs, seconds, claims)

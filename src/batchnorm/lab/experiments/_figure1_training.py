@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -316,16 +317,12 @@ def tune_score(
 ) -> float:
     """One arm trained alone at learning rate ``lr``: its best smoothed validation accuracy
     (the quantity the speed target is built from; NaN if the loss diverged)."""
-    trial = Figure1Config(**{**_fields(config), "lrs": {**config.lrs, arm: float(lr)}})
+    trial = dataclasses.replace(config, lrs={**config.lrs, arm: float(lr)})
     result = _train(trial, data, seed, [arm], light=True)
     history = result["arms"][arm]
     if not all(math.isfinite(v) for v in history["val_loss"]):
         return math.nan
     return float(trailing_mean(history["val_accuracy"], config.smooth).max())
-
-
-def _fields(config: Figure1Config) -> dict[str, Any]:
-    return {name: getattr(config, name) for name in config.__dataclass_fields__}
 
 
 # --- checks of what a run reads back -------------------------------------------------------

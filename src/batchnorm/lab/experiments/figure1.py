@@ -60,7 +60,6 @@ module turns a run into arrays, verdicts, a report and figures (drawn by
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -190,24 +189,14 @@ class Figure1Result:
                 [[[np.nan if v is None else v for v in s] for s in r["shift"]] for r in rows],
                 dtype=np.float64,
             ).reshape(len(rows), max(config.depth - 1, 0), len(steps))
-            with np.errstate(invalid="ignore"), warnings_off():
-                curves[arm]["shift"] = (
-                    np.nanmean(per_layer, axis=1)
-                    if config.depth > 1
-                    else np.full((len(rows), len(steps)), np.nan)
-                )
+            # A measurement has every layer's shift or (step 0) none: a plain mean keeps NaN.
+            curves[arm]["shift"] = (
+                per_layer.mean(axis=1)
+                if config.depth > 1
+                else np.full((len(rows), len(steps)), np.nan)
+            )
             traces[arm] = [ActivationTrace.from_dict(r["trace"]) for r in rows]
         return cls(config, seeds, steps, curves, traces, dict(summary or {}))
-
-
-@contextlib.contextmanager
-def warnings_off():
-    """numpy's "mean of empty slice" is expected at step 0 (no shift yet)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
 
 
 def percentile_range(trace: ActivationTrace, start_step: int = 0) -> np.ndarray:
