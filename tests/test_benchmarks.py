@@ -99,6 +99,7 @@ def test_bench_modules_main_writes_json(tmp_path, capsys):
 
 def _variant_args(**kwargs):
     options = {"repeats": 3, "target_ms": 1.0, "warmup_s": 0.0, "seed": 0, "verbose": False}
+    options["cycle_mib"] = 0.0
     return argparse.Namespace(**{**options, "virtual_batch_size": 2, **kwargs})
 
 
@@ -161,6 +162,16 @@ def test_bench_variants_main_prints_the_table_and_writes_json(tmp_path, capsys):
     ]
     rows = [line for line in out.splitlines() if line.startswith("bn")]
     assert len(rows) == 2 and all(row.split()[1] in ("ok", "ok~") for row in rows)
+
+
+def test_bench_variants_cycles_through_enough_pairs_to_read_from_memory():
+    # (256, 64, 16, 16) float32: 16 MiB an input, 32 MiB a pair with its gradient.
+    big = make_case((256, 64, 16, 16), "fwd_bwd")
+    assert bench_variants.cycle_length(big, 512.0) == 16
+    assert bench_variants.cycle_length(big, 0.0) == 2  # at least two: consecutive calls differ
+    assert bench_variants.cycle_length(make_case((7, 3), "fwd_bwd"), 512.0) == 64  # capped
+    rec = bench_variants.bench_case(make_case((7, 3, 2), "fwd_bwd"), _variant_args(cycle_mib=1e-3))
+    assert rec["valid"] and rec["cycle_pairs"] == 4  # ceil(1048.6 B / (2 * 42 * 4 B)) = 4
 
 
 def test_bench_variants_quick_set_is_fwd_bwd_with_the_large_batches():

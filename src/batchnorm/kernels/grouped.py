@@ -150,6 +150,13 @@ def _sum_chunks(part_dw, part_db, dweight_out, dbias_out):
         dbias_out[c] = total_db
 
 
+@njit_kernel
+def _chunk_coefficients(c, sum_dy, sum_dy_xmu, invstd, weight, inv_count):
+    """:func:`.serial._backward_coefficients` in training, given ``1 / count``."""
+    k_dy = invstd * (np.float64(weight[c]) if weight.shape[0] > 0 else np.float64(1.0))
+    return k_dy, -k_dy * invstd * invstd * sum_dy_xmu * inv_count, -k_dy * sum_dy * inv_count
+
+
 @njit_parallel
 def _backward_rows(dy, x, size, mean, var, weight, eps, dx, dweight_out, dbias_out):
     n_batch, n_chan, n_spatial = x.shape
@@ -161,6 +168,10 @@ def _backward_rows(dy, x, size, mean, var, weight, eps, dx, dweight_out, dbias_o
         g = i // n_chan
         c = i - g * n_chan
         n0, n1 = _chunk_bounds(g, groups, size, n_batch)
+        # SPEEDTIP: the reciprocal of the count before the loops. A division between the two
+        # loops of this prange body made the whole item run at half speed ((16, 16, 1024)
+        # float32, one thread: 0.86 -> 0.43 ns per value; serial code does not show it).
+        inv_count = 1.0 / ((n1 - n0) * n_spatial)
         mu = mean[g, c]
         sum_dy = np.float64(0.0)
         sum_dy_xmu = np.float64(0.0)
@@ -172,9 +183,7 @@ def _backward_rows(dy, x, size, mean, var, weight, eps, dx, dweight_out, dbias_o
                 sum_dy += d
                 sum_dy_xmu += d * (row[s] - mu)
         invstd = 1.0 / math.sqrt(var[g, c] + eps)
-        k_dy, k_xmu, k_const = _backward_coefficients(
-            c, sum_dy, sum_dy_xmu, invstd, weight, (n1 - n0) * n_spatial, True
-        )
+        k_dy, k_xmu, k_const = _chunk_coefficients(c, sum_dy, sum_dy_xmu, invstd, weight, inv_count)
         for n in range(n0, n1):
             d_row = dy[n, c]
             row = x[n, c]
