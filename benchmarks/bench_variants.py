@@ -194,9 +194,7 @@ def reference(name: str, x: torch.Tensor, g: torch.Tensor, state: dict, vbs: int
     }
 
 
-def make_runner(
-    module: torch.nn.Module, inputs: list[torch.Tensor], grads: list[torch.Tensor]
-):
+def make_runner(module: torch.nn.Module, inputs: list[torch.Tensor], grads: list[torch.Tensor]):
     """``run(n)``: ``n`` training steps of the layer, each on the next pair of the cycle."""
     params = list(module.parameters())
     next_pair = itertools.cycle(list(zip(inputs, grads, strict=True))).__next__
