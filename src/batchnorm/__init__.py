@@ -20,11 +20,17 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ActivationMonitor": "monitor",
     "BatchNorm1d": "modules",
+    "BatchNormAct1d": "activated",
+    "BatchNormAct2d": "activated",
+    "BatchNormAct3d": "activated",
     "BatchNorm2d": "modules",
     "BatchNorm3d": "modules",
     "BatchRenorm1d": "variants",
     "BatchRenorm2d": "variants",
     "BatchRenorm3d": "variants",
+    "InPlaceABN1d": "inplace",
+    "InPlaceABN2d": "inplace",
+    "InPlaceABN3d": "inplace",
     "FrozenBatchNorm1d": "frozen",
     "FrozenBatchNorm2d": "frozen",
     "FrozenBatchNorm3d": "frozen",
@@ -54,6 +60,7 @@ _EXPORTS = {
     "convert": "tools.convert",
     "convert_sync_batchnorm": "tools.convert",
     "fold": "tools.fold",
+    "fuse_activations": "tools.fuse",
     "freeze": "tools.freeze",
     "output_cache_info": "outputs",
     "recompute_statistics": "tools.population",
@@ -67,6 +74,9 @@ _EXPORTS = {
 __all__ = [
     "ActivationMonitor",
     "BatchNorm1d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchRenorm1d",
@@ -124,6 +134,7 @@ if TYPE_CHECKING:
         ShapeError,
         UnsupportedDtypeError,
     )
+    from .activated import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
     from .distributed import SyncBatchNorm
     from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
     from .functional import backend_for, batch_norm
