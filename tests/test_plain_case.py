@@ -34,7 +34,7 @@ def full_path_calls(monkeypatch):
 
 
 def _without_shortcut(monkeypatch):
-    monkeypatch.setattr(_route, "_plain_case", lambda layer, x: None)
+    monkeypatch.setattr(_route, "_plain_case", lambda layer, x, activation=None: None)
 
 
 def _run(layer, batches, grad_out):

@@ -24,6 +24,8 @@ import torch
 from . import _stages
 
 __all__ = [
+    "ActEvalFn",
+    "ActTrainFn",
     "EvalFn",
     "GhostTrainFn",
     "NormalizeFn",
@@ -210,6 +212,96 @@ class GhostTrainFn(torch.autograd.Function):
         else:
             dx, dw, db = _stages.ghost_backward(dy, x, weight, mean, var, ctx.eps, ctx.size)
         return (*select_grads(ctx, dx, dw, db), None, None, None)
+
+
+def _composite_act_grads(dy, x, weight, bias, mean, var, eps, training, spec, param):
+    r"""The fused layers' backward in torch ops (double backward, batched gradients):
+    :math:`\delta_z = \delta\,a'(z)`, then batch norm's formulas with :math:`\delta_z`."""
+    shape = _stages.broadcast_shape(x)
+    axes = _stages.reduce_dims(x)
+    if training:
+        xmu = x - x.mean(dim=axes, keepdim=True)
+        invstd = torch.rsqrt((xmu * xmu).mean(dim=axes, keepdim=True) + eps)
+    else:
+        xmu = x - mean.reshape(shape)
+        invstd = torch.rsqrt(var.reshape(shape) + eps)
+    x_hat = xmu * invstd
+    z = x_hat if weight is None else x_hat * weight.reshape(shape)
+    z = z if bias is None else z + bias.reshape(shape)
+    dz = dy * spec.derivative(z, param)
+    if training:
+        return training_grads(dz, x_hat, invstd, weight)
+    scale = invstd if weight is None else invstd * weight.reshape(shape)
+    return scale * dz, (dz * x_hat).sum(dim=axes), dz.sum(dim=axes)
+
+
+class ActTrainFn(torch.autograd.Function):
+    """:class:`TrainFn` with an activation: ``(x, weight, bias, running..., factor, eps, spec,
+    param) -> (y, (mean, var, updated))``; saves ``x`` (never ``z``) and the parameters."""
+
+    @staticmethod
+    def forward(x, weight, bias, running_mean, running_var, factor, eps, spec, param):
+        y, mean, var, updated = _stages.act_train_forward(
+            x, weight, bias, running_mean, running_var, factor, eps, spec.code, param
+        )
+        return y, (mean, var, updated)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, _rm, _rv, _factor, eps, spec, param = inputs
+        ctx.save_for_backward(x, weight, bias)
+        ctx.stats = output[1]
+        ctx.eps = eps
+        ctx.spec = spec
+        ctx.param = param
+
+    @staticmethod
+    def backward(ctx, dy, _stats):
+        x, weight, bias = ctx.saved_tensors
+        mean, var, _ = ctx.stats
+        if _needs_composite(dy):
+            dx, dw, db = _composite_act_grads(
+                dy, x, weight, bias, None, None, ctx.eps, True, ctx.spec, ctx.param
+            )
+        else:
+            dx, dw, db = _stages.act_backward(
+                dy, x, weight, bias, mean, var, ctx.eps, True, ctx.spec.code, ctx.param
+            )
+        return (*select_grads(ctx, dx, dw, db), None, None, None, None, None, None)
+
+
+class ActEvalFn(torch.autograd.Function):
+    """:class:`EvalFn` with an activation (the running statistics are constants)."""
+
+    @staticmethod
+    def forward(x, running_mean, running_var, weight, bias, eps, spec, param):
+        return _stages.act_eval_forward(
+            x, running_mean, running_var, weight, bias, eps, spec.code, param
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, running_mean, running_var, weight, bias, eps, spec, param = inputs
+        ctx.save_for_backward(x, weight, bias, running_mean, running_var)
+        ctx.eps = eps
+        ctx.spec = spec
+        ctx.param = param
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, running_mean, running_var = ctx.saved_tensors
+        if _needs_composite(dy):
+            dx, dw, db = _composite_act_grads(
+                dy, x, weight, bias, running_mean, running_var, ctx.eps, False, ctx.spec,
+                ctx.param,
+            )  # fmt: skip
+        else:
+            dx, dw, db = _stages.act_backward(
+                dy, x, weight, bias, running_mean, running_var, ctx.eps, False, ctx.spec.code,
+                ctx.param,
+            )  # fmt: skip
+        dx, dw, db = select_grads(ctx, dx, dw, db, offset=3)
+        return dx, None, None, dw, db, None, None, None
 
 
 class EvalFn(torch.autograd.Function):

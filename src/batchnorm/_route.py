@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from . import _running, _stages
-from ._autograd import EvalFn, TrainFn, apply, records_graph
+from ._autograd import ActEvalFn, ActTrainFn, EvalFn, TrainFn, apply, records_graph
 from ._compiled import compiled_batch_norm
 from ._interop import traced_call
 from ._running import Guard
@@ -31,8 +31,29 @@ from .routing import choose, kernels_enabled, kernels_take, transformed
 __all__ = ["evaluate", "forward_layer", "run", "train", "warn_fallback_once"]
 
 
-def run(input, running_mean, running_var, weight, bias, training, momentum, eps, counter, guard):
-    """A checked batch-norm call: the one route from arguments to an implementation."""
+def run(
+    input, running_mean, running_var, weight, bias, training, momentum, eps, counter, guard,
+    activation=None,
+):  # fmt: skip
+    """A checked batch-norm call: the one route from arguments to an implementation.
+
+    ``activation``: ``None``, or ``(spec, param)`` (a :class:`batchnorm.activations.Activation`
+    and its parameter) applied to the output: inside the kernels on the parallel route, in
+    torch ops after the normalization on every other.
+    """
+    if activation is not None:
+        route_output = _run_activated(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, counter,
+            guard, activation,
+        )  # fmt: skip
+        if route_output is not None:
+            return route_output
+        output = run(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, counter,
+            guard,
+        )  # fmt: skip
+        spec, param = activation
+        return spec.forward(output, param)
     if not training or running_mean is None:
         counter = None  # counted only when running statistics are updated
     if input.numel() == 0:
@@ -98,6 +119,34 @@ def run(input, running_mean, running_var, weight, bias, training, momentum, eps,
     return evaluate(input, running_mean, running_var, weight, bias, eps, route)
 
 
+def _run_activated(
+    input, running_mean, running_var, weight, bias, training, momentum, eps, counter, guard,
+    activation,
+):  # fmt: skip
+    """:func:`run` with an activation when the fused kernels take the call; else ``None``
+    (the caller normalizes, then applies the activation in torch ops)."""
+    if not training or running_mean is None:
+        counter = None
+    if input.numel() == 0 or torch.compiler.is_compiling():
+        return None
+    stats_require_grad = running_mean is not None and (
+        running_mean.requires_grad or running_var.requires_grad
+    )
+    route = choose(
+        input, "train" if training else "eval", statistics_require_grad=stats_require_grad
+    )
+    if route != "parallel":
+        # torch's op, or the serial kernels: small inputs (where the call's overhead dominates)
+        # and forked children (which must not start the parallel kernels' thread pool).
+        return None
+    if training:
+        return train(
+            input, weight, bias, running_mean, running_var, counter, momentum, eps, route, guard,
+            activation,
+        )  # fmt: skip
+    return evaluate(input, running_mean, running_var, weight, bias, eps, route, activation)
+
+
 def _as_torch_nn(input, running_mean, running_var, weight, bias, training, momentum, eps, counter):
     """The call exactly as torch.nn's layer makes it, for torch.func transforms and forward AD.
 
@@ -115,16 +164,31 @@ def _as_torch_nn(input, running_mean, running_var, weight, bias, training, momen
     )
 
 
-def train(input, weight, bias, running_mean, running_var, counter, momentum, eps, route, guard):
+def train(
+    input, weight, bias, running_mean, running_var, counter, momentum, eps, route, guard,
+    activation=None,
+):  # fmt: skip
     """A checked training call on the kernels: with autograd when a graph will be recorded.
 
     ``guard`` is a :class:`batchnorm._running.Guard` or the calling layer (see
-    :func:`batchnorm._running.settle`).
+    :func:`batchnorm._running.settle`). ``activation``: ``None`` or ``(spec, param)``, for the
+    parallel route only (the fused kernels of :mod:`batchnorm.kernels.activated`).
     """
     factor = 0.0 if running_mean is None else _running.batch_weight(counter, momentum)
     # autograd.Function costs ~6 us a call, a fifth of torch's whole op on a small batch:
     # skip it when nothing will be differentiated.
-    if records_graph(input, weight, bias):
+    if activation is not None:
+        spec, param = activation
+        if records_graph(input, weight, bias):
+            output, (mean, var, updated) = apply(
+                ActTrainFn, input, weight, bias, running_mean, running_var, factor, eps, spec,
+                param,
+            )  # fmt: skip
+        else:
+            output, mean, var, updated = _stages.act_train_forward(
+                input, weight, bias, running_mean, running_var, factor, eps, spec.code, param
+            )
+    elif records_graph(input, weight, bias):
         output, (mean, var, updated) = apply(
             TrainFn, input, weight, bias, running_mean, running_var, factor, eps, route
         )
@@ -140,8 +204,20 @@ def train(input, weight, bias, running_mean, running_var, counter, momentum, eps
     return output
 
 
-def evaluate(input, running_mean, running_var, weight, bias, eps, route):
-    """A checked evaluation call on the kernels: with autograd when a graph will be recorded."""
+def evaluate(input, running_mean, running_var, weight, bias, eps, route, activation=None):
+    """A checked evaluation call on the kernels: with autograd when a graph will be recorded.
+
+    ``activation``: as in :func:`train` (the parallel route only).
+    """
+    if activation is not None:
+        spec, param = activation
+        if records_graph(input, weight, bias):
+            return apply(
+                ActEvalFn, input, running_mean, running_var, weight, bias, eps, spec, param
+            )
+        return _stages.act_eval_forward(
+            input, running_mean, running_var, weight, bias, eps, spec.code, param
+        )
     if records_graph(input, weight, bias):
         return apply(EvalFn, input, running_mean, running_var, weight, bias, eps, route)
     return _stages.eval_forward(input, running_mean, running_var, weight, bias, eps, route)
@@ -177,7 +253,7 @@ def warn_fallback_once(input: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def forward_layer(layer: torch.nn.Module, input: torch.Tensor) -> torch.Tensor:
+def forward_layer(layer: torch.nn.Module, input: torch.Tensor, activation=None) -> torch.Tensor:
     """The forward pass of a BatchNorm layer of this package: the one call its ``forward`` makes.
 
     ``layer`` is a :class:`batchnorm.modules.BatchNormBase` (or any ``torch.nn`` BatchNorm with
@@ -197,11 +273,13 @@ def forward_layer(layer: torch.nn.Module, input: torch.Tensor) -> torch.Tensor:
     Args:
         layer: The layer.
         input: Its input.
+        activation: ``None``, or ``(spec, param)`` applied to the output (the fused layers of
+            :mod:`batchnorm.activated`; see :func:`run`).
 
     Returns:
         The normalized input (shape, dtype and memory format of ``input``).
     """
-    output = _plain_case(layer, input)
+    output = _plain_case(layer, input, activation)
     if output is not None:
         return output
     if isinstance(input, torch.fx.Proxy):  # symbolic tracing: one node, as torch.nn's layer
@@ -241,6 +319,7 @@ def forward_layer(layer: torch.nn.Module, input: torch.Tensor) -> torch.Tensor:
         float(eps),
         counter,
         Guard(nonfinite, layer=layer),
+        activation,
     )
 
 
@@ -251,7 +330,7 @@ def _state_dtype(weight, running_mean) -> torch.dtype | None:
     return None
 
 
-def _plain_case(layer, input) -> torch.Tensor | None:
+def _plain_case(layer, input, activation=None) -> torch.Tensor | None:
     """:func:`forward_layer` for the common call, in the fewest steps; None for anything else.
 
     * Training: the same kernels and autograd function as the full path, minus its checks.
@@ -281,10 +360,14 @@ def _plain_case(layer, input) -> torch.Tensor | None:
     if type(eps) is not float or not eps >= 0.0:
         return None
     if layer.training:
-        return _plain_train(layer, input, weight, bias, running_mean, running_var, counter, eps)
+        return _plain_train(
+            layer, input, weight, bias, running_mean, running_var, counter, eps, activation
+        )
     if running_mean is None or running_var is None:
         return None
     route = choose(input, "eval")
+    if activation is not None and route != "parallel":
+        return None  # the full path: normalization, then the activation in torch ops
     if route == "torch":
         if not kernels_take(input):
             return None
@@ -296,10 +379,12 @@ def _plain_case(layer, input) -> torch.Tensor | None:
             return None
     if input.numel() == 0 or not _plain_per_channel(input, weight, bias, running_mean, running_var):
         return None
-    return evaluate(input, running_mean, running_var, weight, bias, eps, route)
+    return evaluate(input, running_mean, running_var, weight, bias, eps, route, activation)
 
 
-def _plain_train(layer, input, weight, bias, running_mean, running_var, counter, eps):
+def _plain_train(
+    layer, input, weight, bias, running_mean, running_var, counter, eps, activation=None
+):  # fmt: skip
     """The training half of :func:`_plain_case`: what ``check_batch_norm_args`` would accept,
     established with the fewest tests (on failure: None, the full path)."""
     momentum, nonfinite = layer.momentum, layer.nonfinite
@@ -324,12 +409,13 @@ def _plain_train(layer, input, weight, bias, running_mean, running_var, counter,
     if not _plain_per_channel(input, weight, bias, running_mean, running_var):
         return None
     route = choose(input, "train")
-    if route == "torch":
+    if route == "torch" or (activation is not None and route != "parallel"):
         return None
     # The layer stands for its guard: one is built only if a batch is left out.
     return train(
-        input, weight, bias, running_mean, running_var, counter, momentum, eps, route, layer
-    )
+        input, weight, bias, running_mean, running_var, counter, momentum, eps, route, layer,
+        activation,
+    )  # fmt: skip
 
 
 def _plain_per_channel(input, weight, bias, running_mean, running_var) -> bool:

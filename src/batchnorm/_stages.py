@@ -38,10 +38,15 @@ from ._bridge import (
     optional_array,
     run_parallel,
 )
+from .kernels import activated as _activated
+from .kernels._config import contiguous_view
 from .routing import kernel_layout
 
 __all__ = [
     "accumulate_dtype",
+    "act_backward",
+    "act_eval_forward",
+    "act_train_forward",
     "backward",
     "backward_apply",
     "backward_sums",
@@ -459,3 +464,126 @@ def native_train(input, weight, bias, eps: float, stats_dtype, stats_device):
     count = input.numel() // channels
     # Back from the unbiased variance torch stores to the biased one the update takes.
     return y, both[0].astype(np.float64), both[1].astype(np.float64) * ((count - 1) / count)
+
+
+# --------------------------------------------------------------------------------------------
+# Batch norm followed by an activation (kernels/activated.py): one call each way
+# --------------------------------------------------------------------------------------------
+
+
+def act_train_forward(x, weight, bias, running_mean, running_var, factor, eps, code, param):
+    """:func:`train_forward` with the activation ``code`` applied to the output.
+
+    Returns:
+        ``(y, mean, var, updated)`` as :func:`train_forward`.
+    """
+    layout = kernel_layout(x)
+    channels = x.shape[1]
+    xa = kernel_view(numpy_view(x), layout)
+    y, ya = empty_output(x, layout)
+    mean = np.empty(channels)
+    var = np.empty(channels)
+    if running_mean is not None:
+        running_mean_a, running_var_a = numpy_view(running_mean), numpy_view(running_var)
+    else:
+        factor = 0.0
+        running_mean_a = running_var_a = ABSENT[x.dtype]
+    param = _kernel_param(param)
+    layout_fn, shape = _activated.select(code, "train", layout, xa.shape)
+    updated = run_parallel(
+        layout_fn,
+        contiguous_view(xa, shape),
+        optional_array(weight, x.dtype),
+        optional_array(bias, x.dtype),
+        eps,
+        param,
+        contiguous_view(ya, shape),
+        mean,
+        var,
+        running_mean_a,
+        running_var_a,
+        factor,
+        limit_of(xa.dtype),
+    )
+    if updated and running_mean is not None:
+        torch.autograd.graph.increment_version(running_mean)
+        torch.autograd.graph.increment_version(running_var)
+    return y, mean, var, updated
+
+
+def _kernel_param(param) -> float:
+    # The kernels take a float whatever the activation; those without a parameter ignore it.
+    return 0.0 if param is None else float(param)
+
+
+def _affine_of(mean, var, weight, bias, eps: float, channels: int):
+    r"""float64 ``(mean, invstd, scale, shift)`` of the map :math:`z = (x - \mu) s + t`, with the
+    kernels' arithmetic (``_affine``), so that a backward recomputes the forward's ``z``."""
+    invstd = 1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
+    scale = invstd * float64_or(weight, channels, 1.0)
+    return np.asarray(mean, dtype=np.float64), invstd, scale, float64_or(bias, channels, 0.0)
+
+
+def act_eval_forward(x, running_mean, running_var, weight, bias, eps, code, param):
+    """:func:`eval_forward` with the activation ``code`` applied to the output."""
+    layout = kernel_layout(x)
+    xa = kernel_view(numpy_view(x), layout)
+    y, ya = empty_output(x, layout)
+    mean, _, scale, shift = _affine_of(
+        numpy_view(running_mean),
+        numpy_view(running_var),
+        optional_array(weight, x.dtype),
+        optional_array(bias, x.dtype),
+        eps,
+        x.shape[1],
+    )
+    fn, shape = _activated.select(code, "eval", layout, xa.shape)
+    run_parallel(
+        fn,
+        contiguous_view(xa, shape),
+        mean,
+        scale,
+        shift,
+        _kernel_param(param),
+        contiguous_view(ya, shape),
+    )
+    return y
+
+
+def act_backward(dy, x, weight, bias, mean, var, eps, training, code, param):
+    r"""Gradients of :func:`act_train_forward` (``training``) or :func:`act_eval_forward`.
+
+    :math:`\delta_z = \delta\,a'(z)` with :math:`z` recomputed from ``x``, then
+    :func:`backward`'s formulas with :math:`\delta_z` for :math:`\delta`.
+
+    Returns:
+        ``(dx, dweight, dbias)`` as :func:`backward`.
+    """
+    layout = kernel_layout(x)
+    channels = x.shape[1]
+    xa = kernel_view(numpy_view(x), layout)
+    dya = kernel_view(numpy_view(match_layout(dy, x)), layout)
+    dx, dxa = empty_output(x, layout)
+    weight_a = optional_array(weight, x.dtype)
+    mean64, invstd, scale, shift = _affine_of(
+        array(mean), array(var), weight_a, optional_array(bias, x.dtype), eps, channels
+    )
+    dweight = np.empty(channels, xa.dtype)
+    dbias = np.empty(channels, xa.dtype)
+    fn, shape = _activated.select(code, "backward", layout, xa.shape)
+    run_parallel(
+        fn,
+        contiguous_view(dya, shape),
+        contiguous_view(xa, shape),
+        mean64,
+        scale,
+        shift,
+        invstd,
+        weight_a,
+        _kernel_param(param),
+        training,
+        contiguous_view(dxa, shape),
+        dweight,
+        dbias,
+    )
+    return dx, torch.from_numpy(dweight), torch.from_numpy(dbias)

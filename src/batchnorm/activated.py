@@ -25,8 +25,17 @@ from __future__ import annotations
 
 import torch
 
+from ._interop import traced_call
+from ._route import forward_layer
 from .activations import Activation, get_activation, resolve_param
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from .modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormBase,
+    forward_with_running,
+    uses_running_instead,
+)
 
 __all__ = ["BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "BatchNormActBase"]
 
@@ -79,10 +88,43 @@ class BatchNormActBase(BatchNormBase):
     def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """BatchNorm's forward (see :meth:`batchnorm.BatchNorm2d.forward`), then the activation.
 
-        Padding under a mask stays 0 (every activation of the table maps 0 to 0).
+        Without a mask, on the CPU in float32 or float64 and above the serial kernels' size,
+        both run in the fused kernels; everything else normalizes first and applies the
+        activation in torch ops. Padding under a mask stays 0 (every activation of the table
+        maps 0 to 0).
         """
-        output = BatchNormBase.forward(self, input, mask)
-        return self.activation_spec.forward(output, self.activation_param)
+        spec = self.activation_spec
+        if isinstance(input, torch.fx.Proxy):
+            return self._traced(input, mask)
+        if mask is None and isinstance(input, torch.Tensor):
+            # The identity is BatchNorm itself: its own kernels, no activation to apply.
+            fused = None if spec.name == "identity" else (spec, self.activation_param)
+            try:
+                return forward_layer(self, input, fused)
+            except ValueError:
+                # One value per channel (see BatchNormBase.forward): the layer's policy decides.
+                if not uses_running_instead(self, input):
+                    raise
+            output = forward_with_running(self, input)
+        else:
+            output = BatchNormBase.forward(self, input, mask)
+        return spec.forward(output, self.activation_param)
+
+    def _traced(self, proxy, mask):
+        """Under ``torch.fx``: one ``call_module`` node, as a BatchNorm layer is (the node runs
+        this layer, activation included); traced as the root, BatchNorm's forward then the
+        activation in torch ops."""
+        node = getattr(mask, "node", None)
+        if node is not None and node.op == "placeholder" and node.args == (None,):
+            mask = None  # a root's mask argument, traced as a placeholder with default None
+        if mask is not None:
+            return BatchNormBase.forward(self, proxy, mask)
+        spec, param = self.activation_spec, self.activation_param
+
+        def root_forward(layer, x):
+            return spec.forward(torch.nn.modules.batchnorm._BatchNorm.forward(layer, x), param)
+
+        return traced_call(self, proxy, root_forward)
 
 
 def _doc(name: str, bn: str) -> str:

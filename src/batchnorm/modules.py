@@ -169,9 +169,9 @@ class BatchNormBase:
             # The one-value-per-channel refusal is the last check before any state changes,
             # so a layer told to use its running statistics instead can still do so. A try
             # costs nothing until it catches (Python 3.11), which keeps the plain call as fast.
-            if not _uses_running_instead(self, input):
+            if not uses_running_instead(self, input):
                 raise
-        return _forward_with_running(self, input)
+        return forward_with_running(self, input)
 
 
 def _state_dtype(layer) -> torch.dtype | None:
@@ -181,7 +181,7 @@ def _state_dtype(layer) -> torch.dtype | None:
     return None
 
 
-def _uses_running_instead(layer, input) -> bool:
+def uses_running_instead(layer, input) -> bool:
     """Whether a refused call is a training batch of one value per channel that ``layer``'s
     ``single_value`` policy normalizes with its running statistics."""
     return (
@@ -195,7 +195,7 @@ def _uses_running_instead(layer, input) -> bool:
     )
 
 
-def _forward_with_running(layer, input: torch.Tensor) -> torch.Tensor:
+def forward_with_running(layer, input: torch.Tensor) -> torch.Tensor:
     """A training batch of one value per channel under ``single_value="use_running"``: the
     evaluation transform with the running statistics, which are not updated (nor counted)."""
     where = functools.partial(layer_name, layer)

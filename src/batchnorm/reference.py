@@ -25,9 +25,15 @@ over the batch *and* the spatial locations).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 __all__ = [
+    "activation",
+    "activation_derivative",
+    "batch_norm_act_train",
+    "batch_norm_act_train_backward",
     "batch_norm_train",
     "batch_norm_train_backward",
     "batch_norm_inference",
@@ -266,3 +272,81 @@ def update_running_statistics(running_mean, running_var, mu_B, sigma2_B, m, mome
     running_var = (1 - momentum) * np.asarray(running_var, np.float64)
     running_var = running_var + momentum * bessel * sigma2_B
     return running_mean, running_var
+
+
+def activation(z, name, p=None):
+    r"""The activations a BatchNorm layer may apply after normalizing (``batchnorm.activations``).
+
+    ``identity`` :math:`z`; ``relu`` :math:`\max(z, 0)`; ``leaky_relu`` :math:`z` if
+    :math:`z > 0` else :math:`pz`; ``elu`` :math:`z` or :math:`p(e^z - 1)`; ``silu``
+    :math:`z/(1 + e^{-z})`; ``gelu``
+    :math:`z\,\Phi(z) = \tfrac{z}{2}(1 + \mathrm{erf}(z/\sqrt{2}))`.
+
+    Example:
+        >>> activation(np.array([-2.0, 3.0]), "leaky_relu", 0.1)
+        array([-0.2,  3. ])
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if name == "identity":
+        return z.copy()
+    if name == "relu":
+        return np.where(z > 0, z, 0.0)
+    if name == "leaky_relu":
+        return np.where(z > 0, z, p * z)
+    if name == "elu":
+        return np.where(z > 0, z, p * np.expm1(np.minimum(z, 0.0)))
+    if name == "silu":
+        return z / (1.0 + np.exp(-z))
+    if name == "gelu":
+        return 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0)))
+    raise ValueError(f"activation(): unknown activation {name!r}")
+
+
+def activation_derivative(z, name, p=None):
+    r""":math:`a'(z)` of :func:`activation`, taking the :math:`z \le 0` branch at the kinks.
+
+    ``silu``: :math:`s(1 + z(1 - s))` with :math:`s` the logistic of :math:`z`; ``gelu``:
+    :math:`\Phi(z) + z\varphi(z)`.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    if name == "identity":
+        return np.ones_like(z)
+    if name == "relu":
+        return np.where(z > 0, 1.0, 0.0)
+    if name == "leaky_relu":
+        return np.where(z > 0, 1.0, p)
+    if name == "elu":
+        return np.where(z > 0, 1.0, p * np.exp(np.minimum(z, 0.0)))
+    if name == "silu":
+        s = 1.0 / (1.0 + np.exp(-z))
+        return s * (1.0 + z * (1.0 - s))
+    if name == "gelu":
+        cdf = 0.5 * (1.0 + _erf(z / math.sqrt(2.0)))
+        return cdf + z * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    raise ValueError(f"activation_derivative(): unknown activation {name!r}")
+
+
+def _erf(v):
+    return np.vectorize(math.erf, otypes=[np.float64])(v)
+
+
+def batch_norm_act_train(x, gamma=None, beta=None, eps=1e-5, name="relu", p=None):
+    r"""Algorithm 1 followed by an activation: :math:`y = a(\gamma\hat{x} + \beta)`.
+
+    Returns:
+        ``(y, mu_B, sigma2_B)`` as :func:`batch_norm_train`.
+    """
+    z, mu_B, sigma2_B = batch_norm_train(x, gamma, beta, eps)
+    return activation(z, name, p), mu_B, sigma2_B
+
+
+def batch_norm_act_train_backward(dy, x, gamma=None, beta=None, eps=1e-5, name="relu", p=None):
+    r"""Gradients of :func:`batch_norm_act_train`: :math:`\delta_z = \delta\,a'(z)` through
+    :func:`batch_norm_train_backward`.
+
+    Returns:
+        ``(dx, dgamma, dbeta)`` in float64.
+    """
+    z, _, _ = batch_norm_train(x, gamma, beta, eps)
+    dz = np.asarray(dy, dtype=np.float64) * activation_derivative(z, name, p)
+    return batch_norm_train_backward(dz, x, gamma, eps)
