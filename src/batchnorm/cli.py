@@ -106,6 +106,12 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Compile every Numba kernel, or load it from Numba's on-disk cache, so that "
         "the first batch-norm call of a later process does not pay for compilation.",
     )
+    warmup.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes compiling at the same time (default: the number of CPUs)",
+    )
     warmup.set_defaults(run=_cmd_warmup)
 
     demo = sub.add_parser(
@@ -529,15 +535,24 @@ def _dispatch_lines() -> list[str]:
 def _cmd_warmup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import numba
 
-    from .kernels import GROUPED_KERNELS, KERNELS, warmup
+    from .kernels import ACTIVATED_CODES, GROUPED_KERNELS, KERNELS, activated, warmup
 
     if numba.config.DISABLE_JIT:
         print("NUMBA_DISABLE_JIT=1: the kernels run as plain Python; there is nothing to compile.")
         return 0
+    if args.jobs < 1:
+        parser.error(f"--jobs: expected an integer >= 1, got {args.jobs!r}.")
     start = time.perf_counter()
-    warmup()
+    warmup(jobs=args.jobs)
     elapsed = time.perf_counter() - start
     kernels = set(KERNELS.values()) | set(GROUPED_KERNELS.values())
+    for code in ACTIVATED_CODES:
+        layer_kernels = activated.kernels_for(code)
+        kernels |= {
+            getattr(layer_kernels, f"{op}_{v}")
+            for op in ("train", "eval", "backward")
+            for v in ("rows", "cols")
+        }
     specialisations = sum(len(getattr(k, "signatures", ())) for k in kernels)
     print(
         f"{len(kernels)} Numba kernels ({specialisations} type specialisations) ready in "

@@ -163,3 +163,10 @@ def test_scalar_functions_match_torch_including_kinks_and_nan(name, p):
     spec.forward(t, p).sum().backward()
     got_d = np.array([derivative(v, spec.code, _param(p)) for v in z])
     np.testing.assert_allclose(got_d, t.grad.numpy(), rtol=1e-12, atol=1e-15, equal_nan=True)
+
+
+def test_every_activation_but_the_identity_has_warmed_kernels():
+    from batchnorm.kernels import ACTIVATED_CODES
+
+    codes = {spec.code for spec in ACTIVATIONS.values() if spec.name != "identity"}
+    assert set(ACTIVATED_CODES) == codes and ACTIVATIONS["identity"].code == 0

@@ -76,6 +76,23 @@ def test_warmup_runs_and_rejects_uncovered_dtype():
     warmup(("float32",))
     with pytest.raises(ValueError, match=r"warmup\(\): expected dtypes among"):
         warmup(("float16",))
+    for jobs in (0, 1.5, True):
+        with pytest.raises(ValueError, match=r"warmup\(\): expected jobs to be an int >= 1"):
+            warmup(jobs=jobs)
+
+
+def test_warmup_in_two_processes_fills_the_cache_this_process_loads():
+    warmup(("float32",), jobs=2)
+    if numba.config.DISABLE_JIT:
+        return
+    from batchnorm.kernels import ACTIVATED_CODES, activated
+
+    for code in ACTIVATED_CODES:
+        for op in ("train", "eval", "backward"):
+            for variant in ("rows", "cols"):
+                dispatcher = getattr(activated.kernels_for(code), f"{op}_{variant}")
+                dtypes = {str(sig[0].dtype) for sig in dispatcher.signatures}
+                assert "float32" in dtypes, (code, op, variant, dtypes)
 
 
 def test_kernels_docstring_examples_run():

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 import numba
 import numpy as np
 
+from . import activated
 from .backward import (
     backward_apply_nchw,
     backward_apply_nhwc,
@@ -51,6 +52,7 @@ from .serial import (
 )
 
 __all__ = [
+    "ACTIVATED_CODES",
     "KERNELS",
     "LAYOUTS",
     "OPS",
@@ -99,6 +101,8 @@ OPS = (
 GROUPED_OPS = ("ghost_train", "ghost_backward")
 LAYOUTS = ("nchw", "nhwc")
 DTYPE_NAMES = ("float32", "float64")
+# The activations with kernels of their own (identity is batch norm's kernels); see activated.py.
+ACTIVATED_CODES = (1, 2, 3, 4, 5)
 
 # One Python function serves both dtypes: Numba compiles a specialisation per argument type.
 KERNELS: dict[tuple[str, str, str], Callable] = {
@@ -201,34 +205,78 @@ def set_threads(n: int) -> int:
     return n
 
 
-def warmup(dtypes: Iterable[str] = DTYPE_NAMES) -> None:
+def warmup(dtypes: Iterable[str] = DTYPE_NAMES, jobs: int = 1) -> None:
     """Compile (or load from the on-disk cache) every kernel for ``dtypes`` by calling it once.
 
     The calls use tiny arrays of exactly the argument types the torch layer passes
     (C-contiguous data of the given dtype, float64 per-channel vectors), with shapes that reach
     both compiled variants behind each public kernel (the general one and the ``C == 1`` /
-    ``S == 1`` one).
+    ``S == 1`` one). The activated kernels (:mod:`.activated`, one set per activation) are
+    included.
 
     Args:
         dtypes: Dtype names (or anything :func:`numpy.dtype` accepts) among float32/float64.
+        jobs: Processes that compile at the same time (spawned; each fills the on-disk cache
+            with its share, then this process loads everything from it). Compilation is
+            single-threaded, so more jobs than cores gains nothing.
 
     Raises:
-        ValueError: If a dtype has no kernels.
+        ValueError: If a dtype has no kernels, or ``jobs`` < 1.
     """
+    names = []
     for dtype in dtypes:
         name = _dtype_name(dtype)
         if name not in DTYPE_NAMES:
             raise ValueError(f"warmup(): expected dtypes among {DTYPE_NAMES!r}, got {dtype!r}.")
+        names.append(name)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"warmup(): expected jobs to be an int >= 1, got {jobs!r}.")
+    tasks = [("core", name) for name in names]
+    tasks += [(code, name) for code in ACTIVATED_CODES for name in names]
+    if jobs > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            list(pool.map(_warmup_task, tasks))
+    for task in tasks:  # compiled or loaded from the cache the jobs just filled
+        _warmup_task(task)
+    # The merge and the serial moments of stats (float64 data and per-channel vectors).
+    ones = np.ones(2)
+    moments_serial(np.ones((2, 2, 3)), ones.copy(), ones.copy())
+    merge_moments_into(ones, ones, ones, ones, ones, ones, ones.copy(), ones.copy(), ones.copy())
+
+
+def _warmup_task(task: tuple) -> None:
+    """One share of :func:`warmup`: ``("core", dtype)`` or ``(activation code, dtype)``."""
+    what, name = task
+    if what == "core":
         for shape in ((2, 2, 3), (3, 2, 1)):
             _run_all(np.ones(shape, dtype=name), layout="nchw")
         for shape in ((3, 2), (3, 1)):
             _run_all(np.ones(shape, dtype=name), layout="nhwc")
         for shape in ((4, 2, 3), (4, 2, 1)):  # both variants of the ghost kernels
             _run_grouped(np.ones(shape, dtype=name))
-    # The merge and the serial moments of stats (float64 data and per-channel vectors).
-    ones = np.ones(2)
-    moments_serial(np.ones((2, 2, 3)), ones.copy(), ones.copy())
-    merge_moments_into(ones, ones, ones, ones, ones, ones, ones.copy(), ones.copy(), ones.copy())
+        return
+    for shape in ((2, 2, 3), (3, 2)):  # the rows and the cols variant
+        _run_activated(what, np.ones(shape, dtype=name))
+
+
+def _run_activated(code: int, x: np.ndarray) -> None:
+    n_chan = x.shape[1]
+    own = np.ones(n_chan, dtype=x.dtype)
+    stats = [np.ones(n_chan) for _ in range(4)]
+    out = np.empty_like(x)
+    grads = (np.empty(n_chan, dtype=x.dtype), np.empty(n_chan, dtype=x.dtype))
+    layer_kernels = activated.kernels_for(code)
+    rows = x.ndim == 3
+    train = layer_kernels.train_rows if rows else layer_kernels.train_cols
+    evaluate = layer_kernels.eval_rows if rows else layer_kernels.eval_cols
+    backward = layer_kernels.backward_rows if rows else layer_kernels.backward_cols
+    train(x, own, own, 1e-5, 0.1, out, *stats[:2], own.copy(), own.copy(), 0.1, 1e38)
+    evaluate(x, *stats[:3], 0.1, out)
+    backward(x, x, *stats, own, 0.1, True, out, *grads)
 
 
 def _run_all(x: np.ndarray, layout: str) -> None:
