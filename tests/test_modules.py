@@ -547,3 +547,26 @@ def test_module_output_keeps_channels_last_like_torch(
     assert ty.is_contiguous(memory_format=memory_format)
     assert y.is_contiguous(memory_format=memory_format)
     assert y.stride() == ty.stride()
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_output_takes_an_in_place_activation_as_torch_nns_does(training, memory_format):
+    # BatchNorm2d then ReLU(inplace=True) is torch.nn's everyday pattern; a channels-last output
+    # that was a view made inside our autograd Function made autograd refuse it.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64)
+    x = x.contiguous(memory_format=memory_format)
+    results = []
+    for layer in (
+        batchnorm.BatchNorm2d(3, dtype=torch.float64),
+        torch.nn.BatchNorm2d(3, dtype=torch.float64),
+    ):
+        model = torch.nn.Sequential(layer, torch.nn.ReLU(inplace=True)).train(training)
+        xi = x.clone().requires_grad_(True)
+        y = model(xi)
+        (y * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
+        assert y.is_contiguous(memory_format=memory_format)
+        results.append((y.detach(), xi.grad))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want)

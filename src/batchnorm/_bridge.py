@@ -104,8 +104,27 @@ def empty_output(x: torch.Tensor, layout: str) -> tuple[torch.Tensor, np.ndarray
         return torch.from_numpy(buffer), kernel_view(buffer, layout)
     channels_last = (x.shape[0], *x.shape[2:], x.shape[1])
     buffer = outputs.empty(channels_last, dtype)
-    out = torch.from_numpy(buffer).permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+    # The buffer's storage under x's shape and channels-last strides, as a tensor of its own
+    # rather than a permute() view: autograd refuses in-place changes to a view made inside a
+    # custom Function, and torch.nn's output takes them (BatchNorm2d then ReLU(inplace=True)).
+    # The storage keeps the NumPy array alive, as from_numpy's tensor would.
+    storage = torch.from_numpy(buffer).untyped_storage()
+    strides = _channels_last_strides(x.shape)
+    out = torch.empty(0, dtype=x.dtype).set_(storage, 0, tuple(x.shape), strides)
     return out, buffer.reshape(-1, x.shape[1])
+
+
+def _channels_last_strides(shape) -> tuple[int, ...]:
+    """Strides of a dense channels-last tensor of ``shape`` (``(N, C, *spatial)``)."""
+    c = shape[1]
+    strides = [0] * len(shape)
+    step = c
+    for axis in range(len(shape) - 1, 1, -1):
+        strides[axis] = step
+        step *= shape[axis]
+    strides[1] = 1
+    strides[0] = step
+    return tuple(strides)
 
 
 def match_layout(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
