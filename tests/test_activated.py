@@ -287,3 +287,13 @@ def test_traced_as_the_root_applies_the_activation():
         x, layer.running_mean, layer.running_var, layer.weight, layer.bias, eps=layer.eps
     ))  # fmt: skip
     torch.testing.assert_close(traced(x), want)
+
+
+def test_torch_jit_script_compiles_batchnorm_then_the_activation():
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1), batchnorm.BatchNormAct2d(3, "elu", 0.5))
+    x = torch.randn(4, 2, 5, 5)
+    scripted = torch.jit.script(model)
+    torch.testing.assert_close(scripted(x), model(x))  # training: batch statistics
+    model.eval()
+    scripted = torch.jit.script(model)
+    torch.testing.assert_close(scripted(x), model(x))

@@ -74,11 +74,11 @@ _EXPORTS = {
 __all__ = [
     "ActivationMonitor",
     "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
     "BatchNormAct1d",
     "BatchNormAct2d",
     "BatchNormAct3d",
-    "BatchNorm2d",
-    "BatchNorm3d",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
@@ -88,6 +88,9 @@ __all__ = [
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
+    "InPlaceABN1d",
+    "InPlaceABN2d",
+    "InPlaceABN3d",
     "LayerStatistics",
     "LazyBatchNorm1d",
     "LazyBatchNorm2d",
@@ -102,6 +105,7 @@ __all__ = [
     "RoutingPolicy",
     "ShapeError",
     "SyncBatchNorm",
+    "UnsupportedDtypeError",
     "__version__",
     "accumulate_statistics",
     "backend_for",
@@ -112,13 +116,13 @@ __all__ = [
     "convert_sync_batchnorm",
     "fold",
     "freeze",
+    "fuse_activations",
     "output_cache_info",
     "recompute_statistics",
     "revert_sync_batchnorm",
     "routing_policy",
     "set_output_cache_limit",
     "unfreeze",
-    "UnsupportedDtypeError",
     "use_routing",
 ]
 assert set(__all__) == {*_EXPORTS, "__version__"}, "__all__ and _EXPORTS must list the same names"
@@ -138,6 +142,7 @@ if TYPE_CHECKING:
     from .distributed import SyncBatchNorm
     from .frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
     from .functional import backend_for, batch_norm
+    from .inplace import InPlaceABN1d, InPlaceABN2d, InPlaceABN3d
     from .lazy import LazyBatchNorm1d, LazyBatchNorm2d, LazyBatchNorm3d
     from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
     from .monitor import ActivationMonitor
@@ -152,6 +157,7 @@ if TYPE_CHECKING:
     from .tools.convert import convert, convert_sync_batchnorm, revert_sync_batchnorm
     from .tools.fold import check_fold, fold
     from .tools.freeze import freeze, unfreeze
+    from .tools.fuse import fuse_activations
     from .tools.population import LayerStatistics, recompute_statistics
     from .variants import (
         BatchRenorm1d,

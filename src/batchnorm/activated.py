@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import torch
 
-from ._interop import traced_call
+from ._interop import traced_call, twin_of
 from ._route import forward_layer
 from .activations import Activation, get_activation, resolve_param
+from .families import activated_family_of
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -110,6 +111,18 @@ class BatchNormActBase(BatchNormBase):
             output = BatchNormBase.forward(self, input, mask)
         return spec.forward(output, self.activation_param)
 
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """What ``torch.jit.script`` compiles instead: torch.nn's BatchNorm (same tensors)
+        followed by the activation module (TorchScript cannot compile the Numba kernels)."""
+        twin = twin_of(self, activated_family_of(type(self)).torch)
+        for name in ("nonfinite", "nonfinite_batches_skipped", "single_value"):
+            twin.__dict__.pop(name, None)
+        for name in ("activation", "activation_param"):
+            twin.__dict__.pop(name, None)
+        return torch.nn.Sequential(
+            twin, self.activation_spec.make_module(self.activation_param)
+        ).train(self.training)
+
     def _traced(self, proxy, mask):
         """Under ``torch.fx``: one ``call_module`` node, as a BatchNorm layer is (the node runs
         this layer, activation included); traced as the root, BatchNorm's forward then the
@@ -159,3 +172,9 @@ class BatchNormAct3d(BatchNormActBase, BatchNorm3d):
 # ------------------------------------------------------------------------------------------
 # Family registration (batchnorm.families): the tools know fused layers through the table.
 # ------------------------------------------------------------------------------------------
+# Each class is its family's BatchNorm followed by its activation, with the family's state; the
+# tools switch it to the plain class and back (see add_activated for what they rely on).
+from .families import add_activated  # noqa: E402  (the registration block stays in one place)
+
+for _activated in (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d):
+    add_activated(_activated.__name__.replace("Act", ""), _activated)

@@ -6,17 +6,25 @@ torch.nn's, the frozen one (:mod:`batchnorm.frozen`), the synchronized one
 slot for now). A family also lists its *variants* (:mod:`batchnorm.variants`: ghost batches,
 batch renormalization): layers that train differently but whose evaluation transform, state and
 torch.nn twin are the family's, so the tools treat them as the family's layers (``convert``
-turns one into the torch.nn class, with a warning). Every piece of code that changes or
+turns one into the torch.nn class, with a warning). And it lists its *activated* layers
+(:mod:`batchnorm.activated`'s ``BatchNormAct*d``, and any other layer that applies an activation
+to the family's output): the family's BatchNorm followed by a pointwise activation, with the
+family's state. They are kept out of :meth:`Family.members`, so that no tool mistakes one for a
+plain BatchNorm and drops its activation; the tools look them up with :func:`activated_family_of`
+and keep the activation (see :func:`add_activated`). Every piece of code that changes or
 recognizes layers reads this table: :func:`batchnorm.convert`,
 :func:`batchnorm.convert_sync_batchnorm` and its reverse, :func:`batchnorm.freeze`,
 :func:`batchnorm.fold`, :func:`batchnorm.recompute_statistics`.
 
 The table is filled where the classes are defined: each layer module registers its family
-(:func:`register`), its twin of a family (:func:`add_twin`) or its variant of a family
-(:func:`add_variant`) once, right after the class, so a new variant is added in one place and
-this module imports no layer. It is complete once :mod:`batchnorm.modules`,
-:mod:`batchnorm.frozen`, :mod:`batchnorm.distributed` and :mod:`batchnorm.variants` are
-imported, which every reader of it does.
+(:func:`register`), its twin of a family (:func:`add_twin`), its variant of a family
+(:func:`add_variant`) or its activated class (:func:`add_activated`) once, right after the
+class, so a new variant is added in one place and this module imports no layer. It is complete
+once :mod:`batchnorm.modules`, :mod:`batchnorm.frozen`, :mod:`batchnorm.distributed`,
+:mod:`batchnorm.variants` and :mod:`batchnorm.activated` are imported, which every reader of it
+does (:mod:`batchnorm.tools` imports them); the tools look activated classes up when they run,
+so one registered by a module imported later (an activated layer exists only once its module
+is imported) is known to them too.
 
 Lookups are by exact class: a user's subclass of a BatchNorm class is not a member (converting
 it would drop its behaviour) and the tools refuse it by name.
@@ -38,6 +46,8 @@ import torch
 
 __all__ = [
     "Family",
+    "activated_family_of",
+    "add_activated",
     "add_twin",
     "add_variant",
     "families",
@@ -67,6 +77,8 @@ class Family:
         variants: This package's classes that normalize otherwise in training (ghost batches,
             batch renormalization) but are the family's layers in evaluation: same evaluation
             transform, parameters, buffers and ``state_dict``; ``()`` if none.
+        activated: The classes whose layers compute ``ours`` followed by a pointwise activation
+            (:func:`add_activated`); ``()`` if none. Not members: see :meth:`members`.
     """
 
     name: str
@@ -78,14 +90,21 @@ class Family:
     torch_lazy: type[torch.nn.Module] | None = None
     lazy: type[torch.nn.Module] | None = None
     variants: tuple[type[torch.nn.Module], ...] = ()
+    activated: tuple[type[torch.nn.Module], ...] = ()
 
     def members(self) -> tuple[type[torch.nn.Module], ...]:
-        """Every class of the family, ``None`` slots left out, variants included."""
+        """Every class of the family, ``None`` slots left out, variants included.
+
+        The activated classes are not members: a member is a layer that computes the family's
+        BatchNorm and nothing else (:func:`stock_forwards`, :func:`batchnorm.fold` and the
+        conversions rely on it), and treating an activated layer so would drop its activation.
+        """
         classes = (self.ours, self.torch, self.frozen, self.torch_lazy, self.lazy, *self.variants)
         return tuple(cls for cls in classes if cls is not None)
 
 
-# name -> family, in registration order; written only by register/add_twin at import time.
+# name -> family, in registration order; written only by register, add_twin, add_variant and
+# add_activated, at import time.
 _TABLE: dict[str, Family] = {}
 _TWINS = ("frozen", "sync", "lazy")
 
@@ -99,8 +118,9 @@ def register(family: Family) -> None:
     """
     if family.name in _TABLE:
         raise ValueError(f"register(): expected a new family, got {family.name!r} again.")
-    taken = {cls for other in _TABLE.values() for cls in other.members()}
-    clashing = [f"{cls.__module__}.{cls.__qualname__}" for cls in family.members() if cls in taken]
+    taken = {cls for other in _TABLE.values() for cls in (*other.members(), *other.activated)}
+    classes = (*family.members(), *family.activated)
+    clashing = [f"{cls.__module__}.{cls.__qualname__}" for cls in classes if cls in taken]
     if clashing:
         raise ValueError(
             f"register(): expected classes of no other family, got {clashing} in {family.name!r}."
@@ -135,7 +155,7 @@ def add_variant(name: str, cls: type[torch.nn.Module]) -> None:
     """
     if name not in _TABLE:
         raise ValueError(f"add_variant(): expected a registered family, got {name!r}.")
-    owner = family_of(cls)
+    owner = family_of(cls) or activated_family_of(cls)
     if owner is not None:
         raise ValueError(
             f"add_variant(): expected a class of no family, got "
@@ -143,6 +163,46 @@ def add_variant(name: str, cls: type[torch.nn.Module]) -> None:
         )
     family = _TABLE[name]
     _TABLE[name] = dataclasses.replace(family, variants=(*family.variants, cls))
+
+
+def add_activated(name: str, cls: type[torch.nn.Module]) -> None:
+    """Add an activated class to a registered family (once, where the class is defined).
+
+    What the tools assume of ``cls`` (they rely on nothing else): it subclasses the family's
+    ``ours`` class and adds no instance state but the attributes ``activation`` (a name of
+    :data:`batchnorm.activations.ACTIVATIONS`) and ``activation_param``; and a layer of it
+    computes, in every mode, exactly what the same layer switched to ``ours`` computes, followed
+    by ``activations.activation_module(activation, activation_param)``, updating the running
+    statistics as ``ours`` does. That is what lets the tools switch such a layer to ``ours``
+    and back in place (``layer.__class__``), with the same Parameter and buffer objects, and
+    put the activation module after it where they need a plain BatchNorm
+    (:func:`batchnorm.convert` to torch.nn, :func:`batchnorm.convert_sync_batchnorm`,
+    :func:`batchnorm.freeze`, :func:`batchnorm.fold`). Whether a layer overwrites its input (an
+    in-place layer) does not matter to them: the tools that read a layer's input read it before
+    the forward.
+
+    Example:
+        One line per class, at the bottom of the module that defines it:
+        ``add_activated("BatchNorm2d", BatchNormAct2d)``.
+
+    Raises:
+        ValueError: No family ``name``, ``cls`` does not subclass its ``ours`` class, or
+            ``cls`` belongs to a family already.
+    """
+    if name not in _TABLE:
+        raise ValueError(f"add_activated(): expected a registered family, got {name!r}.")
+    family = _TABLE[name]
+    text = f"{cls.__module__}.{cls.__qualname__}"
+    if not (isinstance(cls, type) and issubclass(cls, family.ours)):
+        raise ValueError(
+            f"add_activated(): expected a subclass of {family.ours.__qualname__}, got {text}."
+        )
+    owner = family_of(cls) or activated_family_of(cls)
+    if owner is not None:
+        raise ValueError(
+            f"add_activated(): expected a class of no family, got {text} of {owner.name!r}."
+        )
+    _TABLE[name] = dataclasses.replace(family, activated=(*family.activated, cls))
 
 
 def families() -> tuple[Family, ...]:
@@ -154,6 +214,14 @@ def family_of(cls: type) -> Family | None:
     """The family ``cls`` belongs to (exact class, not a subclass), or ``None``."""
     for family in _TABLE.values():
         if cls in family.members():
+            return family
+    return None
+
+
+def activated_family_of(cls: type) -> Family | None:
+    """The family whose activated class ``cls`` is (exact class, not a subclass), or ``None``."""
+    for family in _TABLE.values():
+        if cls in family.activated:
             return family
     return None
 

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .families import activated_family_of
+
 __all__ = ["ActivationMonitor", "ActivationRecord", "ActivationTrace"]
 
 logger = logging.getLogger(__name__)
@@ -216,7 +218,11 @@ class ActivationMonitor:
         layers: Which submodules: a module type or tuple of types (every submodule that is an
             instance), or a module name or list of names as in ``model.named_modules()``.
         where: ``"input"`` (the first positional argument of the layer's forward) or
-            ``"output"``.
+            ``"output"``. A BatchNorm layer with an activation (``batchnorm.BatchNormAct2d``,
+            any activated layer of :mod:`batchnorm.families`) is watched as the BatchNorm it
+            is (``layers=torch.nn.BatchNorm2d`` selects it): its input is read before its
+            forward runs, since such a layer may compute in place, and its output is the
+            activation's.
         per: ``"unit"``: one distribution per entry of axis 1, over all other axes;
             ``"layer"``: one distribution over every value.
         every: Record the first forward pass of each layer in every ``every``-th step (steps
@@ -318,7 +324,12 @@ class ActivationMonitor:
             self._writer = _summary_writer_class()(log_dir=self.log_dir)
         for name, module in self._modules.items():
             hook = self._make_hook(name)
-            self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            if self.where == "input" and activated_family_of(type(module)) is not None:
+                # Before the forward: an activated layer may overwrite its input (InPlaceABN).
+                handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+            else:
+                handle = module.register_forward_hook(hook, with_kwargs=True)
+            self._handles.append(handle)
         return self
 
     def detach(self) -> None:
@@ -409,7 +420,8 @@ class ActivationMonitor:
     # --- internals ----------------------------------------------------------------------------
 
     def _make_hook(self, name: str):
-        def hook(module, args, kwargs, output):
+        # A forward hook, or a forward pre-hook (called without ``output``).
+        def hook(module, args, kwargs, output=None):
             captured = self._captured
             if captured is None:
                 # The common case when not recording: two comparisons and out.

@@ -20,6 +20,7 @@ import torch.fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..families import families, stock_forwards
+from ._activated import activated_family
 
 __all__ = ["Producer", "Verdict", "find_producers", "select_pairs"]
 
@@ -82,8 +83,12 @@ Producer = Callable[[str], Verdict]
 
 
 def _is_foldable_norm(module: torch.nn.Module) -> bool:
-    """Whether ``module`` is a BatchNorm-like layer this tool knows how to fold (by type only)."""
-    return isinstance(module, _NORMS)
+    """Whether ``module`` is a BatchNorm-like layer this tool knows how to fold (by type only).
+
+    Activated layers (the family table's: BatchNorm then an activation) are: the BatchNorm
+    folds, and the activation takes the layer's place.
+    """
+    return isinstance(module, _NORMS) or activated_family(module) is not None
 
 
 def _is_layer(module: torch.nn.Module | None) -> bool:
@@ -92,6 +97,8 @@ def _is_layer(module: torch.nn.Module | None) -> bool:
 
 def _has_stock_forward(module: torch.nn.Module) -> bool:
     """True when ``module`` runs a forward whose arithmetic ``fold`` knows."""
+    if activated_family(module) is not None:
+        return True  # the table's promise: its family's BatchNorm, then its activation
     if isinstance(module, _NORMS):
         return type(module).forward in _NORM_FORWARDS
     base = next(cls for cls in _LAYERS if isinstance(module, cls))

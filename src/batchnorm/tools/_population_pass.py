@@ -22,6 +22,7 @@ from ..families import families, family_of
 from ..functional import batch_moments, normalize
 from ..modules import BatchNormBase
 from ..stats import Moments, finalize, merge_moments
+from ._activated import activated_family, apply_activation
 
 __all__ = ["LAYER_HEAD", "Accumulator", "PassState", "run_pass"]
 
@@ -141,7 +142,7 @@ def make_hook(acc: Accumulator, state: PassState):
     return hook
 
 
-def make_pass_forward(acc: Accumulator, state: PassState):
+def make_pass_forward(acc: Accumulator, state: PassState, activated: bool = False):
     """For a layer of this package with a stock forward: the pass's forward, statistics once.
 
     The layer's training-mode transform as its stages: the batch's moments (the kernels the
@@ -149,7 +150,9 @@ def make_pass_forward(acc: Accumulator, state: PassState):
     them, so the statistics recorded are exactly the ones the layer normalized with. The checks
     are the layer's own. It is local: a synchronizing layer's own forward would exchange
     statistics every batch, which deadlocks when processes hold different numbers of batches
-    (the processes' statistics are reduced once, at the end of the pass).
+    (the processes' statistics are reduced once, at the end of the pass). With ``activated``
+    (an activated layer of the family table), the layer's activation follows, out of place: the
+    statistics are of the input as given, even for a layer that overwrites its input.
     """
     module = acc.module
 
@@ -165,7 +168,8 @@ def make_pass_forward(acc: Accumulator, state: PassState):
         if moments.count == 0:
             return torch.empty_like(input)
         mean, var, _ = finalize(moments)
-        return normalize(input, mean, var, module.weight, module.bias, module.eps, where=where)
+        output = normalize(input, mean, var, module.weight, module.bias, module.eps, where=where)
+        return apply_activation(module, output) if activated else output
 
     return forward
 
@@ -173,9 +177,10 @@ def make_pass_forward(acc: Accumulator, state: PassState):
 def pass_forward(acc: Accumulator, state: PassState):
     """How a layer runs during the pass: ``(forward or None, records its own statistics)``.
 
-    This package's layers with a stock forward, and its variants (ghost batches, batch
-    renormalization: the pass normalizes them as BatchNorm, their evaluation transform),
-    compute their statistics once (:func:`make_pass_forward`). A synchronizing layer of
+    This package's layers with a stock forward, its variants (ghost batches, batch
+    renormalization: the pass normalizes them as BatchNorm, their evaluation transform) and its
+    activated layers (BatchNorm, then the activation) compute their statistics once
+    (:func:`make_pass_forward`). A synchronizing layer of
     another class runs torch's unsynchronized BatchNorm forward (its own syncs every batch
     when distributed, and torch's refuses CPU input then). Every other layer runs its own
     forward. Those two are watched by a hook (:func:`make_hook`).
@@ -184,6 +189,8 @@ def pass_forward(acc: Accumulator, state: PassState):
     family = family_of(type(module))
     if family is not None and (type(module) is family.ours or type(module) in family.variants):
         return make_pass_forward(acc, state), True
+    if activated_family(module) is not None:  # the table's: its family's BatchNorm, activated
+        return make_pass_forward(acc, state, activated=True), True
     if isinstance(module, BatchNormBase) and isinstance(module, SYNC_CLASSES):
         return make_pass_forward(acc, state), True
     if isinstance(module, SYNC_CLASSES):

@@ -23,6 +23,7 @@ import torch
 from ..families import is_batchnorm_like
 from ..functional import batch_moments, update_running
 from ..stats import Moments, merge_moments
+from ._activated import activated_family
 
 __all__ = ["accumulate_statistics"]
 
@@ -59,10 +60,12 @@ def accumulate_statistics(model: torch.nn.Module) -> Iterator[None]:
 
     Cost: one extra statistics pass over each micro-batch's input per layer
     (:func:`batchnorm.functional.batch_moments`, the Numba moments kernel on CPU
-    float32/float64), run by a forward hook after the layer's own forward, and one small update
-    per layer at exit. The update is this package's (:func:`batchnorm.functional.update_running`:
-    float64, rounded once; a non-finite result is left out under the layer's ``nonfinite``
-    policy, ``"skip"`` for torch.nn's layers), also for torch.nn's layers.
+    float32/float64), run by a forward hook after the layer's own forward (for the activated
+    layers of the family table, ``batchnorm.BatchNormAct*d``, by the pre-hook before it, since
+    such a layer may overwrite its input), and one small update per layer at exit. The update
+    is this package's (:func:`batchnorm.functional.update_running`: float64, rounded once; a
+    non-finite result is left out under the layer's ``nonfinite`` policy, ``"skip"`` for
+    torch.nn's layers), also for torch.nn's layers.
 
     SyncBatchNorm: its forward normalizes (and updates) with the statistics of all processes,
     but the statistics pooled here are this process's own micro-batches; no collective is made,
@@ -145,6 +148,9 @@ class _Watch:
     moments: Moments | None = None
     calls: int = 0
     counter_before: list = field(default_factory=list)
+    # Per call in progress: the input's statistics taken before the forward (activated layers
+    # only, which may overwrite their input), or None.
+    taken_before: list = field(default_factory=list)
 
     def save(self) -> None:
         """Copy the running buffers, the counter and the skip count (once, when initialized)."""
@@ -182,16 +188,26 @@ class _Watch:
         self.save()
         counter = module.num_batches_tracked
         self.counter_before.append(None if counter is None else int(counter))
+        moments = None
+        if module.training and activated_family(module) is not None:
+            # An activated layer of the family table may compute in place (InPlaceABN): by
+            # the forward hook its input may hold its output. A malformed input is left to the
+            # layer's forward, which refuses it with its own message.
+            try:
+                moments = batch_moments(*_input_and_mask(args, kwargs), where=self.where)
+            except (KeyError, TypeError, ValueError, RuntimeError):
+                moments = None
+        self.taken_before.append(moments)
 
     def after(self, module, args, kwargs, output) -> None:
         """Forward hook: if the call counted, merge its input's statistics into the block's."""
         before = self.counter_before.pop()
+        moments = self.taken_before.pop()
         counter = module.num_batches_tracked
         if not module.training or (counter is not None and int(counter) == before):
             return
-        input = args[0] if args else kwargs["input"]
-        mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
-        moments = batch_moments(input, mask, where=self.where)
+        if moments is None:
+            moments = batch_moments(*_input_and_mask(args, kwargs), where=self.where)
         self.moments = moments if self.moments is None else merge_moments(self.moments, moments)
         self.calls += 1
 
@@ -211,6 +227,12 @@ class _Watch:
 
     def where(self) -> str:
         return f"{_WHERE} at {self.name or 'the model itself'!r}"
+
+
+def _input_and_mask(args: tuple, kwargs: dict) -> tuple:
+    """A layer call's ``(input, mask)``: positional or keyword, ``mask`` ``None`` if absent."""
+    input = args[0] if args else kwargs["input"]
+    return input, kwargs.get("mask", args[1] if len(args) > 1 else None)
 
 
 def _is_lazy(module: torch.nn.Module) -> bool:

@@ -10,6 +10,17 @@ dtype. Which class becomes which is the family table's (:mod:`batchnorm.families
 BatchNorm subclass the table does not know is refused, never converted: turning a user's
 subclass into ours would silently strip its overrides. The whole tree is checked before any
 layer changes, so a refused model is left as it was.
+
+Activated layers (``batchnorm.BatchNormAct2d`` and the table's other activated classes) have no
+torch.nn or synchronized twin. Converting one to torch.nn's class or to SyncBatchNorm *splits*
+it, so that its activation is never dropped: the layer itself (the same module, Parameter and
+buffer objects) changes class and takes the first slot of a new ``torch.nn.Sequential(layer,
+activation module)`` that replaces it in its parent and computes the same values. Its
+``state_dict`` keys gain the Sequential's index (``bn.weight`` becomes ``bn.0.weight``), and
+its forward and backward hooks move to the Sequential (same input and output). The Sequential
+remembers the activated class: converting back (``convert(model)``,
+:func:`revert_sync_batchnorm`) joins it into one activated layer again, as long as it still
+holds that family's layer and the same activation, neither with hooks of its own.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import torch
 
 from ..distributed import ORIGINAL_CLASS, SyncBatchNorm, forget_sync_state, last_input_rank
 from ..families import family_for_rank, family_of, is_batchnorm_like
+from ._activated import activated_family, join_all, replace_modules, split
 
 __all__ = ["convert", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
@@ -62,10 +74,14 @@ def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
             (:mod:`batchnorm.families`); ``"torch"`` turns them back, and turns this package's
             variants (:mod:`batchnorm.variants`: ghost batches, batch renormalization) into
             the torch.nn class of their rank, with a warning. Layers already of the target
-            kind are left alone.
+            kind are left alone. Activated layers (``batchnorm.BatchNormAct*d``): ``"torch"``
+            splits each into ``torch.nn.Sequential(torch.nn.BatchNorm*d, activation module)``
+            (same outputs; see the module docstring); ``"batchnorm"`` leaves them alone, and
+            joins the Sequentials that ``"torch"`` made back into the activated layer.
 
     Returns:
-        ``model`` itself (converted in place), for chaining.
+        ``model`` itself (converted in place), for chaining; when ``model`` itself is an
+        activated layer converted to torch.nn, the new Sequential (and, back, the layer).
 
     Raises:
         ValueError: ``to`` is not ``"batchnorm"`` or ``"torch"``.
@@ -90,6 +106,7 @@ def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
     _check_model("convert()", model)
     swaps = []
     variants = []
+    activated = []
     for path, module in model.named_modules():
         cls = type(module)
         target = _convert_target(cls, to)
@@ -98,6 +115,10 @@ def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
                 swaps.append((module, target))
                 if cls in family_of(cls).variants:
                     variants.append(f"{_path_text(path)} ({cls.__name__})")
+        elif activated_family(module) is not None:
+            if to == "torch":  # split first (the layer becomes ours), then switched to torch's
+                activated.append(module)
+                swaps.append((module, activated_family(module).torch))
         elif is_batchnorm_like(module):
             raise TypeError(
                 f"convert(): cannot convert {_path_text(path)} of type {_type_text(cls)}: only "
@@ -105,12 +126,15 @@ def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
                 "2d/3d and their batchnorm twins are converted, and converting a subclass would "
                 "drop its behaviour. Replace it yourself or convert its base class."
             )
+    model = replace_modules(model, {id(module): split(module) for module in activated})
     for module, target in swaps:
         if type(module) is SyncBatchNorm:
             # Leaving this package: what our SyncBatchNorm remembered has no meaning there.
             forget_sync_state(module)
             module.__dict__.pop(ORIGINAL_CLASS, None)
         module.__class__ = target
+    if to == "batchnorm":
+        model = join_all(model)
     if variants:
         warnings.warn(
             f"convert(): {', '.join(variants)} became torch.nn BatchNorm layers; evaluation is "
@@ -133,14 +157,18 @@ def convert_sync_batchnorm(model: torch.nn.Module, process_group=None) -> torch.
     every layer that already was a :class:`batchnorm.SyncBatchNorm`, synchronizes over
     ``process_group`` afterwards (a ``torch.nn.SyncBatchNorm``'s own group is replaced too).
     Frozen layers (:mod:`batchnorm.frozen`) and instance norms are not BatchNorm layers and are
-    left alone.
+    left alone. An activated layer (``batchnorm.BatchNormAct*d``) keeps its activation: it is
+    split into ``torch.nn.Sequential(layer, activation module)`` (see the module docstring),
+    and its layer, now of its family's plain class, is converted as above;
+    :func:`revert_sync_batchnorm` joins it back.
 
     Args:
         model: Any module; the root may itself be a BatchNorm layer.
         process_group: The group to synchronize over; ``None`` for the default (world) group.
 
     Returns:
-        ``model`` itself, converted in place (the root too), for chaining.
+        ``model`` itself, converted in place (the root too), for chaining; the new Sequential
+        when ``model`` itself is an activated layer.
 
     Raises:
         TypeError: ``model`` is not a module, or holds a BatchNorm-like layer of another class
@@ -157,8 +185,35 @@ def convert_sync_batchnorm(model: torch.nn.Module, process_group=None) -> torch.
         >>> type(revert_sync_batchnorm(net)[1]) is torch.nn.BatchNorm2d
         True
     """
+    _check_model("convert_sync_batchnorm()", model)
+    activated = [module for module in model.modules() if activated_family(module) is not None]
+    if activated:
+        # The class's own conversion refuses activated layers (it would drop the activation):
+        # split them first, once it is certain that nothing else will be refused.
+        _check_sync_convertible(model)
+        model = replace_modules(model, {id(module): split(module) for module in activated})
     # The conversion is the class's own, under torch's classmethod name.
     return SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+
+
+def _check_sync_convertible(model: torch.nn.Module) -> None:
+    """Raise the TypeError :meth:`SyncBatchNorm.convert_sync_batchnorm` would raise for a layer
+    it refuses, before anything changes (activated layers pass: they are split first)."""
+    for path, module in model.named_modules():
+        cls = type(module)
+        family = family_of(cls)
+        if cls is SyncBatchNorm or activated_family(module) is not None:
+            continue
+        if family is not None and family.sync is not None and cls in (family.ours, family.torch):
+            continue
+        if is_batchnorm_like(module):
+            raise TypeError(
+                f"convert_sync_batchnorm(): cannot convert {_path_text(path)} of type "
+                f"{_type_text(cls)}: only torch.nn.BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm, "
+                "batchnorm.BatchNorm1d/2d/3d and activated layers are converted, and converting "
+                "a subclass would drop its behaviour. Replace it yourself or convert its base "
+                "class."
+            )
 
 
 def revert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
@@ -170,13 +225,16 @@ def revert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     ``batchnorm.BatchNorm1d``, ``2d`` or ``3d`` that accepts the rank of the last input it
     processed (2-D or 3-D input: ``BatchNorm1d``). Turned into one of torch's classes, a layer
     loses this package's ``nonfinite`` policy and skip counter; turned into anything but
-    ``torch.nn.SyncBatchNorm``, it loses ``process_group``.
+    ``torch.nn.SyncBatchNorm``, it loses ``process_group``. The ``torch.nn.Sequential`` that
+    :func:`convert_sync_batchnorm` made of an activated layer becomes that activated layer
+    again (the same module object; see the module docstring).
 
     Args:
         model: Any module; the root may itself be a :class:`batchnorm.SyncBatchNorm`.
 
     Returns:
-        ``model`` itself, reverted in place, for chaining.
+        ``model`` itself, reverted in place, for chaining; the activated layer when ``model``
+        itself is such a Sequential.
 
     Raises:
         TypeError: ``model`` is not a module; or it holds a SyncBatchNorm built as such that
@@ -221,4 +279,4 @@ def revert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
             module.__dict__.pop("nonfinite", None)
             module.__dict__.pop("nonfinite_batches_skipped", None)
         module.__class__ = target
-    return model
+    return join_all(model)

@@ -23,6 +23,8 @@ import torch
 import torch.fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..activations import activation_module
+from ._activated import activated_family
 from ._fold_pairs import Verdict, find_producers, select_pairs
 
 __all__ = ["check_fold", "fold"]
@@ -65,8 +67,12 @@ def fold(model: torch.nn.Module, *, inplace: bool = False) -> torch.nn.Module:
 
     Which norms: any ``torch.nn.modules.batchnorm._BatchNorm`` (``torch.nn.BatchNorm1d/2d/3d``,
     ``batchnorm.BatchNorm1d/2d/3d``, ``torch.nn.SyncBatchNorm``, ``batchnorm.SyncBatchNorm``)
-    with the stock forward and running statistics, and
-    ``batchnorm.frozen.FrozenBatchNorm1d/2d/3d``.
+    with the stock forward and running statistics, ``batchnorm.frozen.FrozenBatchNorm1d/2d/3d``,
+    and the activated layers (``batchnorm.BatchNormAct1d/2d/3d`` and the family table's other
+    activated classes, with running statistics): their BatchNorm folds into the layer, and
+    their place is taken by the activation module (``torch.nn.LeakyReLU(0.2)`` for
+    ``activation="leaky_relu", activation_param=0.2``) instead of an Identity, so the folded
+    model still applies the activation.
 
     A pair is folded only when the analysis proves the folded model exact; every other pair is
     left as it is, with a warning:
@@ -284,8 +290,13 @@ def _fold_pair(model: torch.nn.Module, layer_path: str, norm_path: str) -> None:
             layer.bias = torch.nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
         else:
             layer.bias.copy_(bias)
+    # An activated layer leaves its activation behind, applied to the folded layer's output.
+    if activated_family(norm) is not None:
+        replacement = activation_module(norm.activation, norm.activation_param)
+    else:
+        replacement = torch.nn.Identity()
     parent_path, _, name = norm_path.rpartition(".")
-    setattr(model.get_submodule(parent_path), name, torch.nn.Identity())
+    setattr(model.get_submodule(parent_path), name, replacement)
 
 
 def _report(

@@ -11,6 +11,11 @@ What a new module does not inherit from the one it replaces: hooks (forward, bac
 state_dict hooks registered on that layer), parametrizations, and references held outside the
 model tree (an optimizer's parameter list, a plain Python list of layers, a closure). Register
 hooks again, and build the optimizer again, after converting.
+
+Activated layers (``batchnorm.BatchNormAct*d`` and the family table's other activated classes)
+keep their activation: a frozen one is ``torch.nn.Sequential(frozen layer, activation module)``
+in the layer's slot (``state_dict`` keys ``bn.weight`` become ``bn.0.weight``), which
+:func:`unfreeze` turns back into one activated layer.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import warnings
 
 import torch
 
-from ..families import families, family_of, is_batchnorm_like
+from ..families import activated_family_of, families, family_of, is_batchnorm_like
 from ..frozen import FrozenOrigin
+from ._activated import activated_family, join_all, replace_modules, wrap
 
 __all__ = ["freeze", "unfreeze"]
 
@@ -31,9 +37,13 @@ def _frozen_classes() -> tuple[type, ...]:
 
 
 def _frozen_twin(cls: type) -> type | None:
-    """The frozen class ``cls`` freezes into: a family's own or torch.nn's class."""
+    """The frozen class ``cls`` freezes into: a family's own, torch.nn's, a variant's or an
+    activated class."""
     family = family_of(cls)
-    if family is None or family.frozen is None:
+    if family is None:
+        family = activated_family_of(cls)
+        return None if family is None else family.frozen
+    if family.frozen is None:
         return None
     if cls not in (family.ours, family.torch, *family.variants):
         return None
@@ -120,12 +130,17 @@ def _frozen_from(module: torch.nn.Module, trainable_affine: bool) -> torch.nn.Mo
         else:
             setattr(frozen, name, value.detach().clone())
     # Our layers' non-finite policy (torch's have none); back to the class default if unset.
-    # A variant (batchnorm.variants) is rebuilt with its own extra arguments.
+    # A variant (batchnorm.variants) is rebuilt with its own extra arguments; an activated
+    # layer as its family's plain class, in a Sequential with its activation module.
     origin = type(module)
-    if origin in family_of(origin).variants:
+    if activated_family(module) is not None:
+        origin = activated_family(module).ours
+    elif origin in family_of(origin).variants:
         origin = functools.partial(origin, **module.variant_arguments())
     frozen.frozen_from = FrozenOrigin(origin, module.momentum, getattr(module, "nonfinite", None))
     frozen.training = module.training
+    if activated_family(module) is not None:
+        return wrap(frozen, module)
     return frozen
 
 
@@ -162,24 +177,6 @@ def _unfrozen_from(frozen: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def _replace(model: torch.nn.Module, new_for: dict[int, torch.nn.Module]) -> torch.nn.Module:
-    """Put ``new_for[id(old)]`` wherever ``old`` is a child, and return the new root.
-
-    Every (parent, name) slot is visited, so a layer registered under two names (shared)
-    becomes one new layer registered under both, as before.
-    """
-    slots = [
-        (parent, name, new_for[id(child)])
-        for parent in model.modules()
-        # _modules, not named_children(), which reports a child registered twice only once.
-        for name, child in list(parent._modules.items())
-        if child is not None and id(child) in new_for
-    ]
-    for parent, name, new in slots:
-        setattr(parent, name, new)
-    return new_for.get(id(model), model)
-
-
 def _check_model(where: str, model) -> None:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{where}: expected a torch.nn.Module, got {type(model).__name__}.")
@@ -202,7 +199,9 @@ def freeze(model: torch.nn.Module, *, trainable_affine: bool = False) -> torch.n
     ``running_mean``, ``running_var``, ``num_batches_tracked``, ``weight`` and ``bias``, their
     devices and dtypes, and the training flag. Its class and ``momentum`` are remembered on the
     frozen layer for :func:`unfreeze`. Frozen layers already in the model are left as they are
-    (also with another ``trainable_affine``).
+    (also with another ``trainable_affine``). An activated layer (``batchnorm.BatchNormAct2d``)
+    becomes ``torch.nn.Sequential(FrozenBatchNorm2d, activation module)``, which applies the
+    activation after the frozen map (see the module docstring).
 
     With ``trainable_affine=False`` ``weight`` and ``bias`` become buffers (copies): the model
     loses those parameters. With ``trainable_affine=True`` they stay the same Parameter
@@ -275,7 +274,7 @@ def freeze(model: torch.nn.Module, *, trainable_affine: bool = False) -> torch.n
     # Every new layer is built before the first one goes in, so that an error while building
     # (there should be none after the checks) cannot leave the model half converted.
     new_for = {id(module): _frozen_from(module, trainable_affine) for module in layers}
-    return _replace(model, new_for)
+    return replace_modules(model, new_for)
 
 
 def unfreeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -289,6 +288,9 @@ def unfreeze(model: torch.nn.Module) -> torch.nn.Module:
     devices and dtypes of its statistics, ``num_batches_tracked``, ``weight`` and ``bias``, and
     its training flag; in training mode it normalizes with batch statistics and updates the
     running ones again.
+
+    A ``Sequential(frozen layer, activation module)`` made by :func:`freeze` from an activated
+    layer becomes that activated layer again (if it still holds exactly those two modules).
 
     ``weight`` and ``bias`` become Parameters again. If the frozen layer had
     ``trainable_affine=True`` they are the very same Parameter objects (an optimizer keeps
@@ -337,4 +339,6 @@ def unfreeze(model: torch.nn.Module) -> torch.nn.Module:
         )
         return model
     new_for = {id(module): _unfrozen_from(module) for module in layers}
-    return _replace(model, new_for)
+    # A frozen activated layer is a Sequential(frozen layer, activation): now plain again, the
+    # pair becomes one activated layer.
+    return join_all(replace_modules(model, new_for))

@@ -30,6 +30,7 @@ import torch
 from .._validate import NonFiniteStatisticsError, NonFiniteStatisticsWarning, check_nonfinite_policy
 from ..functional import update_running
 from ..stats import Moments
+from ._activated import activated_family
 from ._population_pass import LAYER_HEAD, Accumulator, PassState, run_pass
 
 __all__ = ["LayerStatistics", "recompute_statistics"]
@@ -111,7 +112,8 @@ def _check_arguments(model, data, method, max_batches, nonfinite, forward, devic
 def _find_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     layers = []
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        batchnorm = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+        if not (batchnorm or activated_family(module) is not None):
             continue
         if module.running_mean is None or module.running_var is None:
             continue
@@ -265,7 +267,9 @@ def recompute_statistics(
     ``torch.nn.SyncBatchNorm`` and ``batchnorm.SyncBatchNorm`` (which run as plain,
     unsynchronised BatchNorm during the pass: torch's then works on CPU, and no per-batch
     collective can deadlock when processes hold different numbers of batches; the processes'
-    statistics are reduced once at the end).
+    statistics are reduced once at the end), and the activated layers of the family table
+    (``batchnorm.BatchNormAct1d/2d/3d``: the statistics of their input, their activation
+    applied to what they pass on).
     Layers built with ``track_running_stats=False`` have nothing to recompute and are ignored.
 
     Other modules keep the mode they are in. Call ``model.eval()`` first to collect the
