@@ -7,10 +7,23 @@ on the same batch, interleaved and rotated repetition by repetition, medians com
 ``--compile`` the three are also timed under ``torch.compile`` (the whole step's forward and
 backward compiled; compile time is paid during warm-up and never timed).
 
+When ``batchnorm.fuse_activations`` is importable, two more copies are timed alongside:
+``fused`` = ``fuse_activations(convert(model))`` (each BatchNorm -> activation pair it finds
+becomes one ``BatchNormAct`` layer; ``fused_pairs`` in the JSON counts them), and ``no-bn-act``
+= that model with every BatchNorm and fused layer replaced by ``nn.Identity`` (BatchNorm and the
+fused activations removed). Workloads where nothing is fused (the Figure-1 MLP: sigmoid is not
+in the activation table) skip both (``fused_skipped`` says why). The fused model's first step
+is checked like ours; a mismatch drops the fused arms (``fused_problem``, exit status 1) and
+keeps the others.
+
 Columns:
     ``torch/ours``: torch.nn's step time over ours (> 1: ours is faster).
     ``BN share``: ``1 - t(no BN) / t(torch.nn)``, the part of torch's step BatchNorm costs.
-    ``compiled torch/ours``: the same ratio with both models compiled.
+    ``torch/fused``: torch.nn's step time over the fused model's.
+    ``BN+act share``: ``1 - t(no-bn-act) / t(torch.nn)``, the part of torch's step spent in
+        BatchNorm and the activations that were fused.
+    ``compiled torch/ours``: the same ratio with both models compiled (and ``compiled
+        torch/fused``).
 
 Workloads (``--workloads`` picks some; all float32, channels-first, on the CPU):
     resnet18-b32 / resnet18-b64: ResNet-18 with the CIFAR stem (3x3 conv, no max-pool), 32x32.
@@ -27,6 +40,7 @@ import copy
 import datetime as _dt
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +143,24 @@ def _without_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
+def fuse_unavailable() -> str | None:
+    """Why ``batchnorm.fuse_activations`` cannot be used in this checkout, or None."""
+    try:
+        import batchnorm
+
+        batchnorm.fuse_activations  # noqa: B018 - the lazy import is the check
+    except (ImportError, AttributeError) as err:
+        return f"batchnorm.fuse_activations is not importable ({type(err).__name__})"
+    return None
+
+
+def fused_pairs(model: nn.Module) -> int:
+    """How many fused BatchNorm + activation layers (in place or not) ``model`` has."""
+    from batchnorm.activated import BatchNormActBase
+
+    return sum(isinstance(m, BatchNormActBase) for m in model.modules())
+
+
 def variants(workload: Workload, seed: int) -> dict[str, nn.Module]:
     """torch.nn's model, the converted copy and the copy without BatchNorm, same weights."""
     import batchnorm
@@ -140,6 +172,28 @@ def variants(workload: Workload, seed: int) -> dict[str, nn.Module]:
         "batchnorm": batchnorm.convert(copy.deepcopy(base)),
         "no-bn": _without_batchnorm(copy.deepcopy(base)),
     }
+
+
+def fused_variants(base: nn.Module) -> tuple[dict[str, nn.Module], str | None]:
+    """``fuse_activations(convert(copy of base))`` and that copy without its BatchNorm and fused
+    layers (``"fused"``, ``"no-bn-act"``); or ``({}, why not)``: not importable, raised, or
+    nothing fused."""
+    import batchnorm
+
+    why = fuse_unavailable()
+    if why is not None:
+        return {}, why
+    try:
+        with warnings.catch_warnings():
+            # A model with nothing to fuse is said so below, once, in the benchmark's words.
+            warnings.filterwarnings("ignore", "fuse_activations.*none", UserWarning)
+            fused = batchnorm.fuse_activations(batchnorm.convert(copy.deepcopy(base)))
+    except Exception as err:  # noqa: BLE001 - a failure of ours is a finding, not a crash
+        return {}, "fuse_activations raised " + f"{type(err).__name__}: {err}".splitlines()[0]
+    if not fused_pairs(fused):
+        return {}, "no BatchNorm -> activation pair fused"
+    # The fused layers are BatchNorm*d subclasses: _without_batchnorm removes them too.
+    return {"fused": fused, "no-bn-act": _without_batchnorm(copy.deepcopy(fused))}, None
 
 
 def make_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, compiled: bool):
@@ -159,25 +213,30 @@ def make_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, compiled:
     return run
 
 
-def check_same_first_step(models: dict[str, nn.Module], x, target) -> str | None:
+def check_same_first_step(
+    models: dict[str, nn.Module], x, target, names: tuple[str, ...] = ("batchnorm",)
+) -> str | None:
     """Ours must compute torch.nn's loss and gradients on the first step (before timing).
 
     Compared in float64, where both are exact to ~1e-12: in float32 a deep network's gradients
     differ by ~1e-4 between any two correct implementations (ResNet-18: 5e-4), which would hide
-    a real error of that size.
+    a real error of that size. ``names`` are the models checked against ``models["torch"]``;
+    the first problem is returned, prefixed with the model's name unless it is ``batchnorm``.
     """
     losses, grads = {}, {}
-    for name in ("torch", "batchnorm"):
+    for name in ("torch", *names):
         model = copy.deepcopy(models[name]).double().train()
         loss = nn.CrossEntropyLoss()(model(x.double()), target)
         loss.backward()
         losses[name] = loss.item()
         grads[name] = [p.grad for p in model.parameters()]
-    if abs(losses["torch"] - losses["batchnorm"]) > 1e-9 * max(1.0, abs(losses["torch"])):
-        return f"loss {losses['batchnorm']} vs torch's {losses['torch']}"
-    for ours, theirs in zip(grads["batchnorm"], grads["torch"], strict=True):
-        if not torch.allclose(ours, theirs, rtol=1e-7, atol=1e-9):
-            return f"a gradient differs by {float((ours - theirs).abs().max()):.3g}"
+    for name in names:
+        prefix = "" if name == "batchnorm" else f"{name}: "
+        if abs(losses["torch"] - losses[name]) > 1e-9 * max(1.0, abs(losses["torch"])):
+            return f"{prefix}loss {losses[name]} vs torch's {losses['torch']}"
+        for ours, theirs in zip(grads[name], grads["torch"], strict=True):
+            if not torch.allclose(ours, theirs, rtol=1e-7, atol=1e-9):
+                return f"{prefix}a gradient differs by {float((ours - theirs).abs().max()):.3g}"
     return None
 
 
@@ -193,6 +252,19 @@ def bench_workload(workload: Workload, args: argparse.Namespace) -> dict:
     record = {"workload": workload.name, "valid": problem is None, "problem": problem}
     if problem is not None:  # a wrong implementation's speed means nothing: not timed
         return record
+    fused, record["fused_skipped"] = fused_variants(models["torch"])
+    record["fused_pairs"] = fused_pairs(fused["fused"]) if fused else 0
+    record["fused_problem"] = None
+    if fused:
+        try:
+            # Positional arguments: the tests replace this function by a lambda taking *args.
+            both = {**models, **fused}
+            record["fused_problem"] = check_same_first_step(both, x, target, ("fused",))
+        except Exception as err:  # noqa: BLE001 - a failure of ours is a finding, not a crash
+            msg = f"{type(err).__name__}: {err}".splitlines()[0]
+            record["fused_problem"] = f"fused: first step raised {msg}"
+        if record["fused_problem"] is None:
+            models |= fused
     modes = ["eager"] + (["compiled"] if args.compile else [])
     for mode in modes:
         if mode == "compiled":
@@ -219,10 +291,30 @@ def bench_workload(workload: Workload, args: argparse.Namespace) -> dict:
             "paired": _harness.summarize(paired).to_dict(),
             "bn_share": 1.0 - times["no-bn"]["median"] / times["torch"]["median"],
         }
+        if "fused" in times:
+            paired = [a / b for a, b in zip(samples["torch"], samples["fused"], strict=True)]
+            record[mode] |= {
+                "torch/fused": times["torch"]["median"] / times["fused"]["median"],
+                "ours/fused": times["batchnorm"]["median"] / times["fused"]["median"],
+                "paired_fused": _harness.summarize(paired).to_dict(),
+                "bn_act_share": 1.0 - times["no-bn-act"]["median"] / times["torch"]["median"],
+            }
     return record
 
 
 # --------------------------------------------------------------------------- report
+
+
+def _fused_cells(r: dict) -> list[str]:
+    e = r["eager"]
+    if "torch/fused" not in e:
+        return ["-"] * 4
+    return [
+        f"{e['torch/fused']:.3f}",
+        f"{e['paired_fused']['q1']:.2f}-{e['paired_fused']['q3']:.2f}",
+        f"{100 * e['bn_act_share']:.0f}%",
+        f"{1e3 * e['times']['fused']['median']:.2f} ms",
+    ]
 
 
 def report(records: list[dict], compiled: bool) -> str:
@@ -235,8 +327,13 @@ def report(records: list[dict], compiled: bool) -> str:
         "torch step",
         "ours step",
     ]
+    fused = any("torch/fused" in r.get("eager", {}) for r in records)
+    if fused:
+        header += ["torch/fused", "fused IQR", "BN+act share", "fused step"]
     if compiled:
         header += ["compiled torch/ours", "paired IQR ", "compiled vs eager (torch)"]
+        if fused:
+            header += ["compiled torch/fused"]
     rows = []
     for r in records:
         if not r["valid"]:
@@ -252,6 +349,8 @@ def report(records: list[dict], compiled: bool) -> str:
             f"{1e3 * e['times']['torch']['median']:.2f} ms",
             f"{1e3 * e['times']['batchnorm']['median']:.2f} ms",
         ]
+        if fused:
+            row += _fused_cells(r)
         if compiled:
             c = r["compiled"]
             speedup = e["times"]["torch"]["median"] / c["times"]["torch"]["median"]
@@ -260,6 +359,8 @@ def report(records: list[dict], compiled: bool) -> str:
                 f"{c['paired']['q1']:.2f}-{c['paired']['q3']:.2f}",
                 f"{speedup:.2f}x",
             ]
+            if fused:
+                row.append(f"{c['torch/fused']:.3f}" if "torch/fused" in c else "-")
         rows.append(row)
     align = "<<" + ">" * (len(header) - 2)
     return _harness.format_table(header, rows, align)
@@ -293,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         f"threads: torch={threads['torch']} numba={threads['numba']}   "
         f"load average at start: {shown}"
     )
+    fuse_problem = fuse_unavailable()
+    if fuse_problem is not None:
+        print(f"fused arm skipped: {fuse_problem}")
     records = []
     for name in args.workloads:
         rec = bench_workload(WORKLOADS[name], args)
@@ -301,8 +405,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: INVALID, not timed: {rec['problem']}", file=sys.stderr, flush=True)
             continue
         e = rec["eager"]
+        fused = (
+            f", torch/fused {e['torch/fused']:.3f} ({rec['fused_pairs']} pairs fused), "
+            f"BN+act share {100 * e['bn_act_share']:.0f}%"
+            if "torch/fused" in e
+            else ""
+        )
         print(
             f"{name}: torch/ours {e['torch/ours']:.3f}, BN share {100 * e['bn_share']:.0f}%"
+            + fused
             + (f", compiled {rec['compiled']['torch/ours']:.3f}" if args.compile else ""),
             file=sys.stderr,
             flush=True,
@@ -312,6 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     invalid = [r["workload"] for r in records if not r["valid"]]
     if invalid:
         print(f"INVALID (ours does not compute torch.nn's first step): {invalid}")
+    if fuse_problem is None:
+        for r in records:
+            if r.get("fused_problem"):
+                print(f"{r['workload']}: fused arm INVALID, not timed: {r['fused_problem']}")
+            elif r.get("fused_skipped"):
+                print(f"{r['workload']}: fused arm skipped: {r['fused_skipped']}")
     record = {
         "schema": 1,
         "benchmark": "bench_training",
@@ -320,12 +437,13 @@ def main(argv: list[str] | None = None) -> int:
         "machine": _harness.machine_info(),
         "loadavg_start": load,
         "loadavg_end": _harness.loadavg(),
+        "fused_unavailable": fuse_problem,
         "workloads": records,
     }
     path = args.json or RESULTS_DIR / f"training-{started.strftime('%Y%m%d-%H%M%S')}.json"
     _harness.write_json(path, record)
     print(f"wrote {path}")
-    return 1 if invalid else 0
+    return 1 if invalid or any(r.get("fused_problem") for r in records) else 0
 
 
 if __name__ == "__main__":

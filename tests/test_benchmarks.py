@@ -16,6 +16,7 @@ from pathlib import Path
 import numba
 import pytest
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not add the root
@@ -23,7 +24,9 @@ if str(ROOT) not in sys.path:  # `pytest` (unlike `python -m pytest`) does not a
 
 from benchmarks import (  # noqa: E402
     _harness,
+    bench_activated,
     bench_kernels,
+    bench_memory,
     bench_modules,
     bench_sweep,
     bench_sync,
@@ -181,6 +184,214 @@ def test_bench_variants_quick_set_is_fwd_bwd_with_the_large_batches():
     assert all(name.endswith("fwd_bwd") for name in names)
 
 
+# --------------------------------------------------------------------------- bench_activated
+
+
+class _OverwriteFn(torch.autograd.Function):
+    """Stand-in in-place BatchNorm + activation: the out-of-place layer's values written over
+    the input, and the upstream gradient scribbled on in the backward (as in-place ABN may)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        from batchnorm.activated import BatchNormActBase
+
+        with torch.enable_grad():
+            ctx.leaf = x.detach().clone().requires_grad_(True)
+            ctx.y = BatchNormActBase.forward(layer, ctx.leaf)
+        ctx.params = (weight, bias)
+        x.copy_(ctx.y.detach())
+        ctx.mark_dirty(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        grads = torch.autograd.grad(ctx.y, (ctx.leaf, *ctx.params), g)
+        g.mul_(0.5)
+        return (*grads, None)
+
+
+def _stand_in_inplace(case, state, activation, param):
+    import batchnorm
+
+    cls = getattr(batchnorm, f"BatchNormAct{case.kind[-2:]}")
+    stand_in = type("StandInInPlace", (cls,), {})
+    stand_in.forward = lambda self, x: _OverwriteFn.apply(x, self.weight, self.bias, self)
+    module = stand_in(case.num_features, activation, param, momentum=0.1, dtype=case.torch_dtype)
+    module.load_state_dict(state)
+    return module.train()
+
+
+def _activated_build(name, case, state, activation, param, pair_inplace):
+    """The real layers, except ``inplace``: the stand-in (independent of src/.../inplace.py)."""
+    if name == "inplace":
+        return _stand_in_inplace(case, state, activation, param)
+    return bench_activated.build(name, case, state, activation, param, pair_inplace)
+
+
+def _wrong_activated(name, case, state, activation, param, pair_inplace):
+    """The fused layer with the wrong slope, the in-place one with the wrong epsilon."""
+    if name == "fused":
+        return bench_activated.build(name, case, state, activation, 0.2, pair_inplace)
+    module = _activated_build(name, case, state, activation, param, pair_inplace)
+    if name == "inplace":
+        module.eps = 1e-2
+    return module
+
+
+def _activated_args(**kwargs):
+    options = {"repeats": 3, "target_ms": 1.0, "warmup_s": 0.0, "seed": 0, "verbose": False}
+    options |= {"cycle_mib": 0.0, "activation": "leaky_relu", "activation_param": None}
+    return argparse.Namespace(**{**options, "pair_inplace": False, **kwargs})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_bench_activated_case_times_four_then_wrong_layers_invalid(dtype):
+    case = make_case((7, 3, 2, 2), "fwd_bwd", dtype=dtype)
+    rec = bench_activated.bench_case(case, _activated_args(), build_fn=_activated_build)
+    assert rec["valid"] is True, rec["invalid_reason"]
+    assert set(rec["times"]) == set(bench_activated.IMPLS)  # the restore runner is not reported
+    for t in rec["times"].values():
+        assert t["q1"] <= t["median"] <= t["q3"] and t["n"] == len(t["samples"]) == 3
+    assert set(rec["ratio"]) == {"ours_pair", "torch_pair", "inplace"}
+    assert all(set(p) >= {"q1", "q3"} for p in rec["paired_ratio"].values())
+    assert rec["notes"]["inplace"] == ["the backward wrote into its upstream gradient"]
+    assert rec["restore_s"]["n"] == 3 and rec["inplace_uses_per_pair"] >= 1
+
+    bad = bench_activated.bench_case(case, _activated_args(), build_fn=_wrong_activated)
+    assert bad["valid"] is False and set(bad["invalid_reason"]) == {"fused", "inplace"}
+    assert bad["invalid_reason"]["fused"].startswith("output:")
+    assert set(bad["times"]) == {"ours_pair", "torch_pair"} and bad["ratio"] == {}
+
+
+def test_bench_activated_notes_an_inplace_layer_that_is_not_in_place():
+    def out_of_place(name, case, state, activation, param, pair_inplace):
+        real = "fused" if name == "inplace" else name
+        return bench_activated.build(real, case, state, activation, param, pair_inplace)
+
+    case = make_case((7, 3, 2, 2), "fwd_bwd")
+    rec = bench_activated.bench_case(case, _activated_args(), build_fn=out_of_place)
+    assert rec["valid"] and "did not run in place" in rec["notes"]["inplace"][0]
+
+
+def test_bench_activated_restore_puts_back_what_the_inplace_layer_overwrote():
+    case = make_case((7, 3, 2, 2), "fwd_bwd")
+    inputs, grads, state = bench_activated.make_inputs(case, seed=0, count=3)
+    bases = [x.detach().clone().requires_grad_(True) for x in inputs]
+    own = [g.clone() for g in grads]
+    layer = _stand_in_inplace(case, state, "leaky_relu", 0.01)
+    bench_activated.make_inplace_runner(layer, bases, own)(3)
+    assert not any(torch.equal(b, x) for b, x in zip(bases, inputs, strict=True))
+    assert not any(torch.equal(g, h) for g, h in zip(own, grads, strict=True))
+    restore = bench_activated.make_restore([*bases, *own], [*inputs, *grads])
+    restore(100)  # one copy whatever the count
+    assert all(torch.equal(b, x) for b, x in zip(bases, inputs, strict=True))
+    assert all(torch.equal(g, h) for g, h in zip(own, grads, strict=True))
+    assert len(restore.durations) == 1
+
+
+def test_bench_activated_keeps_the_first_input_off_the_kink():
+    case = make_case((64, 3, 8, 8), "fwd_bwd")
+    (x,), _, state = bench_activated.make_inputs(case, seed=0, count=1)
+    moved = bench_activated.keep_off_kinks(x, state)
+    assert moved > 0  # ~0.16% of 12288 values of N(0, 1) lie within 1e-3 of the kink
+    z = bench_activated.reference(x, x, state, "identity", None)["output"]
+    # The moved values sit at 2e-3; the statistics moved by ~1e-6, far less than the margin.
+    assert float(z.abs().min()) > 0.99 * bench_activated.KINK_MARGIN
+
+
+def _activated_main_argv(path, *extra):
+    argv = ["--shapes", "smoke", "--threads", "1", "--repeats", "15", "--target-ms", "0.5"]
+    return [*argv, "--warmup-s", "0", "--copy-mb", "2", "--cycle-mib", "0", "--json", str(path)]
+
+
+def test_bench_activated_main_relu_has_no_inplace_arm_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "activated.json"
+    assert bench_activated.main(_activated_main_argv(path)) == 0
+    rec = json.loads(path.read_text())
+    assert rec["benchmark"] == "bench_activated" and rec["activation"] == "relu"
+    assert rec["unavailable"]["inplace"] == "not applicable: relu is not invertible"
+    assert [c["case"]["mode"] for c in rec["cases"]] == ["fwd_bwd", "fwd_bwd"]
+    for c in rec["cases"]:
+        assert set(c["times"]) == {"fused", "ours_pair", "torch_pair"}
+        assert set(c["roofline"]) == set(c["times"]) and c["case"]["traffic_bytes"] > 0
+    assert [g["threshold"] for g in rec["goals"]] == [1.3, 2.0]
+    assert rec["copy_bandwidth"]["bytes_per_s"] > 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("case"))
+    assert header.split()[:5] == [
+        "case",
+        "valid",
+        "ours_pair/fused",
+        "torch_pair/fused",
+        "inplace/fused",
+    ]
+    assert "goals of the issue (relu)" in out and "inplace: unavailable" in out
+
+
+def test_bench_activated_main_leaky_relu_times_inplace_or_marks_it_unavailable(tmp_path):
+    path = tmp_path / "activated.json"
+    argv = [*_activated_main_argv(path), "--activation", "leaky_relu", "--filter", "6x3"]
+    assert bench_activated.main(argv) == 0
+    (case,) = json.loads(path.read_text())["cases"]
+    if "inplace" in case["unavailable"]:  # src/batchnorm/inplace.py not importable yet
+        assert "not importable" in case["unavailable"]["inplace"]
+    else:
+        assert "inplace" in case["times"] and "inplace" in case["ratio"]
+
+
+# --------------------------------------------------------------------------- bench_memory
+
+
+def _memory_args(**kwargs):
+    options = {"batch": 4, "size": 6, "channels": 3, "blocks": 2, "warmup_batch": 2}
+    return argparse.Namespace(**{**options, "threads": 1, **kwargs})
+
+
+def test_bench_memory_check_catches_a_wrong_network():
+    def wrong_slope(arm, channels, blocks):
+        model = bench_memory.build_network(arm, channels, blocks)
+        for m in model.modules():
+            if hasattr(m, "activation_param"):
+                m.activation_param = 0.2  # a plausible slip: the wrong negative slope
+        return model
+
+    args = _memory_args()
+    runs = {
+        "torch": [bench_memory.measure("torch", args)],
+        "fused": [bench_memory.measure("fused", args)],
+        "inplace": [bench_memory.measure("inplace", args)],
+        "wrong": [bench_memory.measure("fused", args, build=wrong_slope)],
+    }
+    verdict = bench_memory.check_runs(runs)
+    assert verdict["torch"] is None and verdict["fused"] is None and verdict["inplace"] is None
+    assert verdict["wrong"].startswith("output_norm")
+    summary = bench_memory.summarize_runs(runs, verdict)
+    assert "wrong" not in summary and summary["torch"]["growth_mib"]["median"] >= 0
+    assert runs["torch"][0]["check"].keys() == runs["fused"][0]["check"].keys()
+    report = bench_memory.format_report(summary, runs, verdict)
+    if not runs["inplace"][0]["available"]:  # src/batchnorm/inplace.py not importable yet
+        assert "not importable" in runs["inplace"][0]["reason"] and "unavailable" in report
+    else:
+        assert "inplace" in summary
+
+
+def test_bench_memory_main_measures_each_arm_in_a_fresh_process(tmp_path, capsys):
+    path = tmp_path / "memory.json"
+    argv = ["--arms", "torch", "fused", "--batch", "4", "--size", "6", "--channels", "3"]
+    argv += ["--blocks", "2", "--repeats", "1", "--threads", "1", "--json", str(path)]
+    assert bench_memory.main(argv) == 0
+    rec = json.loads(path.read_text())
+    assert rec["benchmark"] == "bench_memory" and rec["invalid_reason"] == {}
+    assert set(rec["runs"]) == {"torch", "fused"}
+    for (run,) in rec["runs"].values():
+        assert run["available"] and run["maxrss_after_kib"] >= run["maxrss_before_kib"] > 0
+        assert run["threads"] == {"torch": 1, "numba": 1}
+    # None when the tiny step did not raise the peak at all (it often fits in freed memory).
+    assert rec["summary"]["torch"]["ratio_to_torch"] in (1.0, None)
+    assert rec["target"] == {"arm": "inplace", "max_ratio_to_torch": 0.6, "ratio": None}
+    assert "growth / torch" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- bench_training
 
 
@@ -213,6 +424,55 @@ def test_bench_training_main_writes_json_and_skips_invalid(tmp_path, capsys, mon
     rec = json.loads(path.read_text())
     assert "eager" not in rec["workloads"][0]
     assert "INVALID" in capsys.readouterr().out
+
+
+def _fuse_sequential_relus(model: nn.Module, activation="relu", param=None) -> nn.Module:
+    """A stand-in for ``batchnorm.fuse_activations``: (our BatchNorm1d, ReLU) pairs of every
+    Sequential become ``BatchNormAct1d(activation, param)`` and ``Identity``."""
+    import batchnorm
+
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:], strict=False):
+            norm, act = seq._modules[a], seq._modules[b]
+            if type(norm) is batchnorm.BatchNorm1d and type(act) is nn.ReLU:
+                fused = batchnorm.BatchNormAct1d(norm.num_features, activation, param)
+                fused.load_state_dict(norm.state_dict())
+                seq._modules[a], seq._modules[b] = fused, nn.Identity()
+    return model
+
+
+def test_bench_training_fused_arm_is_timed_then_a_wrong_fusion_is_dropped(
+    tmp_path, capsys, monkeypatch
+):
+    # The stand-in keeps this test independent of tools/fuse.py's state; the real function is
+    # exercised by the fig1-mlp test above (nothing to fuse there) and by the benchmark itself.
+    import batchnorm
+
+    monkeypatch.setattr(bench_training, "fuse_unavailable", lambda: None)
+    monkeypatch.setattr(batchnorm, "fuse_activations", _fuse_sequential_relus, raising=False)
+    path = tmp_path / "training.json"
+    argv = ["--workloads", "cnn1d", "--threads", "1", "--repeats", "3"]
+    argv += ["--target-ms", "1", "--warmup-s", "0", "--json", str(path)]
+    assert bench_training.main(argv) == 0
+    (workload,) = json.loads(path.read_text())["workloads"]
+    assert workload["valid"] and workload["fused_pairs"] == 3 and workload["fused_problem"] is None
+    eager = workload["eager"]
+    assert set(eager["times"]) == {"torch", "batchnorm", "no-bn", "fused", "no-bn-act"}
+    assert eager["torch/fused"] > 0 and eager["ours/fused"] > 0
+    assert set(eager["paired_fused"]) >= {"q1", "q3"} and eager["bn_act_share"] < 1
+    header = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("workload"))
+    assert "torch/fused" in header and "BN+act share" in header
+
+    # A fusion with the wrong activation is caught by the first-step check: the fused arms are
+    # not timed, ours and torch's still are, and the exit status says something is wrong.
+    wrong = lambda model: _fuse_sequential_relus(model, "leaky_relu", 0.5)  # noqa: E731
+    monkeypatch.setattr(batchnorm, "fuse_activations", wrong)
+    assert bench_training.main(argv) == 1
+    (workload,) = json.loads(path.read_text())["workloads"]
+    assert workload["valid"] and workload["fused_problem"].startswith("fused: loss")
+    assert set(workload["eager"]["times"]) == {"torch", "batchnorm", "no-bn"}
+    assert "fused arm INVALID" in capsys.readouterr().out
 
 
 def test_bench_versions_times_a_commit_next_to_this_checkout(tmp_path, capsys):
