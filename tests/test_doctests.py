@@ -20,6 +20,9 @@ MODULES = [
     "batchnorm.distributed",
     "batchnorm.routing",
     "batchnorm.families",
+    "batchnorm.activations",
+    "batchnorm.activated",
+    "batchnorm.tools.fuse",
 ]
 
 

@@ -161,7 +161,14 @@ def resolve_param(where: str, activation: Activation, param) -> float | None:
 
 
 def activation_module(name: str, param: float | None = None) -> torch.nn.Module:
-    """A torch.nn module for ``(name, param)`` (``param=None``: the activation's default)."""
+    """A torch.nn module for ``(name, param)`` (``param=None``: the activation's default).
+
+    Example:
+        >>> activation_module("leaky_relu")
+        LeakyReLU(negative_slope=0.01)
+        >>> activation_from_module(torch.nn.ELU(0.5))
+        ('elu', 0.5)
+    """
     activation = get_activation("activation_module()", name)
     return activation.make_module(resolve_param("activation_module()", activation, param))
 
