@@ -268,7 +268,10 @@ def test_traces_as_one_leaf_module():
     torch.testing.assert_close(traced(x), model(x))
 
 
-def test_torch_route_for_another_dtype_applies_the_activation():
+def test_torch_route_for_another_dtype_applies_the_activation(monkeypatch):
+    from batchnorm import _route
+
+    monkeypatch.setattr(_route, "_warned", set())  # the fallback warns once per process
     layer = batchnorm.BatchNormAct1d(3, "gelu", dtype=torch.bfloat16)
     ref = torch.nn.BatchNorm1d(3, dtype=torch.bfloat16)
     x = torch.randn(16, 3, dtype=torch.bfloat16)

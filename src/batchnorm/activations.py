@@ -109,7 +109,7 @@ _FORWARD: dict[str, Callable] = {
 _DERIVATIVE: dict[str, Callable] = {
     "identity": lambda z, p: torch.ones_like(z),
     "relu": lambda z, p: (~(z <= 0)).to(z.dtype),
-    "leaky_relu": lambda z, p: torch.where(z > 0, 1.0, p).to(z.dtype),
+    "leaky_relu": lambda z, p: torch.where(z > 0, torch.ones_like(z), torch.full_like(z, p)),
     "elu": lambda z, p: torch.where(z <= 0, p * torch.exp(z), torch.ones_like(z)),
     "silu": lambda z, p: _silu_derivative(z),
     "gelu": lambda z, p: _gelu_derivative(z),
