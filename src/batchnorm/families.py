@@ -21,10 +21,10 @@ The table is filled where the classes are defined: each layer module registers i
 (:func:`add_variant`) or its activated class (:func:`add_activated`) once, right after the
 class, so a new variant is added in one place and this module imports no layer. It is complete
 once :mod:`batchnorm.modules`, :mod:`batchnorm.frozen`, :mod:`batchnorm.distributed`,
-:mod:`batchnorm.variants` and :mod:`batchnorm.activated` are imported, which every reader of it
-does (:mod:`batchnorm.tools` imports them); the tools look activated classes up when they run,
-so one registered by a module imported later (an activated layer exists only once its module
-is imported) is known to them too.
+:mod:`batchnorm.variants`, :mod:`batchnorm.activated` and :mod:`batchnorm.inplace` are
+imported, which every reader of it does (:mod:`batchnorm.tools` imports them); the tools look
+activated classes up when they run, so one registered by a module imported later is known to
+them too.
 
 Lookups are by exact class: a user's subclass of a BatchNorm class is not a member (converting
 it would drop its behaviour) and the tools refuse it by name.

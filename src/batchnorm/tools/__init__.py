@@ -15,7 +15,7 @@ and ``import batchnorm.tools.fold as m`` would then give the function.
 
 # Every tool reads the family table (batchnorm.families), which each layer module fills when
 # it is imported: import them all before any tool runs.
-from .. import activated, distributed, frozen, lazy, modules, variants  # noqa: F401
+from .. import activated, distributed, frozen, inplace, lazy, modules, variants  # noqa: F401
 from .accumulate import accumulate_statistics
 from .fuse import fuse_activations
 
