@@ -52,8 +52,7 @@ def run(
             input, running_mean, running_var, weight, bias, training, momentum, eps, counter,
             guard,
         )  # fmt: skip
-        spec, param = activation
-        return spec.forward(output, param)
+        return _activate(output, activation)
     if not training or running_mean is None:
         counter = None  # counted only when running statistics are updated
     if input.numel() == 0:
@@ -117,6 +116,12 @@ def run(
             input, weight, bias, running_mean, running_var, counter, momentum, eps, route, guard
         )
     return evaluate(input, running_mean, running_var, weight, bias, eps, route)
+
+
+def _activate(output: torch.Tensor, activation) -> torch.Tensor:
+    """``activation = (spec, param)`` applied to a normalized output in torch ops."""
+    spec, param = activation
+    return spec.forward(output, param)
 
 
 def _run_activated(
@@ -367,7 +372,9 @@ def _plain_case(layer, input, activation=None) -> torch.Tensor | None:
         return None
     route = choose(input, "eval")
     if activation is not None and route != "parallel":
-        return None  # the full path: normalization, then the activation in torch ops
+        # Normalized as BatchNorm's plain call is, then the activation in torch ops.
+        output = _plain_case(layer, input)
+        return None if output is None else _activate(output, activation)
     if route == "torch":
         if not kernels_take(input):
             return None
@@ -409,8 +416,14 @@ def _plain_train(
     if not _plain_per_channel(input, weight, bias, running_mean, running_var):
         return None
     route = choose(input, "train")
-    if route == "torch" or (activation is not None and route != "parallel"):
+    if route == "torch":
         return None
+    if activation is not None and route != "parallel":
+        # The serial kernels (small inputs, forked children), then the activation in torch ops.
+        output = train(
+            input, weight, bias, running_mean, running_var, counter, momentum, eps, route, layer
+        )
+        return _activate(output, activation)
     # The layer stands for its guard: one is built only if a batch is left out.
     return train(
         input, weight, bias, running_mean, running_var, counter, momentum, eps, route, layer,
