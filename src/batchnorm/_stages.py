@@ -39,7 +39,7 @@ from ._bridge import (
     run_parallel,
 )
 from .kernels import activated as _activated
-from .kernels._config import contiguous_view
+from .kernels._config import contiguous_view, nchw_variant, nhwc_variant
 from .routing import kernel_layout
 
 __all__ = [
@@ -54,6 +54,7 @@ __all__ = [
     "eval_forward",
     "ghost_backward",
     "ghost_train_forward",
+    "inplace_backward",
     "masked_moments",
     "moments",
     "native_batch_norm",
@@ -587,3 +588,42 @@ def act_backward(dy, x, weight, bias, mean, var, eps, training, code, param):
         dbias,
     )
     return dx, torch.from_numpy(dweight), torch.from_numpy(dbias)
+
+
+def inplace_backward(dy, y, inv_gamma, beta, k, code: int, param, training: bool, want_dx: bool):
+    r"""The backward of in-place activated batch norm from its output ``y`` (one kernel call;
+    see :func:`batchnorm.kernels.activated.inplace_backward_for` for the math).
+
+    Args:
+        dy, y: The output's gradient and the output, ``(N, C, *)`` on the kernels' layouts.
+        inv_gamma, beta, k: float64 ``(C,)``: :math:`1/\gamma`, :math:`\beta` and
+            :math:`\gamma\,\mathrm{invstd}`.
+
+    Returns:
+        ``(dx, sum_dz, sum_dz_x_hat)``: ``dx`` in ``y``'s dtype and layout (``None`` unless
+        ``want_dx``), and the float64 per-channel sums (:math:`d\beta`, :math:`d\gamma`).
+    """
+    layout = kernel_layout(y)
+    channels = y.shape[1]
+    ya = kernel_view(numpy_view(y), layout)
+    dya = kernel_view(numpy_view(match_layout(dy, y)), layout)
+    dx, dxa = empty_output(y, layout) if want_dx else (None, ya)
+    sum_dz = np.empty(channels)
+    sum_dz_x_hat = np.empty(channels)
+    rows, cols = _activated.inplace_backward_for(code)
+    fn, shape = (nchw_variant if layout == "nchw" else nhwc_variant)(ya.shape, rows, cols)
+    run_parallel(
+        fn,
+        contiguous_view(dya, shape),
+        contiguous_view(ya, shape),
+        inv_gamma,
+        beta,
+        k,
+        _kernel_param(param),
+        training,
+        want_dx,
+        contiguous_view(dxa, shape),
+        sum_dz,
+        sum_dz_x_hat,
+    )
+    return dx, sum_dz, sum_dz_x_hat

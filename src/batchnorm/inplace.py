@@ -77,7 +77,8 @@ from torch.autograd.function import once_differentiable
 
 from ._autograd import records_graph
 from ._errors import with_torch_words
-from ._stages import broadcast_shape, reduce_dims
+from ._inplace_backward import affine, backward, chunks
+from ._stages import broadcast_shape
 from ._validate import (
     caller_name,
     check_batch_norm_args,
@@ -108,9 +109,6 @@ INVERTIBLE = tuple(name for name, spec in ACTIVATIONS.items() if spec.invertible
 # recovered x_hat may be off before the forward saves the exact value instead.
 RECOVERY_ULPS = 64.0
 
-# Values per chunk of the float64 passes (forward fallbacks, backward): 8 MiB temporaries.
-_CHUNK_VALUES = 1 << 20
-
 
 def unrecoverable_channels(
     weight: torch.Tensor | None,
@@ -135,26 +133,12 @@ def unrecoverable_channels(
     Returns:
         A boolean ``(C,)`` tensor on the CPU, True for an unrecoverable channel.
     """
-    gamma, beta = _affine(weight, bias, channels)
+    gamma, beta = affine(weight, bias, channels)
     scale = 1.0 if activation_param is None else min(1.0, activation_param)
     floor = torch.finfo(dtype).tiny / scale
     magnitude = gamma.abs()
     # Written as "not recoverable" so that a NaN weight (every comparison False) falls back.
     return ~((magnitude * RECOVERY_ULPS >= beta.abs()) & (magnitude >= floor))
-
-
-def _affine(weight, bias, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:math:`\\gamma` and :math:`\\beta` as float64 ``(C,)`` CPU tensors (1 and 0 if absent)."""
-    gamma = torch.ones(channels, dtype=torch.float64) if weight is None else weight.detach()
-    beta = torch.zeros(channels, dtype=torch.float64) if bias is None else bias.detach()
-    return gamma.to(device="cpu", dtype=torch.float64), beta.to(device="cpu", dtype=torch.float64)
-
-
-def _chunks(n: int, per_sample: int):
-    """``(start, stop)`` ranges of samples holding at most ``_CHUNK_VALUES`` values (or one)."""
-    step = max(1, _CHUNK_VALUES // max(1, per_sample))
-    for start in range(0, n, step):
-        yield start, min(start + step, n)
 
 
 def _check_invertible(where, out_of_place: str, activation, activation_param):
@@ -463,7 +447,7 @@ def _save_fallback(input, z, mean, invstd, weight, bias, spec: Activation, param
     if channel_index is None and not by_element:
         return None, None, None, None
     mean_b, invstd_b = mean.reshape(shape), invstd.reshape(shape)
-    gamma, beta = _affine(weight, bias, channels)
+    gamma, beta = affine(weight, bias, channels)
     limit = (RECOVERY_ULPS * gamma.abs()).reshape(shape)
     beta_b, small_b = beta.reshape(shape), small.reshape(shape)
     channel_x_hat = None
@@ -473,7 +457,7 @@ def _save_fallback(input, z, mean, invstd, weight, bias, spec: Activation, param
         )
     per_sample = input[0].numel()
     indices, values = [], []
-    for start, stop in _chunks(input.shape[0], per_sample):
+    for start, stop in chunks(input.shape[0], per_sample):
         x_hat = None
         if channel_index is not None:
             x_hat = (input[start:stop].to(torch.float64) - mean_b) * invstd_b
@@ -516,95 +500,8 @@ class _InPlaceABNFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         need = ctx.needs_input_grad[:3]
-        grads = _backward(grad_output, ctx.saved_tensors, ctx.spec, ctx.param, ctx.training, need)
+        grads = backward(grad_output, ctx.saved_tensors, ctx.spec, ctx.param, ctx.training, need)
         return *grads, None, None, None, None, None, None
-
-
-def _backward(dy, saved, spec: Activation, param, training: bool, need):
-    r"""``(dx, dweight, dbias)`` from the output (module docstring), in float64 chunks.
-
-    ``saved``: the output ``y``, ``weight``, ``bias``, ``invstd`` and the four fallback parts
-    (:func:`_save_fallback`); ``need``: which of the three gradients autograd asks for.
-
-    Two passes over the batch when training needs ``dx``: the sums :math:`\sum\delta_z` and
-    :math:`\sum\delta_z\hat{x}` first, then ``dx`` (whose every value needs both); each pass
-    recomputes :math:`z`, :math:`\hat{x}` and :math:`\delta_z` per chunk rather than keeping
-    them for the whole batch.
-    """
-    y, weight, bias, invstd, channel_index, channel_x_hat, element_index, element_x_hat = saved
-    channels = y.shape[1]
-    count = y.numel() // channels
-    per_sample = y[0].numel()
-    shape, dims = broadcast_shape(y), reduce_dims(y)
-    gamma, beta = _affine(weight, bias, channels)
-    # Unrecoverable channels divide by 1 here; their x_hat is replaced by the saved slice.
-    divisor = gamma.clone()
-    if channel_index is not None:
-        divisor[channel_index] = 1.0
-    beta_b, divisor_b = beta.reshape(shape), divisor.reshape(shape)
-    need_dx = need[0]
-    need_dw = need[1] and weight is not None
-    need_db = need[2] and bias is not None
-    need_x_hat = need_dw or (training and need_dx)
-
-    def chunk(start, stop):
-        # Every op out of place: for float64, y_c and the gradient's chunk are the saved
-        # output's and the caller's memory, not copies.
-        y_c = y[start:stop].to(torch.float64)
-        dz = _through_activation(spec, dy[start:stop].to(torch.float64), y_c, param)
-        if not need_x_hat:
-            return dz, None
-        x_hat = (spec.inverse(y_c, param) - beta_b) / divisor_b
-        if channel_index is not None:
-            x_hat.index_copy_(1, channel_index, channel_x_hat[start:stop].to(torch.float64))
-        if element_index is not None:
-            low, high = start * per_sample, stop * per_sample
-            bounds = torch.searchsorted(element_index, torch.tensor([low, high]))
-            first, last = bounds.tolist()
-            if last > first:
-                saved = torch.zeros(x_hat.numel(), dtype=torch.bool)
-                saved[element_index[first:last] - low] = True
-                # Boolean indexing is row-major, as the indices and values were saved.
-                x_hat[saved.view(x_hat.shape)] = element_x_hat[first:last].to(torch.float64)
-        return dz, x_hat
-
-    sum_dz = torch.zeros(channels, dtype=torch.float64)
-    sum_dz_x_hat = torch.zeros(channels, dtype=torch.float64)
-    if need_dw or need_db or (training and need_dx):
-        for start, stop in _chunks(y.shape[0], per_sample):
-            dz, x_hat = chunk(start, stop)
-            sum_dz += dz.sum(dim=dims)
-            if x_hat is not None:
-                sum_dz_x_hat += (dz * x_hat).sum(dim=dims)
-    dx = None
-    if need_dx:
-        dx = torch.empty_like(y)
-        scale = (gamma * invstd).reshape(shape)
-        mean_dz = (sum_dz / count).reshape(shape)
-        mean_dz_x_hat = (sum_dz_x_hat / count).reshape(shape)
-        for start, stop in _chunks(y.shape[0], per_sample):
-            dz, x_hat = chunk(start, stop)
-            if training:
-                dz = dz - mean_dz - x_hat * mean_dz_x_hat
-            dx[start:stop] = dz * scale
-    dw = sum_dz_x_hat.to(weight.dtype) if need_dw else None
-    db = sum_dz.to(bias.dtype) if need_db else None
-    return dx, dw, db
-
-
-def _through_activation(spec: Activation, dy, y, param) -> torch.Tensor:
-    """:math:`\\delta_z = \\delta\\,a'(z)` from the output :math:`y` (never the caller's ``dy``).
-
-    torch's own derivatives in terms of the output, as its in-place LeakyReLU and ELU use them:
-    :math:`a'(z) = p` where :math:`y \\le 0` for LeakyReLU, :math:`y + \alpha` there for ELU
-    (:math:`\alpha e^z`, without the exponential of a recovered :math:`z`); torch's values at
-    :math:`z = 0`.
-    """
-    if spec.name == "leaky_relu":
-        return torch.ops.aten.leaky_relu_backward(dy, y, param, True)
-    if spec.name == "elu":
-        return torch.ops.aten.elu_backward(dy, param, 1, 1, True, y)
-    return dy.clone()
 
 
 def _doc(name: str, bn: str, act: str, example: str) -> str:

@@ -47,11 +47,11 @@ from ._config import (
     nhwc_variant,
     njit_parallel,
 )
-from .activation import apply, derivative
+from .activation import apply, derivative, derivative_from_output, invert
 from .moments import _moments_cols, _moments_rows
 from .serial import _affine, _backward_coefficients, update_running
 
-__all__ = ["ActivatedKernels", "kernels_for", "select"]
+__all__ = ["ActivatedKernels", "inplace_backward_for", "kernels_for", "select"]
 
 
 class ActivatedKernels:
@@ -285,6 +285,142 @@ def _build(code: int):  # noqa: C901 - one closure per kernel, over the constant
                 dx_row[c] = k_dy[c] * dz + k_xmu[c] * xmu + k_const[c]
 
     return train_rows, train_cols, eval_rows, eval_cols, backward_rows, backward_cols
+
+
+@functools.cache
+def inplace_backward_for(code: int):
+    r"""``(rows, cols)``: the backward of in-place activated batch norm from its output alone.
+
+    For an invertible activation (identity, LeakyReLU, ELU), per value:
+    :math:`z = a^{-1}(y)`, :math:`\hat{x} = (z - \beta)\,\gamma^{-1}`,
+    :math:`\delta_z = \delta\,a'(z)` (from :math:`y`); the sums
+    :math:`S_1 = \sum\delta_z`, :math:`S_2 = \sum\delta_z\hat{x}` per channel (float64,
+    written to ``sum_dz_out`` and ``sum_dz_x_hat_out``, which are :math:`d\beta` and
+    :math:`d\gamma`); then, when ``dx`` has values (``want_dx``),
+    :math:`dx = k\,(\delta_z - S_1/m - \hat{x}\,S_2/m)` in training and :math:`k\,\delta_z`
+    in evaluation, with :math:`k = \gamma\,\mathrm{invstd}`. Arguments:
+    ``(dy, y, inv_gamma, beta, k, p, training, want_dx, dx, sum_dz_out, sum_dz_x_hat_out)``.
+    Channels whose :math:`\gamma` cannot be inverted are the caller's: it passes
+    ``inv_gamma = 0`` for them (finite values here) and replaces their results.
+    """
+    return _build_inplace(code)
+
+
+def _build_inplace(code: int):  # noqa: C901 - closures over the constant `code`, as _build
+    @njit_parallel
+    def rows(dy, y, inv_gamma, beta, k, p, training, want_dx, dx, sum_dz_out, sum_dz_x_hat_out):
+        n_batch, n_chan, n_spatial = y.shape
+        groups_rows, groups, chunks = nchw_plan(n_batch, n_spatial)
+        per_chan = groups * chunks
+        part_dz = np.empty(n_chan * per_chan)
+        part_dz_x_hat = np.empty(n_chan * per_chan)
+        yr = y.reshape((n_batch * n_chan, n_spatial))
+        dyr = dy.reshape((n_batch * n_chan, n_spatial))
+        for i in prange(n_chan * per_chan):
+            g = i // (n_chan * chunks)
+            j = i - g * (n_chan * chunks)
+            c = j // chunks
+            kk = j - c * chunks
+            n0 = g * groups_rows
+            n1 = min(n_batch, n0 + groups_rows)
+            s0 = kk * n_spatial // chunks
+            s1 = (kk + 1) * n_spatial // chunks
+            b = beta[c]
+            ig = inv_gamma[c]
+            acc_dz = np.float64(0.0)
+            acc_dz_x_hat = np.float64(0.0)
+            for n in range(n0, n1):
+                y_row = yr[n * n_chan + c, s0:s1]
+                dy_row = dyr[n * n_chan + c, s0:s1]
+                for s in range(y_row.shape[0]):
+                    yv = np.float64(y_row[s])
+                    dz = dy_row[s] * derivative_from_output(yv, code, p)
+                    acc_dz += dz
+                    acc_dz_x_hat += dz * ((invert(yv, code, p) - b) * ig)
+            part_dz[c * per_chan + g * chunks + kk] = acc_dz
+            part_dz_x_hat[c * per_chan + g * chunks + kk] = acc_dz_x_hat
+        count = n_batch * n_spatial
+        a_dz = np.empty(n_chan)
+        a_x_hat = np.empty(n_chan)
+        for c in prange(n_chan):
+            base = c * per_chan
+            total_dz = part_dz[base]
+            total_dz_x_hat = part_dz_x_hat[base]
+            for j in range(1, per_chan):
+                total_dz += part_dz[base + j]
+                total_dz_x_hat += part_dz_x_hat[base + j]
+            sum_dz_out[c] = total_dz
+            sum_dz_x_hat_out[c] = total_dz_x_hat
+            a_dz[c] = total_dz / count if training else 0.0
+            a_x_hat[c] = total_dz_x_hat / count if training else 0.0
+        if not want_dx:
+            return
+        dxr = dx.reshape((n_batch * n_chan, n_spatial))
+        apply_chunks = (n_spatial + BLOCK_ELEMS - 1) // BLOCK_ELEMS
+        for i in prange(n_batch * n_chan * apply_chunks):
+            r = i // apply_chunks
+            kk = i - r * apply_chunks
+            c = r % n_chan
+            s0 = kk * n_spatial // apply_chunks
+            s1 = (kk + 1) * n_spatial // apply_chunks
+            b = beta[c]
+            ig = inv_gamma[c]
+            kc = k[c]
+            m_dz = a_dz[c]
+            m_x_hat = a_x_hat[c]
+            y_row = yr[r, s0:s1]
+            dy_row = dyr[r, s0:s1]
+            dx_row = dxr[r, s0:s1]
+            for s in range(y_row.shape[0]):
+                yv = np.float64(y_row[s])
+                dz = dy_row[s] * derivative_from_output(yv, code, p)
+                x_hat = (invert(yv, code, p) - b) * ig
+                dx_row[s] = kc * (dz - m_dz - x_hat * m_x_hat)
+
+    @njit_parallel
+    def cols(dy, y, inv_gamma, beta, k, p, training, want_dx, dx, sum_dz_out, sum_dz_x_hat_out):
+        n_rows, n_chan = y.shape
+        block_rows, n_blocks, n_groups = nhwc_plan(n_rows, n_chan)
+        group_dz = np.zeros((n_groups, n_chan))
+        group_dz_x_hat = np.zeros((n_groups, n_chan))
+        for g in prange(n_groups):
+            r_start = (g * n_blocks // n_groups) * block_rows
+            r_stop = min(n_rows, ((g + 1) * n_blocks // n_groups) * block_rows)
+            acc_dz = group_dz[g]
+            acc_dz_x_hat = group_dz_x_hat[g]
+            for r in range(r_start, r_stop):
+                y_row = y[r]
+                dy_row = dy[r]
+                for c in range(n_chan):
+                    yv = np.float64(y_row[c])
+                    dz = dy_row[c] * derivative_from_output(yv, code, p)
+                    acc_dz[c] += dz
+                    acc_dz_x_hat[c] += dz * ((invert(yv, code, p) - beta[c]) * inv_gamma[c])
+        a_dz = np.empty(n_chan)
+        a_x_hat = np.empty(n_chan)
+        for c in range(n_chan):
+            total_dz = group_dz[0, c]
+            total_dz_x_hat = group_dz_x_hat[0, c]
+            for g in range(1, n_groups):
+                total_dz += group_dz[g, c]
+                total_dz_x_hat += group_dz_x_hat[g, c]
+            sum_dz_out[c] = total_dz
+            sum_dz_x_hat_out[c] = total_dz_x_hat
+            a_dz[c] = total_dz / n_rows if training else 0.0
+            a_x_hat[c] = total_dz_x_hat / n_rows if training else 0.0
+        if not want_dx:
+            return
+        for r in prange(n_rows):
+            y_row = y[r]
+            dy_row = dy[r]
+            dx_row = dx[r]
+            for c in range(n_chan):
+                yv = np.float64(y_row[c])
+                dz = dy_row[c] * derivative_from_output(yv, code, p)
+                x_hat = (invert(yv, code, p) - beta[c]) * inv_gamma[c]
+                dx_row[c] = k[c] * (dz - a_dz[c] - x_hat * a_x_hat[c])
+
+    return rows, cols
 
 
 def select(code: int, op: str, layout: str, shape: tuple[int, ...]):

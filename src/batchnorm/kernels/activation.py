@@ -14,7 +14,7 @@ import math
 
 from ._config import njit_kernel
 
-__all__ = ["IDENTITY", "apply", "derivative", "invert"]
+__all__ = ["IDENTITY", "apply", "derivative", "derivative_from_output", "invert"]
 
 IDENTITY = 0
 RELU = 1
@@ -70,3 +70,15 @@ def invert(y, code, p):
     if code == ELU:
         return y if y > 0.0 else math.log1p(max(y / p, -1.0))
     return y
+
+
+@njit_kernel(inline="always")
+def derivative_from_output(y, code, p):
+    """:math:`a'(z)` from :math:`y = a(z)` for the invertible codes, as torch's in-place
+    LeakyReLU and ELU take it: ``p`` where ``y <= 0`` (LeakyReLU), ``y + p`` there (ELU:
+    :math:`pe^z`, without an exponential)."""
+    if code == LEAKY_RELU:
+        return 1.0 if y > 0.0 else p
+    if code == ELU:
+        return 1.0 if y > 0.0 else y + p
+    return 1.0
