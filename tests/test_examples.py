@@ -98,6 +98,23 @@ def run_command(args: list[str], timeout: float = TIMEOUT_S) -> subprocess.Compl
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
+# gloo's teardown in torch 2.13 can abort a worker after the work is done: the script printed
+# its last line, then a rank dies with this message in destroy_process_group (the example's
+# barrier made it rare: 0 of 36 standalone runs, 1 of ~16 runs inside the full suite, measured
+# 2026-12-04). Such a run is repeated once; every check applies to the repeat, whose exit code
+# must be 0. Any other failure, or the abort twice, fails the test.
+_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def run_recipe(args: list[str]) -> subprocess.CompletedProcess:
+    """:func:`run_command` for a torchrun recipe, repeated once after a teardown abort only."""
+    result = run_command(args)
+    finished = "done: " in result.stdout
+    if result.returncode != 0 and finished and _TEARDOWN_ABORT in result.stderr:
+        result = run_command(args)
+    return result
+
+
 def _report(result: subprocess.CompletedProcess) -> str:
     return (
         f"exit code {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n"
@@ -125,13 +142,13 @@ def _epoch_loss(result: subprocess.CompletedProcess) -> float:
 @pytest.fixture(scope="module")
 def sync_run() -> subprocess.CompletedProcess:
     """The recipe: 2 processes, SyncBatchNorm, batch 32 per process."""
-    return run_command([*RECIPE, "2", SCRIPT, *_SHORT, "--check"])
+    return run_recipe([*RECIPE, "2", SCRIPT, *_SHORT, "--check"])
 
 
 @pytest.fixture(scope="module")
 def single_process_run() -> subprocess.CompletedProcess:
     """The same training in 1 process with the global batch of 64 (plain BatchNorm)."""
-    return run_command([*RECIPE, "1", SCRIPT, *_SHORT, "--batch-size", "64"])
+    return run_recipe([*RECIPE, "1", SCRIPT, *_SHORT, "--batch-size", "64"])
 
 
 @pytest.mark.distributed
@@ -176,7 +193,7 @@ def test_ddp_syncbn_local_bn_control_differs_in_buffers_and_loss(single_process_
     # The control of both tests above: with per-process BatchNorm each rank's running
     # statistics come from its own shard, and training differs from the global batch's, so
     # those assertions can fail and would.
-    result = run_command([*RECIPE, "2", SCRIPT, *_SHORT, "--check", "--bn", "local"])
+    result = run_recipe([*RECIPE, "2", SCRIPT, *_SHORT, "--check", "--bn", "local"])
     loss = _epoch_loss(result)
     assert "bn=local" in result.stdout, result.stdout
     hashes = _check_lines(result.stdout)
@@ -191,3 +208,29 @@ def test_ddp_syncbn_without_torchrun_exits_2_naming_the_command():
     assert "expected to be launched by torchrun" in result.stderr, _report(result)
     assert "torchrun --standalone --nproc-per-node 2 examples/ddp_syncbn.py" in result.stderr
     assert result.stdout == "", _report(result)
+
+
+def test_run_recipe_repeats_only_a_teardown_abort_after_the_work(monkeypatch):
+    def fake(results):
+        calls = []
+
+        def run(args):
+            calls.append(args)
+            return results[len(calls) - 1]
+
+        return calls, run
+
+    def done(code, err=""):
+        return subprocess.CompletedProcess([], code, "done: 20 steps\n", err)
+
+    abort = done(1, _TEARDOWN_ABORT)
+    for results, want_calls, want_code in (
+        ([abort, done(0)], 2, 0),  # the abort once: repeated, the repeat counts
+        ([abort, abort], 2, 1),  # twice: the second failure is returned (and fails the test)
+        ([done(1, "RuntimeError: boom")], 1, 1),  # any other failure: not repeated
+        ([subprocess.CompletedProcess([], 1, "", _TEARDOWN_ABORT)], 1, 1),  # before the work
+        ([done(0)], 1, 0),
+    ):
+        calls, run = fake(results)
+        monkeypatch.setattr(sys.modules[__name__], "run_command", run)
+        assert run_recipe(["x"]).returncode == want_code and len(calls) == want_calls

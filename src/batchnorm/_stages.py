@@ -258,8 +258,14 @@ def backward_apply(dy: torch.Tensor, x: torch.Tensor, mean, k_dy, k_xmu, k_const
 # --------------------------------------------------------------------------------------------
 
 
-def train_forward(x, weight, bias, running_mean, running_var, factor: float, eps: float, route):
+def train_forward(
+    x, weight, bias, running_mean, running_var, factor: float, eps: float, route, code: int = 0,
+    param=None,
+):  # fmt: skip
     """Moments, normalize and the running update in one kernel call (Algorithm 1).
+
+    ``code``: an activation applied to the output (:mod:`batchnorm.kernels.activated`, the
+    parallel kernels; ``param`` its parameter); 0 is none, on the ``route``'s kernels.
 
     Returns:
         ``(y, mean, var, updated)``: the output; the batch mean and *biased* variance (float64
@@ -277,23 +283,17 @@ def train_forward(x, weight, bias, running_mean, running_var, factor: float, eps
     else:
         factor = 0.0
         running_mean_a = running_var_a = ABSENT[x.dtype]
-    args = (
-        xa,
-        optional_array(weight, x.dtype),
-        optional_array(bias, x.dtype),
-        eps,
-        ya,
-        mean,
-        var,
-        running_mean_a,
-        running_var_a,
-        factor,
-        limit_of(xa.dtype),
-    )
-    if route == "serial":
-        updated = kernel("train_serial", layout, xa.dtype)(*args)
+    weight_a, bias_a = optional_array(weight, x.dtype), optional_array(bias, x.dtype)
+    stats = (mean, var, running_mean_a, running_var_a, factor, limit_of(xa.dtype))
+    if code:
+        fn, shape = _activated.select(code, "train", layout, xa.shape)
+        xv, yv = contiguous_view(xa, shape), contiguous_view(ya, shape)
+        updated = run_parallel(fn, xv, weight_a, bias_a, eps, _kernel_param(param), yv, *stats)
+    elif route == "serial":
+        updated = kernel("train_serial", layout, xa.dtype)(xa, weight_a, bias_a, eps, ya, *stats)
     else:
-        updated = run_parallel(kernel("train_parallel", layout, xa.dtype), *args)
+        fn = kernel("train_parallel", layout, xa.dtype)
+        updated = run_parallel(fn, xa, weight_a, bias_a, eps, ya, *stats)
     if updated and running_mean is not None:
         torch.autograd.graph.increment_version(running_mean)
         torch.autograd.graph.increment_version(running_var)
@@ -473,43 +473,10 @@ def native_train(input, weight, bias, eps: float, stats_dtype, stats_device):
 
 
 def act_train_forward(x, weight, bias, running_mean, running_var, factor, eps, code, param):
-    """:func:`train_forward` with the activation ``code`` applied to the output.
-
-    Returns:
-        ``(y, mean, var, updated)`` as :func:`train_forward`.
-    """
-    layout = kernel_layout(x)
-    channels = x.shape[1]
-    xa = kernel_view(numpy_view(x), layout)
-    y, ya = empty_output(x, layout)
-    mean = np.empty(channels)
-    var = np.empty(channels)
-    if running_mean is not None:
-        running_mean_a, running_var_a = numpy_view(running_mean), numpy_view(running_var)
-    else:
-        factor = 0.0
-        running_mean_a = running_var_a = ABSENT[x.dtype]
-    param = _kernel_param(param)
-    layout_fn, shape = _activated.select(code, "train", layout, xa.shape)
-    updated = run_parallel(
-        layout_fn,
-        contiguous_view(xa, shape),
-        optional_array(weight, x.dtype),
-        optional_array(bias, x.dtype),
-        eps,
-        param,
-        contiguous_view(ya, shape),
-        mean,
-        var,
-        running_mean_a,
-        running_var_a,
-        factor,
-        limit_of(xa.dtype),
+    """:func:`train_forward` with the activation ``code`` applied to the output."""
+    return train_forward(
+        x, weight, bias, running_mean, running_var, factor, eps, "parallel", code, param
     )
-    if updated and running_mean is not None:
-        torch.autograd.graph.increment_version(running_mean)
-        torch.autograd.graph.increment_version(running_var)
-    return y, mean, var, updated
 
 
 def _kernel_param(param) -> float:
