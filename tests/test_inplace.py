@@ -689,3 +689,79 @@ def test_inplace_abn_single_value_use_running_normalizes_with_running_statistics
 def test_inplace_docstring_examples_run():
     result = doctest.testmod(inplace, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted >= 3 and result.failed == 0
+
+
+# --------------------------------------------------------------------------- on the kernels
+# Inputs as small as the tests' run on the serial route; this policy sends them to the path
+# large inputs take: the moments, then one kernel call normalizing and activating over the input.
+KERNEL_ROUTE = dict(serial_max_elements=0, eval_native_bytes=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", INPUT_CASES, ids=input_id)
+@pytest.mark.parametrize("activation", ACTIVATION_CASES, ids=act_id)
+def test_kernel_path_matches_torch_nn_and_batchnormact(activation, case, dtype, gen):
+    shape, layout = case
+    name, param = activation
+    layer, reference = make_pair(len(shape), shape[1], name, param, dtype, gen)
+    fused = type(reference[0])  # a BatchNormAct of the same state, on its fused kernels
+    fused = {
+        torch.nn.BatchNorm1d: batchnorm.BatchNormAct1d,
+        torch.nn.BatchNorm2d: batchnorm.BatchNormAct2d,
+        torch.nn.BatchNorm3d: batchnorm.BatchNormAct3d,
+    }[fused](shape[1], name, param, dtype=dtype)
+    fused.load_state_dict(layer.state_dict())
+    tol = TOL[dtype]
+    with batchnorm.use_routing(**KERNEL_ROUTE):
+        for training in (True, True, False):
+            for m in (layer, reference, fused):
+                m.train(training)
+                m.zero_grad(set_to_none=True)
+            a = make_input(shape, dtype, layout, gen)
+            g = torch.randn(shape, dtype=dtype, generator=gen)
+            x = a.clone().requires_grad_(True)
+            h = x * 1.0  # not a leaf: it may be overwritten
+            y = layer(h)
+            assert y is h
+            want_x = a.clone().requires_grad_(True)
+            want = reference(want_x)
+            f_x = a.clone().requires_grad_(True)
+            got_fused = fused(f_x)
+            torch.testing.assert_close(y.detach(), got_fused.detach(), **tol)
+            torch.testing.assert_close(y.detach(), want.detach(), **tol)
+            y.backward(g)
+            want.backward(g)
+            m = a.numel() // shape[1]
+            torch.testing.assert_close(x.grad, want_x.grad, **tol)
+            grads = ((layer.weight.grad, reference[0].weight.grad),
+                     (layer.bias.grad, reference[0].bias.grad))  # fmt: skip
+            for got, expected in grads:
+                torch.testing.assert_close(got, expected, rtol=tol["rtol"], atol=tol["atol"] * m)
+        for key, value in reference[0].state_dict().items():
+            torch.testing.assert_close(layer.state_dict()[key], value, **tol)
+
+
+def test_kernel_path_keeps_the_fallback_of_a_zero_gamma_channel(gen):
+    weight = torch.tensor([0.0, 1.5, -0.7], dtype=torch.float64)
+    layer, reference = make_pair(4, 3, "leaky_relu", 0.1, torch.float64, gen, weight=weight)
+    a = make_input((6, 3, 4, 5), torch.float64, "contiguous", gen)
+    g = torch.randn(a.shape, dtype=torch.float64, generator=gen)
+    with batchnorm.use_routing(**KERNEL_ROUTE):
+        x = a.clone().requires_grad_(True)
+        layer(x * 1.0).backward(g)
+    want_x = a.clone().requires_grad_(True)
+    reference(want_x).backward(g)
+    torch.testing.assert_close(x.grad, want_x.grad)
+    torch.testing.assert_close(layer.weight.grad, reference[0].weight.grad)
+
+
+def test_kernel_path_refusing_non_finite_statistics_leaves_the_input(gen):
+    layer = batchnorm.InPlaceABN2d(3, nonfinite="raise")
+    a = make_input((4, 3, 5, 5), torch.float32, "contiguous", gen)
+    a[0, 1, 0, 0] = float("inf")
+    x = a.clone()
+    before = snapshot_state(layer)
+    with batchnorm.use_routing(**KERNEL_ROUTE), pytest.raises(Exception, match="finite"):
+        layer(x)
+    assert same_bits(x, a)
+    assert_state_equal(layer, before)

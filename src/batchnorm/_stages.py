@@ -46,6 +46,7 @@ __all__ = [
     "accumulate_dtype",
     "act_backward",
     "act_eval_forward",
+    "act_normalize_",
     "act_train_forward",
     "backward",
     "backward_apply",
@@ -516,6 +517,24 @@ def act_eval_forward(x, running_mean, running_var, weight, bias, eps, code, para
         contiguous_view(ya, shape),
     )
     return y
+
+
+def act_normalize_(x, *, mean, var, weight, bias, eps, code, param) -> torch.Tensor:
+    """:func:`act_eval_forward` with float64 NumPy ``(C,)`` statistics, written over ``x``
+    (the kernels read each value before they write it; the in-place activated layers)."""
+    layout = kernel_layout(x)
+    xa = kernel_view(numpy_view(x), layout)
+    mean, _, scale, shift = _affine_of(
+        mean,
+        var,
+        optional_array(weight, x.dtype),
+        optional_array(bias, x.dtype),
+        eps,
+        x.shape[1],
+    )
+    fn, shape = _activated.select(code, "inplace", layout, xa.shape)
+    run_parallel(fn, contiguous_view(xa, shape), mean, scale, shift, _kernel_param(param))
+    return x
 
 
 def act_backward(dy, x, weight, bias, mean, var, eps, training, code, param):

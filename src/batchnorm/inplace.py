@@ -75,6 +75,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import _stages
 from ._autograd import records_graph
 from ._errors import with_torch_words
 from ._inplace_backward import affine, backward, chunks
@@ -88,9 +89,9 @@ from ._validate import (
 )
 from .activated import BatchNormActBase
 from .activations import ACTIVATIONS, Activation, resolve_param
-from .functional import normalize, normalize_batch, update_running
+from .functional import batch_moments, normalize, normalize_batch, update_running
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .routing import transformed
+from .routing import choose, transformed
 
 __all__ = [
     "INVERTIBLE",
@@ -320,6 +321,11 @@ def _forward_in_place(layer, input, spec: Activation, param, where) -> torch.Ten
     recording = records_graph(input, weight, bias)
     _check_overwritable(where, input, recording, layer.out_of_place)
     eps = float(layer.eps)
+    if _kernels_write(input, spec, use_batch_stats, recording):
+        return _forward_on_kernels(
+            layer, input, spec, param, where, use_batch_stats, running_mean, running_var,
+            counter, recording,
+        )  # fmt: skip
     with torch.no_grad():
         if use_batch_stats:
             z, moments = normalize_batch(input, weight, bias, eps, where=where)
@@ -352,6 +358,62 @@ def _forward_in_place(layer, input, spec: Activation, param, where) -> torch.Ten
             return input.copy_(z)
     return _InPlaceABNFn.apply(
         input, weight, bias, z, invstd, fallback, spec, param, use_batch_stats
+    )
+
+
+def _kernels_write(input, spec: Activation, use_batch_stats: bool, recording: bool) -> bool:
+    """Whether the kernels normalize and activate straight over the input: the parallel route
+    (as BatchNormAct's fused kernels), and no ELU value to check for saturation (which needs
+    ``z`` before the write) unless nothing will be differentiated."""
+    route = choose(input, "train" if use_batch_stats else "eval")
+    return route == "parallel" and (spec.name != "elu" or not recording)
+
+
+def _forward_on_kernels(
+    layer, input, spec, param, where, use_batch_stats, running_mean, running_var, counter,
+    recording,
+):  # fmt: skip
+    """:func:`_forward_in_place` in two passes over the input: the batch's moments (and the
+    running update), then normalization and activation written over it by one kernel call."""
+    weight, bias, eps = layer.weight, layer.bias, float(layer.eps)
+    with torch.no_grad():
+        if use_batch_stats:
+            moments = batch_moments(input)
+            if running_mean is not None:
+                update_running(
+                    running_mean,
+                    running_var,
+                    moments,
+                    layer.momentum,
+                    num_batches_tracked=counter,
+                    nonfinite=layer.nonfinite,
+                    where=where,
+                    on_skip=functools.partial(_count_skipped, layer),
+                )
+            mean = np.asarray(moments.mean, dtype=np.float64)
+            var = np.asarray(moments.m2, dtype=np.float64) / moments.count
+        else:
+            mean = running_mean.detach().to(torch.float64).numpy()
+            var = running_var.detach().to(torch.float64).numpy()
+        invstd = torch.from_numpy(1.0 / np.sqrt(var + eps))
+        fallback = (None, None, None, None)
+        if recording and (
+            (weight is not None and weight.requires_grad)
+            or (use_batch_stats and input.requires_grad)
+        ):
+            # Read from the input before it is overwritten (z is needed for ELU only).
+            fallback = _save_fallback(
+                input, None, torch.from_numpy(mean), invstd, weight, bias, spec, param
+            )
+        write = functools.partial(
+            _stages.act_normalize_, mean=mean, var=var, weight=weight, bias=bias, eps=eps,
+            code=spec.code, param=param,
+        )  # fmt: skip
+        if not recording:
+            write(input)
+            return input
+    return _InPlaceABNFn.apply(
+        input, weight, bias, write, invstd, fallback, spec, param, use_batch_stats
     )
 
 
@@ -484,13 +546,18 @@ class _InPlaceABNFn(torch.autograd.Function):
     """The write over the input, and the backward from the output alone.
 
     ``(input, weight, bias, y, invstd, fallback, spec, param, training) -> input`` holding
-    ``y``. The classic ``forward(ctx, ...)`` form: ``mark_dirty`` belongs with the write, and
+    ``y`` (a tensor, or a function writing it over ``input``). The classic
+    ``forward(ctx, ...)`` form: ``mark_dirty`` belongs with the write, and
     the layer never calls this under torch.func transforms (they take the composite path).
     """
 
     @staticmethod
     def forward(ctx, input, weight, bias, y, invstd, fallback, spec, param, training):
-        input.copy_(y)
+        # y: the output to copy, or a function that writes it over the input (the kernels).
+        if callable(y):
+            y(input)
+        else:
+            input.copy_(y)
         ctx.mark_dirty(input)
         ctx.save_for_backward(input, weight, bias, invstd, *fallback)
         ctx.spec, ctx.param, ctx.training = spec, param, training
