@@ -332,16 +332,7 @@ def _forward_in_place(layer, input, spec: Activation, param, where) -> torch.Ten
             mean = torch.from_numpy(np.asarray(moments.mean, dtype=np.float64))
             var = torch.from_numpy(np.asarray(moments.m2, dtype=np.float64)) / moments.count
             if running_mean is not None:
-                update_running(
-                    running_mean,
-                    running_var,
-                    moments,
-                    layer.momentum,
-                    num_batches_tracked=counter,
-                    nonfinite=layer.nonfinite,
-                    where=where,
-                    on_skip=functools.partial(_count_skipped, layer),
-                )
+                _update_running(layer, running_mean, running_var, moments, counter, where)
         else:
             z = normalize(input, running_mean, running_var, weight, bias, eps, where=where)
             mean = running_mean.detach().to(torch.float64)
@@ -380,16 +371,7 @@ def _forward_on_kernels(
         if use_batch_stats:
             moments = batch_moments(input)
             if running_mean is not None:
-                update_running(
-                    running_mean,
-                    running_var,
-                    moments,
-                    layer.momentum,
-                    num_batches_tracked=counter,
-                    nonfinite=layer.nonfinite,
-                    where=where,
-                    on_skip=functools.partial(_count_skipped, layer),
-                )
+                _update_running(layer, running_mean, running_var, moments, counter, where)
             mean = np.asarray(moments.mean, dtype=np.float64)
             var = np.asarray(moments.m2, dtype=np.float64) / moments.count
         else:
@@ -414,6 +396,20 @@ def _forward_on_kernels(
             return input
     return _InPlaceABNFn.apply(
         input, weight, bias, write, invstd, fallback, spec, param, use_batch_stats
+    )
+
+
+def _update_running(layer, running_mean, running_var, moments, counter, where) -> None:
+    """The layer's one running update from the batch's moments (its momentum and policies)."""
+    update_running(
+        running_mean,
+        running_var,
+        moments,
+        layer.momentum,
+        num_batches_tracked=counter,
+        nonfinite=layer.nonfinite,
+        where=where,
+        on_skip=functools.partial(_count_skipped, layer),
     )
 
 
