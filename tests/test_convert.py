@@ -250,3 +250,17 @@ def test_convert_switches_lazy_layers_both_ways_and_ours_become_ours(rank, gen):
     lazy = torch.nn.Sequential(getattr(batchnorm, f"Lazy{kind}")())
     batchnorm.convert(lazy, to="torch")
     assert type(lazy[0]) is getattr(torch.nn, f"Lazy{kind}")
+
+
+@pytest.mark.parametrize(
+    "variant", [batchnorm.GhostBatchNorm2d(4, 2), batchnorm.BatchRenorm2d(4)], ids=type
+)
+def test_convert_sync_batchnorm_refuses_a_variant_saying_what_to_do(variant):
+    # A fused layer beside it must not be split before the refusal: nothing changes.
+    model = torch.nn.Sequential(batchnorm.BatchNormAct2d(4), variant)
+    children = list(model.children())
+    with pytest.raises(TypeError, match="has no synchronized form") as info:
+        batchnorm.convert_sync_batchnorm(model)
+    assert "convert(model, to='torch')" in str(info.value) and "'1'" in str(info.value)
+    assert list(model.children()) == children
+    assert type(model[0]) is batchnorm.BatchNormAct2d

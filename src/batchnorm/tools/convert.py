@@ -186,11 +186,12 @@ def convert_sync_batchnorm(model: torch.nn.Module, process_group=None) -> torch.
         True
     """
     _check_model("convert_sync_batchnorm()", model)
+    # Every refusal before anything changes, with what to do about each kind of layer.
+    _check_sync_convertible(model)
     activated = [module for module in model.modules() if activated_family(module) is not None]
     if activated:
         # The class's own conversion refuses activated layers (it would drop the activation):
-        # split them first, once it is certain that nothing else will be refused.
-        _check_sync_convertible(model)
+        # split them first.
         model = replace_modules(model, {id(module): split(module) for module in activated})
     # The conversion is the class's own, under torch's classmethod name.
     return SyncBatchNorm.convert_sync_batchnorm(model, process_group)
@@ -206,13 +207,21 @@ def _check_sync_convertible(model: torch.nn.Module) -> None:
             continue
         if family is not None and family.sync is not None and cls in (family.ours, family.torch):
             continue
+        if family is not None and cls in family.variants:
+            raise TypeError(
+                f"convert_sync_batchnorm(): cannot convert {_path_text(path)} of type "
+                f"{_type_text(cls)}: it normalizes otherwise in training (ghost batches or "
+                "batch renormalization) and has no synchronized form. Keep it per process, or "
+                "make it a plain BatchNorm first with batchnorm.convert(model, to='torch') "
+                "(training then uses whole-batch statistics)."
+            )
         if is_batchnorm_like(module):
             raise TypeError(
                 f"convert_sync_batchnorm(): cannot convert {_path_text(path)} of type "
                 f"{_type_text(cls)}: only torch.nn.BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm, "
-                "batchnorm.BatchNorm1d/2d/3d and activated layers are converted, and converting "
-                "a subclass would drop its behaviour. Replace it yourself or convert its base "
-                "class."
+                "batchnorm.BatchNorm1d/2d/3d and activated layers (BatchNormAct*d, "
+                "InPlaceABN*d) are converted, and converting a subclass would drop its "
+                "behaviour. Replace it yourself or convert its base class."
             )
 
 
