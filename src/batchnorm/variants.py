@@ -44,7 +44,7 @@ from ._validate import (
 )
 from .families import add_variant
 from .functional import batch_moments, forward_layer, normalize_batch, update_running
-from .modules import BatchNormBase
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
 from .routing import choose
 from .stats import Moments, merge_all
 
@@ -579,16 +579,17 @@ def _zero_padding(t: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
 # The classes
 # --------------------------------------------------------------------------------------------
 
+# Each variant accepts what its BatchNorm class accepts: the ranks and shape text are theirs.
 _RANKS = {
-    "1d": ((2, 3), "(N, {C}) or (N, {C}, L)", torch.nn.BatchNorm1d),
-    "2d": ((4,), "(N, {C}, H, W)", torch.nn.BatchNorm2d),
-    "3d": ((5,), "(N, {C}, D, H, W)", torch.nn.BatchNorm3d),
+    "1d": (BatchNorm1d.input_ranks, BatchNorm1d.input_shape),
+    "2d": (BatchNorm2d.input_ranks, BatchNorm2d.input_shape),
+    "3d": (BatchNorm3d.input_ranks, BatchNorm3d.input_shape),
 }
 
 
 class GhostBatchNorm1d(GhostBatchNormBase, torch.nn.BatchNorm1d):
     __doc__ = GhostBatchNormBase.__doc__ + "\n    Shape: input ``(N, C)`` or ``(N, C, L)``.\n"
-    input_ranks, input_shape = _RANKS["1d"][:2]
+    input_ranks, input_shape = _RANKS["1d"]
 
 
 class GhostBatchNorm2d(GhostBatchNormBase, torch.nn.BatchNorm2d):
@@ -596,17 +597,17 @@ class GhostBatchNorm2d(GhostBatchNormBase, torch.nn.BatchNorm2d):
         GhostBatchNormBase.__doc__
         + "\n    Shape: input ``(N, C, H, W)``, contiguous or channels_last.\n"
     )
-    input_ranks, input_shape = _RANKS["2d"][:2]
+    input_ranks, input_shape = _RANKS["2d"]
 
 
 class GhostBatchNorm3d(GhostBatchNormBase, torch.nn.BatchNorm3d):
     __doc__ = GhostBatchNormBase.__doc__ + "\n    Shape: input ``(N, C, D, H, W)``.\n"
-    input_ranks, input_shape = _RANKS["3d"][:2]
+    input_ranks, input_shape = _RANKS["3d"]
 
 
 class BatchRenorm1d(BatchRenormBase, torch.nn.BatchNorm1d):
     __doc__ = BatchRenormBase.__doc__ + "\n    Shape: input ``(N, C)`` or ``(N, C, L)``.\n"
-    input_ranks, input_shape = _RANKS["1d"][:2]
+    input_ranks, input_shape = _RANKS["1d"]
 
 
 class BatchRenorm2d(BatchRenormBase, torch.nn.BatchNorm2d):
@@ -614,12 +615,12 @@ class BatchRenorm2d(BatchRenormBase, torch.nn.BatchNorm2d):
         BatchRenormBase.__doc__
         + "\n    Shape: input ``(N, C, H, W)``, contiguous or channels_last.\n"
     )
-    input_ranks, input_shape = _RANKS["2d"][:2]
+    input_ranks, input_shape = _RANKS["2d"]
 
 
 class BatchRenorm3d(BatchRenormBase, torch.nn.BatchNorm3d):
     __doc__ = BatchRenormBase.__doc__ + "\n    Shape: input ``(N, C, D, H, W)``.\n"
-    input_ranks, input_shape = _RANKS["3d"][:2]
+    input_ranks, input_shape = _RANKS["3d"]
 
 
 # Variants of the fixed-rank families (batchnorm.families): their evaluation transform, twins
