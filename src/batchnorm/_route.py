@@ -41,23 +41,29 @@ def run(
     and its parameter) applied to the output: inside the kernels on the parallel route, in
     torch ops after the normalization on every other.
     """
-    if activation is not None:
-        route_output = _run_activated(
-            input, running_mean, running_var, weight, bias, training, momentum, eps, counter,
-            guard, activation,
-        )  # fmt: skip
-        if route_output is not None:
-            return route_output
-        output = run(
-            input, running_mean, running_var, weight, bias, training, momentum, eps, counter,
-            guard,
-        )  # fmt: skip
-        return _activate(output, activation)
+    output, activated = _dispatch(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, counter, guard,
+        activation,
+    )  # fmt: skip
+    return output if activation is None or activated else _activate(output, activation)
+
+
+def _activate(output: torch.Tensor, activation) -> torch.Tensor:
+    """``activation = (spec, param)`` applied to a normalized output in torch ops."""
+    spec, param = activation
+    return spec.forward(output, param)
+
+
+def _dispatch(
+    input, running_mean, running_var, weight, bias, training, momentum, eps, counter, guard,
+    activation,
+):  # fmt: skip
+    """:func:`run`'s route: ``(output, whether the kernels applied the activation)``."""
     if not training or running_mean is None:
         counter = None  # counted only when running statistics are updated
     if input.numel() == 0:
         # No values, no statistics: normalize nothing and leave every buffer as it was.
-        return _stages.native_batch_norm(
+        output = _stages.native_batch_norm(
             input,
             None if training else running_mean,
             None if training else running_var,
@@ -67,6 +73,7 @@ def run(
             0.0,
             eps,
         )
+        return output, False
     stats_require_grad = running_mean is not None and (
         running_mean.requires_grad or running_var.requires_grad
     )
@@ -74,7 +81,7 @@ def run(
         # torch ops for torch.compile; the kernels' custom ops for torch.export, unless the
         # policy turned the kernels off (read only then: torch.compile needs no policy).
         exporting = torch.compiler.is_exporting()
-        return compiled_batch_norm(
+        output = compiled_batch_norm(
             input,
             running_mean,
             running_var,
@@ -88,20 +95,23 @@ def run(
             guard.where if guard.layer is None else layer_name(guard.layer),
             kernels=exporting and kernels_enabled(),
         )
+        return output, False
     route = choose(
         input, "train" if training else "eval", statistics_require_grad=stats_require_grad
     )
     if route == "torch":
         if transformed():
-            return _as_torch_nn(
+            output = _as_torch_nn(
                 input, running_mean, running_var, weight, bias, training, momentum, eps, counter
             )
+            return output, False
         if not kernels_take(input):
             warn_fallback_once(input)
         if not training or running_mean is None:
-            return _stages.native_batch_norm(
+            output = _stages.native_batch_norm(
                 input, running_mean, running_var, weight, bias, training, 0.0, eps
             )
+            return output, False
         output, mean, var = _stages.native_train(
             input, weight, bias, eps, running_mean.dtype, running_mean.device
         )
@@ -110,46 +120,18 @@ def run(
             running_mean, running_var, mean, var, input.numel() // input.shape[1], factor
         )
         _running.settle(updated, mean, var, counter, guard)
-        return output
+        return output, False
+    # The fused kernels apply an activation on the parallel route; the serial route (small
+    # inputs, forked children, which must not start the parallel thread pool) leaves it to run.
+    fused = activation if route == "parallel" else None
     if training:
-        return train(
-            input, weight, bias, running_mean, running_var, counter, momentum, eps, route, guard
-        )
-    return evaluate(input, running_mean, running_var, weight, bias, eps, route)
-
-
-def _activate(output: torch.Tensor, activation) -> torch.Tensor:
-    """``activation = (spec, param)`` applied to a normalized output in torch ops."""
-    spec, param = activation
-    return spec.forward(output, param)
-
-
-def _run_activated(
-    input, running_mean, running_var, weight, bias, training, momentum, eps, counter, guard,
-    activation,
-):  # fmt: skip
-    """:func:`run` with an activation when the fused kernels take the call; else ``None``
-    (the caller normalizes, then applies the activation in torch ops)."""
-    if not training or running_mean is None:
-        counter = None
-    if input.numel() == 0 or torch.compiler.is_compiling():
-        return None
-    stats_require_grad = running_mean is not None and (
-        running_mean.requires_grad or running_var.requires_grad
-    )
-    route = choose(
-        input, "train" if training else "eval", statistics_require_grad=stats_require_grad
-    )
-    if route != "parallel":
-        # torch's op, or the serial kernels: small inputs (where the call's overhead dominates)
-        # and forked children (which must not start the parallel kernels' thread pool).
-        return None
-    if training:
-        return train(
+        output = train(
             input, weight, bias, running_mean, running_var, counter, momentum, eps, route, guard,
-            activation,
+            fused,
         )  # fmt: skip
-    return evaluate(input, running_mean, running_var, weight, bias, eps, route, activation)
+    else:
+        output = evaluate(input, running_mean, running_var, weight, bias, eps, route, fused)
+    return output, fused is not None
 
 
 def _as_torch_nn(input, running_mean, running_var, weight, bias, training, momentum, eps, counter):
