@@ -96,3 +96,20 @@ def test_tuning_seed_is_never_an_evaluation_seed():
     for experiment in EXPERIMENTS.values():
         for config in experiment.presets.values():
             assert protocol.TUNING_SEED >= config.seeds
+
+
+def test_judge_rules_keeps_the_rules_order_and_leaves_out_what_was_not_measured():
+    from batchnorm.lab.protocol import judge_rules, verdict_line
+
+    rules = (
+        Rule(key="a", claim="A", anchor="x", measure="m", unit="x", threshold=1.0),
+        Rule(key="b", claim="B", anchor="x", measure="m", unit="x", threshold=1.0),
+        Rule(key="c", claim="C", anchor="x", measure="m", unit="x", threshold=1.0),
+    )
+    rows = judge_rules(
+        rules, {"c": [2, 2, 2, 2, 2], "a": [0, 0, 0, 0, 0], "b": [None]}, {"a": "said"}
+    )
+    assert [r["key"] for r in rows] == ["a", "c"]
+    assert rows[0]["verdict"] == "not held" and rows[0]["measured"] == "said"
+    assert rows[1]["verdict"] == "held"
+    assert verdict_line(rows[1]).startswith("HELD: C")

@@ -47,9 +47,11 @@ __all__ = [
     "Rule",
     "Verdict",
     "bracketing_grid",
+    "judge_rules",
     "read_tuned",
     "sign_test_p",
     "tuned_value",
+    "verdict_line",
     "write_tuned",
 ]
 
@@ -187,6 +189,37 @@ class Verdict:
             "held": self.verdict == "held",
             "for_record": self.for_record,
         }
+
+
+def judge_rules(
+    rules: Sequence[Rule],
+    effects: Mapping[str, Sequence[float | None]],
+    measured: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Judge each rule on its per-seed effects; the claims table's rows, in the rules' order.
+
+    A rule with no effects in ``effects`` (or only ``None``/non-finite ones) is left out: it was
+    not measured in this configuration (e.g. a tiny preset without the arm it needs).
+    """
+    measured = measured or {}
+    rows = []
+    for rule in rules:
+        values = list(effects.get(rule.key, ()))
+        if not any(v is not None and math.isfinite(v) for v in values):
+            continue
+        rows.append(rule.judge(values).to_dict(measured=measured.get(rule.key, "")))
+    return rows
+
+
+def verdict_line(claim: Mapping[str, Any]) -> str:
+    """One claim's verdict (a :meth:`Verdict.to_dict` row) as a line of a printed report."""
+    note = "" if claim["for_record"] else f"; {claim['seeds']} seeds: not for the record"
+    return (
+        f"{claim['verdict'].upper()}: {claim['claim']} — {claim['measure']}: "
+        f"{claim['mean']:.3g} ± {claim['std']:.2g} {claim['unit']} (threshold "
+        f"{claim['threshold']:g}; above it in {claim['above']} of {claim['seeds']} seeds, "
+        f"{claim['needed']} needed; sign test p = {claim['p_sign']:.3f}{note})."
+    )
 
 
 # --- tuned hyper-parameters -------------------------------------------------------------------

@@ -69,6 +69,7 @@ import numpy as np
 
 from ...monitor import ActivationTrace
 from .._training import mean_std, trailing_mean
+from ..protocol import verdict_line
 from ._figure1_config import (
     CLAIM,
     INITS,
@@ -410,17 +411,6 @@ def _fmt(stats: Mapping[str, Any] | None, digits: int = 3) -> str:
     if stats is None:
         return "-"
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
-
-
-def verdict_line(claim: Mapping[str, Any]) -> str:
-    """One claim's verdict as a line of the printed report."""
-    note = "" if claim["for_record"] else f"; {claim['seeds']} seeds: not for the record"
-    return (
-        f"{claim['verdict'].upper()}: {claim['claim']} — {claim['measure']}: "
-        f"{claim['mean']:.3g} ± {claim['std']:.2g} {claim['unit']} (threshold "
-        f"{claim['threshold']:g}; above it in {claim['above']} of {claim['seeds']} seeds, "
-        f"{claim['needed']} needed; sign test p = {claim['p_sign']:.3f}{note})."
-    )
 
 
 def _report(config: Figure1Config, s: Mapping[str, Any]) -> list[str]:
