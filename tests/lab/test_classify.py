@@ -92,3 +92,28 @@ def test_same_seed_same_run_and_evaluate_restores_the_mode(digits):
 def test_best_smoothed():
     assert best_smoothed([0.1, 0.9, 0.1, 0.5, 0.5], 2) == pytest.approx(0.5)
     assert math.isnan(best_smoothed([None, None], 2))
+
+
+def test_lr_at_sets_each_steps_rate(digits):
+    seen = []
+
+    def schedule(t):
+        seen.append(t)
+        return 0.5 if t < 5 else 0.0
+
+    model = _model()
+    frozen = []
+    train_classifier(
+        model,
+        digits,
+        lr=9.0,
+        steps=8,
+        batch_size=16,
+        seed=0,
+        eval_every=4,
+        lr_at=schedule,
+        after_step=lambda step, m: frozen.append(m.out.weight.detach().clone()),
+    )
+    assert seen == list(range(8))
+    assert not torch.equal(frozen[3], frozen[4])  # step 5 (t = 4) moved the weights
+    assert all(torch.equal(frozen[4], w) for w in frozen[5:])  # rate 0 from t = 5 on

@@ -67,6 +67,7 @@ def train_classifier(
     weight_decay: float = 0.0,
     advance: Callable[[int], None] | None = None,
     after_step: Callable[[int, nn.Module], None] | None = None,
+    lr_at: Callable[[int], float] | None = None,
     n_threads: int | None = 1,
     flush_denormals: bool = True,
 ) -> dict[str, Any]:
@@ -85,6 +86,8 @@ def train_classifier(
         advance: Called with 1 after each step (and with the steps skipped when training
             stops early), for the progress bar.
         after_step: Called as ``after_step(step, model)`` after each step (counted from 1).
+        lr_at: A schedule: step ``t`` (counted from 0) runs with learning rate ``lr_at(t)``
+            instead of ``lr``.
         n_threads: torch's and Numba's threads while training (``None``: leave them).
         flush_denormals: Flush float32 denormals while training (see
             :func:`batchnorm.lab._training.denormals_flushed`).
@@ -129,6 +132,9 @@ def train_classifier(
             first_loss = value if first_loss is None else first_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if lr_at is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step - 1)
             optimizer.step()
             running += value
             counted += 1

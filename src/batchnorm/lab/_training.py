@@ -111,8 +111,9 @@ def checkpoint_steps(config: Any) -> range:
 
 
 def check_config(owner: str, checks: Iterable[tuple[str, bool, str]], config: Any) -> None:
-    """Raise for the first ``(field, ok, expected)`` that is not ok, then require
-    ``checkpoint_every`` to be a multiple of ``eval_every`` (checkpoints land on measurements).
+    """Raise for the first ``(field, ok, expected)`` that is not ok, then, for a config that
+    checkpoints every so many steps, require ``checkpoint_every`` to be a multiple of
+    ``eval_every`` (checkpoints land on measurements).
 
     Raises:
         ValueError: ``"<owner>(): expected <field> <expected>, got <value>."``
@@ -121,6 +122,8 @@ def check_config(owner: str, checks: Iterable[tuple[str, bool, str]], config: An
         if not ok:
             value = getattr(config, name)
             raise ValueError(f"{owner}(): expected {name} {expected}, got {value!r}.")
+    if not hasattr(config, "checkpoint_every"):
+        return  # checkpointed per unit (batchnorm.lab._units), not per step
     if config.checkpoint_every % config.eval_every:
         raise ValueError(
             f"{owner}(): expected checkpoint_every to be a multiple of eval_every "

@@ -140,7 +140,8 @@ def units_metric_rows(
     result: Mapping[str, Any], curve_keys: Sequence[str], step_key: str = "steps"
 ) -> list[dict]:
     """Flat rows for ``metrics.jsonl``: per unit with a curve, one row per measured step with
-    the unit's name, its params and the values of ``curve_keys`` there."""
+    the seed, the unit's name and the values of ``curve_keys`` there (an experiment adds what
+    its unit names stand for, such as the arm, itself)."""
     rows = []
     for name, unit in result["units"].items():
         curve = unit.get("curve") if isinstance(unit, Mapping) else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 from .experiments import figure1, population
@@ -108,59 +109,37 @@ class Tuning:
     max_extensions: int = field(default=3)
 
 
+def _from_module(module: ModuleType) -> Experiment:
+    """The experiment a claims module describes with its module-level names: ``TITLE``,
+    ``CLAIM``, ``CONFIG_TYPE``, ``PRESETS``, ``RULES``, ``TUNING`` (the keyword arguments of
+    :class:`Tuning`, or ``None``), and the functions :class:`Experiment` lists."""
+    name = module.__name__.rsplit(".", 1)[-1]
+    tuning = getattr(module, "TUNING", None)
+    return Experiment(
+        name=name,
+        title=module.TITLE,
+        claim=module.CLAIM,
+        config_type=module.CONFIG_TYPE,
+        presets=module.PRESETS,
+        default_preset=getattr(module, "DEFAULT_PRESET", "quick"),
+        prepare=module.prepare,
+        steps_per_seed=module.steps_per_seed,
+        run_seed=module.run_seed,
+        metric_rows=module.metric_rows,
+        summarize=module.summarize,
+        plot=module.plot,
+        check_result=module.check_result,
+        check_checkpoint=module.check_checkpoint,
+        rules=module.RULES,
+        tuning=None if tuning is None else Tuning(**tuning),
+    )
+
+
+# The claims experiments, in the order the report lists them (after figure1 and population).
+_CLAIMS: tuple[ModuleType, ...] = ()
+
 EXPERIMENTS: dict[str, Experiment] = {
-    "figure1": Experiment(
-        name="figure1",
-        title=figure1.TITLE,
-        claim=figure1.CLAIM,
-        config_type=figure1.Figure1Config,
-        presets=figure1.PRESETS,
-        default_preset="quick",
-        prepare=figure1.prepare,
-        steps_per_seed=figure1.steps_per_seed,
-        run_seed=figure1.run_seed,
-        metric_rows=figure1.metric_rows,
-        summarize=figure1.summarize,
-        plot=figure1.plot,
-        check_result=figure1.check_result,
-        check_checkpoint=figure1.check_checkpoint,
-        rules=figure1.RULES,
-        tuning=Tuning(
-            arms=figure1.tune_arms,
-            score=figure1.tune_score,
-            grid=(0.1, 0.3, 1.0, 3.0),
-            factor=3.0,
-            hyper_parameter="lr",
-            metric="best smoothed validation accuracy",
-            preset="quick",
-        ),
-    ),
-    "population": Experiment(
-        name="population",
-        title=population.TITLE,
-        claim=population.CLAIM,
-        config_type=population.PopulationConfig,
-        presets=population.PRESETS,
-        default_preset="quick",
-        prepare=population.prepare,
-        steps_per_seed=population.steps_per_seed,
-        run_seed=population.run_seed,
-        metric_rows=population.metric_rows,
-        summarize=population.summarize,
-        plot=population.plot,
-        check_result=population.check_result,
-        check_checkpoint=population.check_checkpoint,
-        rules=population.RULES,
-        tuning=Tuning(
-            arms=population.tune_arms,
-            score=population.tune_score,
-            grid=(0.03, 0.1, 0.3, 1.0),
-            factor=3.0,
-            hyper_parameter="lr",
-            metric="minus the mean validation loss of EMA(0.1) and exact statistics at the end",
-            preset="quick",
-        ),
-    ),
+    e.name: e for e in map(_from_module, (figure1, population, *_CLAIMS))
 }
 
 

@@ -97,6 +97,8 @@ from ._figure1_training import (
 )
 
 __all__ = [
+    "CONFIG_TYPE",
+    "TUNING",
     "CLAIM",
     "INITS",
     "LEARNED_MARGIN",
@@ -125,6 +127,19 @@ __all__ = [
     "tune_score",
     "verdict_line",
 ]
+
+# What the registry reads (batchnorm.lab.registry._from_module).
+CONFIG_TYPE = Figure1Config
+TUNING = {
+    "arms": tune_arms,
+    "score": tune_score,
+    "grid": (0.1, 0.3, 1.0, 3.0),
+    "factor": 3.0,
+    "hyper_parameter": "lr",
+    "metric": "best smoothed validation accuracy",
+    "preset": "quick",
+}
+
 
 # --- results, summary, report -----------------------------------------------------------------
 

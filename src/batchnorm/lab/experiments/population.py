@@ -110,6 +110,8 @@ from ._population_training import (
 )
 
 __all__ = [
+    "CONFIG_TYPE",
+    "TUNING",
     "CLAIM",
     "CONTROL",
     "DEFAULT_LR",
@@ -146,6 +148,19 @@ __all__ = [
     "tune_arms",
     "tune_score",
 ]
+
+# What the registry reads (batchnorm.lab.registry._from_module).
+CONFIG_TYPE = PopulationConfig
+TUNING = {
+    "arms": tune_arms,
+    "score": tune_score,
+    "grid": (0.03, 0.1, 0.3, 1.0),
+    "factor": 3.0,
+    "hyper_parameter": "lr",
+    "metric": "minus the mean validation loss of EMA(0.1) and exact statistics at the end",
+    "preset": "quick",
+}
+
 
 # The non-inferiority margin of the first rule, in nats of mean test cross-entropy. A mean loss
 # 0.005 nats higher is a geometric-mean probability of the true class lower by a factor of
