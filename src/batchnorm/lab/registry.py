@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from .experiments import figure1, population
+from .experiments import (
+    anatomy,
+    figure1,
+    population,
+)
 from .protocol import Rule
 
 __all__ = ["EXPERIMENTS", "Experiment", "get_experiment"]
@@ -136,7 +140,9 @@ def _from_module(module: ModuleType) -> Experiment:
 
 
 # The claims experiments, in the order the report lists them (after figure1 and population).
-_CLAIMS: tuple[ModuleType, ...] = ()
+_CLAIMS = (
+    anatomy,
+)
 
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e for e in map(_from_module, (figure1, population, *_CLAIMS))
