@@ -17,6 +17,7 @@ from typing import Any
 from .experiments import (
     anatomy,
     figure1,
+    gradients,
     population,
 )
 from .protocol import Rule
@@ -142,6 +143,7 @@ def _from_module(module: ModuleType) -> Experiment:
 # The claims experiments, in the order the report lists them (after figure1 and population).
 _CLAIMS = (
     anatomy,
+    gradients,
 )
 
 EXPERIMENTS: dict[str, Experiment] = {
