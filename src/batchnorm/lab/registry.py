@@ -18,6 +18,7 @@ from .experiments import (
     anatomy,
     figure1,
     gradients,
+    learning_rate,
     population,
 )
 from .protocol import Rule
@@ -143,6 +144,7 @@ def _from_module(module: ModuleType) -> Experiment:
 # The claims experiments, in the order the report lists them (after figure1 and population).
 _CLAIMS = (
     anatomy,
+    learning_rate,
     gradients,
 )
 
