@@ -18,6 +18,7 @@ from .experiments import (
     anatomy,
     figure1,
     gradients,
+    initialization,
     learning_rate,
     population,
 )
@@ -145,6 +146,7 @@ def _from_module(module: ModuleType) -> Experiment:
 _CLAIMS = (
     anatomy,
     learning_rate,
+    initialization,
     gradients,
 )
 
