@@ -16,6 +16,7 @@ from typing import Any
 
 from .experiments import (
     anatomy,
+    batch_size,
     figure1,
     gradients,
     initialization,
@@ -147,6 +148,7 @@ _CLAIMS = (
     anatomy,
     learning_rate,
     initialization,
+    batch_size,
     gradients,
 )
 
