@@ -21,6 +21,7 @@ from .experiments import (
     gradients,
     initialization,
     learning_rate,
+    mechanism,
     population,
 )
 from .protocol import Rule
@@ -150,6 +151,7 @@ _CLAIMS = (
     initialization,
     batch_size,
     gradients,
+    mechanism,
 )
 
 EXPERIMENTS: dict[str, Experiment] = {
