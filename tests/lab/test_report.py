@@ -177,9 +177,9 @@ def test_write_report_md_starts_with_the_claims_table(two_runs):
     assert "## figure1: " + registry.get_experiment("figure1").title in lines
     assert "## population: Population statistics at inference" in lines
     text = md_path.read_text()
-    facts = "preset tiny · 3 seeds · 1.5 epochs of training data per seed · wall time 1 min 15 s"
+    facts = "preset tiny · 3 seeds · 1.5 epochs of training data per network · wall time 1 min 15 s"
     assert facts in text
-    assert "5 seeds · — epochs of training data per seed · wall time 12.5 s" in text
+    assert "5 seeds · wall time 12.5 s" in text  # no epochs stated: none printed
     assert "```text\nfigure1 report\n" in text
 
 

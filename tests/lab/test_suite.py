@@ -35,7 +35,7 @@ def test_every_experiment_runs_and_its_claims_reach_the_report(tiny_suite):
         assert row["verdict"] in ("held", "not held", "inconclusive")
     for name, run_dir in tiny_suite.run_dirs.items():
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["epochs"] > 0, name
+        assert summary.get("epochs") is None or summary["epochs"] > 0, name
         assert set(summary["figure_notes"]) <= {p.stem for p in (run_dir / "figures").iterdir()}
 
 

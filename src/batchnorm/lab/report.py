@@ -335,12 +335,10 @@ def _duration(seconds: float | None) -> str:
 
 def _facts(run: _Run) -> str:
     """The line under an experiment's heading: preset, seeds, epochs, wall time, versions."""
-    parts = [
-        f"preset {run.preset}",
-        f"{_number(run.seeds)} seeds",
-        f"{_number(run.epochs)} epochs of training data per seed",
-        f"wall time {_duration(run.seconds)}",
-    ]
+    parts = [f"preset {run.preset}", f"{_number(run.seeds)} seeds"]
+    if run.epochs is not None:  # a sweep of many short networks states its own lengths
+        parts.append(f"{_number(run.epochs)} epochs of training data per network")
+    parts.append(f"wall time {_duration(run.seconds)}")
     versions = [f"{k} {run.environment[k]}" for k in ("batchnorm", "torch") if k in run.environment]
     if versions:
         parts.append(", ".join(versions))
@@ -468,7 +466,7 @@ def write_report(
 
     Every run directory is read and checked before either file is written. Both files carry
     the claims table of all the runs first, then each experiment in the order given: its
-    title, a line with preset, seeds, epochs of training data per seed and wall time, the
+    title, a line with preset, seeds, epochs of training data per network (when the experiment states them) and wall time, the
     experiment's printed report, and each figure followed by its ``figure_notes`` sentence.
     ``summary.md`` links the figures relative to ``out_dir``; ``report.html`` embeds them, so
     it is the one file to keep or send.
