@@ -274,6 +274,14 @@ def _check_record(record: Any, experiment: Experiment, config: Any, seed: int) -
             f"{difference}."
         )
     state = record["state"]
+    if not hasattr(config, "checkpoint_every"):
+        # Checkpointed per unit (batchnorm.lab._units): the experiment's check_checkpoint
+        # holds the step to the units the state holds.
+        check.integer(
+            check.item(state, "step", "state"), "state['step']", range(1, 2**62), "an int >= 1"
+        )
+        check.number(check.item(state, "seconds", "state"), "state['seconds']", low=0)
+        return state
     steps = checkpoint_steps(config)
     every = config.checkpoint_every
     if not steps:

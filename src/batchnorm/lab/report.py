@@ -466,10 +466,10 @@ def write_report(
 
     Every run directory is read and checked before either file is written. Both files carry
     the claims table of all the runs first, then each experiment in the order given: its
-    title, a line with preset, seeds, epochs of training data per network (when the experiment states them) and wall time, the
-    experiment's printed report, and each figure followed by its ``figure_notes`` sentence.
-    ``summary.md`` links the figures relative to ``out_dir``; ``report.html`` embeds them, so
-    it is the one file to keep or send.
+    title, a line with preset, seeds, epochs of training data per network (when the experiment
+    states them) and wall time, the experiment's printed report, and each figure followed by its
+    ``figure_notes`` sentence. ``summary.md`` links the figures relative to ``out_dir``;
+    ``report.html`` embeds them, so it is the one file to keep or send.
 
     Args:
         out_dir: Where both files are written (made if missing); normally the directory the

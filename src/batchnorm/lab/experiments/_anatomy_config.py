@@ -127,13 +127,6 @@ class AnatomyConfig:
         ]
         check_config("AnatomyConfig", checks, self)
 
-    # check_config also requires checkpoint_every to be a multiple of eval_every; a seed
-    # checkpoints after each network instead, so the two coincide.
-    @property
-    def checkpoint_every(self) -> int:
-        """Not a setting: a seed checkpoints after each network (see :mod:`.._units`)."""
-        return self.eval_every
-
 
 PRESETS: dict[str, AnatomyConfig] = {
     # Seconds: for tests. Not meant to show anything.

@@ -154,13 +154,6 @@ class GradientsConfig:
         ]
         check_config("GradientsConfig", checks, self)
 
-    # check_config also requires checkpoint_every to be a multiple of eval_every; a seed
-    # checkpoints after each unit instead, so the two coincide.
-    @property
-    def checkpoint_every(self) -> int:
-        """Not a setting: a seed checkpoints after each unit (see :mod:`.._units`)."""
-        return self.eval_every
-
     def record_updates(self) -> list[int]:
         """The updates (SGD steps done before the gradient) whose gradient norms a training
         arm records: ``0, record_every, ...`` and the last step's (``train_steps - 1``)."""
