@@ -17,6 +17,7 @@ from typing import Any
 from .experiments import (
     anatomy,
     batch_size,
+    convergence,
     figure1,
     gradients,
     initialization,
@@ -147,6 +148,7 @@ def _from_module(module: ModuleType) -> Experiment:
 # The claims experiments, in the order the report lists them (after figure1 and population).
 _CLAIMS = (
     anatomy,
+    convergence,
     learning_rate,
     initialization,
     batch_size,
