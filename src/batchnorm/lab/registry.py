@@ -24,6 +24,7 @@ from .experiments import (
     learning_rate,
     mechanism,
     population,
+    regularization,
 )
 from .protocol import Rule
 
@@ -151,6 +152,7 @@ _CLAIMS = (
     convergence,
     learning_rate,
     initialization,
+    regularization,
     batch_size,
     gradients,
     mechanism,
