@@ -185,6 +185,10 @@ def test_lab_list_names_experiments_presets_and_datasets(capsys):
     assert cli.main(["lab", "list"]) == 0
     out = capsys.readouterr().out
     assert "figure1" in out and "claim:" in out
+    from batchnorm.lab.registry import EXPERIMENTS
+
+    for experiment in EXPERIMENTS.values():  # every experiment, whatever its config's fields
+        assert f"\n  {experiment.cli_name}  {experiment.title}\n" in out
     for preset in ("tiny", "quick (default)", "full", "paper"):
         assert f"preset {preset}" in out
     for dataset in ("mnist1d", "digits", "mnist"):

@@ -275,8 +275,8 @@ def _cmd_lab_list(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         for name, config in experiment.presets.items():
             default = " (default)" if name == experiment.default_preset else ""
             print(
-                f"    preset {name}{default}: {config.seeds} seeds x {config.steps} steps "
-                f"on {config.dataset}"
+                f"    preset {name}{default}: {config.seeds} seeds x "
+                f"{experiment.steps_per_seed(config)} steps on {config.dataset}"
             )
     print("datasets (--dataset):")
     for name, description in DATASETS.items():
