@@ -14,8 +14,7 @@ from typing import Any
 import numpy as np
 
 from ._figures import figure_and_axes
-from .experiments._convergence_config import NETS, arm_name
-from .experiments.convergence import SPEEDUP_THRESHOLD
+from .experiments._convergence_config import NETS, SPEEDUP_THRESHOLD, arm_name
 from .plots import COLORS, LABELS
 
 __all__ = ["NET_TITLES", "plot_curves", "plot_speedup"]

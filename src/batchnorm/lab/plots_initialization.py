@@ -33,8 +33,8 @@ def plot_accuracy_panel(sweep: Any, net: str, ax: Any = None) -> Any:
     Returns:
         The figure.
     """
+    from .experiments._initialization_config import CHANCE
     from .experiments._learning_rate_nets import NET_LABELS, NORMS, arm_name
-    from .experiments.initialization import CHANCE
 
     figure, ax = figure_and_axes(ax, (5.6, 4.2))
     scales = sweep.scales

@@ -53,8 +53,8 @@ def plot_accuracy_panel(sweep: Any, net: str, ax: Any = None) -> Any:
     Returns:
         The figure.
     """
+    from .experiments._learning_rate_config import CHANCE, largest_stable_rate
     from .experiments._learning_rate_nets import NET_LABELS, NORMS, arm_name
-    from .experiments.learning_rate import CHANCE, largest_stable_rate
 
     figure, ax = figure_and_axes(ax, (5.6, 4.2))
     lrs = sweep.lrs

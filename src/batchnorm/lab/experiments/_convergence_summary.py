@@ -105,9 +105,10 @@ def speed_per_seed(config: ConvergenceConfig, result: Mapping[str, Any], net: st
     """One seed's speed measure for ``net``.
 
     Returns:
-        ``{"target", "best_none", "steps": {arm: steps}, "reached": {arm: bool}, "speedup"}``:
-        the target is ``target_fraction`` times the no-BN arm's best smoothed validation
-        accuracy; the speed-up is the no-BN arm's steps over the BN arm's.
+        ``{"target", "best_none", "steps", "reached", "speedup"}``, ``steps`` and ``reached``
+        mapping each arm to its steps to the target and whether it got there; the target
+        is ``target_fraction`` times the no-BN arm's best smoothed validation accuracy; the
+        speed-up is the no-BN arm's steps over the BN arm's.
     """
     none, bn = arm_name(net, "none"), arm_name(net, "bn")
     runs = {arm: result["units"][arm] for arm in (none, bn)}

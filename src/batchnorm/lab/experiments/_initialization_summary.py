@@ -14,9 +14,9 @@ import numpy as np
 from .._classify import diverged
 from .._training import mean_std
 from ..protocol import judge_rules
+from ._initialization_config import CHANCE, CLAIM, RULES, InitializationConfig, spread
 from ._learning_rate_nets import NET_LABELS, NETS, accuracy_or_chance, arm_name, measured_steps
 from ._learning_rate_summary import claims_lines
-from .initialization import CHANCE, CLAIM, RULES, InitializationConfig, spread
 
 __all__ = ["FIGURE_NOTES", "ScaleSweep", "summarize"]
 

@@ -13,8 +13,7 @@ import numpy as np
 from .._classify import diverged
 from .._training import mean_std
 from ..protocol import judge_rules, verdict_line
-from ._learning_rate_nets import NET_LABELS, NETS, accuracy_or_chance, arm_name
-from .learning_rate import (
+from ._learning_rate_config import (
     CHANCE,
     CLAIM,
     LEARNED_MARGIN,
@@ -27,6 +26,7 @@ from .learning_rate import (
     largest_stable_rate,
     stable_gap,
 )
+from ._learning_rate_nets import NET_LABELS, NETS, accuracy_or_chance, arm_name
 
 __all__ = ["FIGURE_NOTES", "Sweep", "claims_lines", "summarize"]
 

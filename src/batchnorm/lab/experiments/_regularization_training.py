@@ -110,7 +110,7 @@ def run_seed(
     """Train every arm of one seed (checkpointed after each arm); the runner's entry point.
 
     Returns:
-        ``{"seed", "seconds", "units": {arm: train_arm(...) result}}``.
+        ``{"seed", "seconds", "units"}``, ``units`` mapping each arm to its ``train_arm`` result.
     """
 
     def run_unit(unit: Unit, step: Callable[[int], None]) -> dict:
