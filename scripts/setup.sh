@@ -44,9 +44,13 @@ if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] \
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
+import re
+
 wanted = sys.argv[1].split("==")[1]
+# The installed metadata must carry the source's version (bumped in __init__.py alone).
+source = re.search(r'^__version__ = "([^"]+)"', open("src/batchnorm/__init__.py").read(), re.M)
 try:
-    ok = version("torch").split("+")[0] == wanted and version("batchnorm")
+    ok = version("torch").split("+")[0] == wanted and version("batchnorm") == source.group(1)
 except PackageNotFoundError:
     ok = False
 sys.exit(0 if ok else 1)
@@ -56,8 +60,8 @@ then
     exit 0
 fi
 
-echo "setup.sh: installing $TORCH_PIN, then batchnorm[test,lab] (editable) into .venv"
+echo "setup.sh: installing $TORCH_PIN, then batchnorm[test,lab,tensorboard,lightning,docs] (editable) into .venv"
 "$VENV_PY" -m pip install -qq --progress-bar off "$TORCH_PIN"
-"$VENV_PY" -m pip install -qq --progress-bar off -e ".[test,lab]" "$TORCH_PIN"
+"$VENV_PY" -m pip install -qq --progress-bar off -e ".[test,lab,tensorboard,lightning,docs]" "$TORCH_PIN"
 echo "$stamp" >"$stamp_file"
 echo "setup.sh: done ($("$VENV_PY" -c 'import torch; print("torch", torch.__version__)'))"

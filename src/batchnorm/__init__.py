@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 # Registers the fork handler, so a child forked after this import is known as one (routing).
 from . import _process  # noqa: F401
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> submodule that defines it
 _EXPORTS = {
