@@ -9,7 +9,7 @@ compile on first use (cached on disk), or ahead of time with ``batchnorm warmup`
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 # Registers the fork handler, so a child forked after this import is known as one (routing).
 from . import _process  # noqa: F401
@@ -169,7 +169,7 @@ if TYPE_CHECKING:
     )
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'batchnorm' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
@@ -177,5 +177,5 @@ def __getattr__(name: str):
     return value
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})

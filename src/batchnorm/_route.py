@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import cast
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _running, _stages
 from ._autograd import ActEvalFn, ActTrainFn, EvalFn, TrainFn, apply, records_graph
@@ -240,7 +242,7 @@ def warn_fallback_once(input: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def forward_layer(layer: torch.nn.Module, input: torch.Tensor, activation=None) -> torch.Tensor:
+def forward_layer(layer: _BatchNorm, input: torch.Tensor, activation=None) -> torch.Tensor:
     """The forward pass of a BatchNorm layer of this package: the one call its ``forward`` makes.
 
     ``layer`` is a :class:`batchnorm.modules.BatchNormBase` (or any ``torch.nn`` BatchNorm with
@@ -278,7 +280,9 @@ def forward_layer(layer: torch.nn.Module, input: torch.Tensor, activation=None) 
     use_batch_stats = training or (running_mean is None and running_var is None)
     use_buffers = not training or layer.track_running_stats
     counter = layer.num_batches_tracked if training and layer.track_running_stats else None
-    nonfinite = layer.nonfinite
+    # Every layer here is this package's (a BatchNormBase, whose policy is a str); modules
+    # cannot be imported here (it imports this module).
+    nonfinite = cast(str, layer.nonfinite)
     check_nonfinite_policy(where, nonfinite)
     running_mean = running_mean if use_buffers else None
     running_var = running_var if use_buffers else None

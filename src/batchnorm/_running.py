@@ -54,7 +54,9 @@ def batch_weight(num_batches_tracked: torch.Tensor | None, momentum: float | Non
     ``momentum=None`` is torch's cumulative average: ``1 / num_batches_tracked``, counting this
     batch (the counter itself is advanced only once the update has happened).
     """
-    if momentum is None and num_batches_tracked is not None:
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise TypeError("momentum=None (a cumulative average) needs num_batches_tracked.")
         return 1.0 / (float(num_batches_tracked) + 1.0)
     return float(momentum)
 
@@ -99,13 +101,13 @@ def update(running_mean, running_var, mean, var, count: int, factor: float) -> b
             torch.autograd.graph.increment_version(running_mean)
             torch.autograd.graph.increment_version(running_var)
         return updated
-    copies = [t.detach().double().cpu().numpy() for t in (running_mean, running_var)]
+    mean_c, var_c = (t.detach().double().cpu().numpy() for t in (running_mean, running_var))
     limit = float(torch.finfo(running_mean.dtype).max)
-    if not kernels.update_running(*copies, mean, var, count, factor, limit):
+    if not kernels.update_running(mean_c, var_c, mean, var, count, factor, limit):
         return False
     with torch.no_grad():
-        running_mean.copy_(torch.from_numpy(copies[0]))
-        running_var.copy_(torch.from_numpy(copies[1]))
+        running_mean.copy_(torch.from_numpy(mean_c))
+        running_var.copy_(torch.from_numpy(var_c))
     return True
 
 

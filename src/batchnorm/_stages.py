@@ -95,6 +95,13 @@ def reduce_dims(x: torch.Tensor) -> list[int]:
     return [0, *range(2, x.dim())]
 
 
+def _layout(x: torch.Tensor) -> str:
+    """:func:`~batchnorm.routing.kernel_layout` of an input a kernel route took (never ``None``)."""
+    layout = kernel_layout(x)
+    assert layout is not None, "a kernel route only takes inputs the kernels can view"
+    return layout
+
+
 def _as_tensor(a, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     t = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
     return t.to(device=like.device, dtype=dtype)
@@ -115,15 +122,15 @@ def moments(x: torch.Tensor, route: str) -> tuple[np.ndarray, np.ndarray]:
     channels = x.shape[1]
     count = x.numel() // channels
     if route != "torch":
-        layout = kernel_layout(x)
+        layout = _layout(x)
         xa = kernel_view(numpy_view(x), layout)
         mean = np.empty(channels)
         m2 = np.empty(channels)
         run_parallel(kernel("moments", layout, xa.dtype), xa, mean, m2)
         return mean, m2
     with torch.no_grad():
-        var, mean = torch.var_mean(x.to(accumulate_dtype(x)), dim=reduce_dims(x), correction=0)
-        stats = torch.stack([mean, var]).double().cpu().numpy()
+        var_t, mean_t = torch.var_mean(x.to(accumulate_dtype(x)), dim=reduce_dims(x), correction=0)
+        stats = torch.stack([mean_t, var_t]).double().cpu().numpy()
     # M2 = m * biased variance: the sum of squared deviations the merge works with.
     return stats[0], stats[1] * count
 
@@ -169,7 +176,7 @@ def normalize(x: torch.Tensor, mean, scale, shift, route: str) -> torch.Tensor:
     if x.numel() == 0:
         return torch.empty_like(x)
     if route != "torch":
-        layout = kernel_layout(x)
+        layout = _layout(x)
         xa = kernel_view(numpy_view(x), layout)
         y, ya = empty_output(x, layout)
         run_parallel(
@@ -194,7 +201,7 @@ def backward_sums(dy: torch.Tensor, x: torch.Tensor, mean, route: str):
     if x.numel() == 0:
         return np.zeros(channels), np.zeros(channels)
     if route != "torch":
-        layout = kernel_layout(x)
+        layout = _layout(x)
         sum_dy = np.zeros(channels)
         sum_dy_xmu = np.zeros(channels)
         xa = kernel_view(numpy_view(x), layout)
@@ -229,7 +236,7 @@ def backward_apply(dy: torch.Tensor, x: torch.Tensor, mean, k_dy, k_xmu, k_const
     if x.numel() == 0:
         return torch.empty_like(x)
     if route != "torch":
-        layout = kernel_layout(x)
+        layout = _layout(x)
         xa = kernel_view(numpy_view(x), layout)
         dya = kernel_view(numpy_view(match_layout(dy, x)), layout)
         dx, dxa = empty_output(x, layout)
@@ -273,7 +280,7 @@ def train_forward(
         NumPy arrays of shape ``(C,)``, what the backward needs); and ``False`` if running
         statistics were given but left alone because the batch's are not finite.
     """
-    layout = kernel_layout(x)
+    layout = _layout(x)
     channels = x.shape[1]
     xa = kernel_view(numpy_view(x), layout)
     y, ya = empty_output(x, layout)
@@ -303,7 +310,7 @@ def train_forward(
 
 def eval_forward(x, running_mean, running_var, weight, bias, eps: float, route) -> torch.Tensor:
     """Algorithm 2, step 11: normalize with the given (population) statistics."""
-    layout = kernel_layout(x)
+    layout = _layout(x)
     xa = kernel_view(numpy_view(x), layout)
     weight_a = optional_array(weight, x.dtype)
     bias_a = optional_array(bias, x.dtype)
@@ -342,7 +349,7 @@ def backward(dy, x, weight, mean, var, eps: float, training: bool, route):
     Returns:
         ``(dx, dweight, dbias)``; ``dweight``/``dbias`` have ``x``'s dtype and shape ``(C,)``.
     """
-    layout = kernel_layout(x)
+    layout = _layout(x)
     channels = x.shape[1]
     xa = kernel_view(numpy_view(x), layout)
     dya = kernel_view(numpy_view(match_layout(dy, x)), layout)
@@ -495,7 +502,7 @@ def _affine_of(mean, var, weight, bias, eps: float, channels: int):
 
 def act_eval_forward(x, running_mean, running_var, weight, bias, eps, code, param):
     """:func:`eval_forward` with the activation ``code`` applied to the output."""
-    layout = kernel_layout(x)
+    layout = _layout(x)
     xa = kernel_view(numpy_view(x), layout)
     y, ya = empty_output(x, layout)
     mean, _, scale, shift = _affine_of(
@@ -522,7 +529,7 @@ def act_eval_forward(x, running_mean, running_var, weight, bias, eps, code, para
 def act_normalize_(x, *, mean, var, weight, bias, eps, code, param) -> torch.Tensor:
     """:func:`act_eval_forward` with float64 NumPy ``(C,)`` statistics, written over ``x``
     (the kernels read each value before they write it; the in-place activated layers)."""
-    layout = kernel_layout(x)
+    layout = _layout(x)
     xa = kernel_view(numpy_view(x), layout)
     mean, _, scale, shift = _affine_of(
         mean,
@@ -546,7 +553,7 @@ def act_backward(dy, x, weight, bias, mean, var, eps, training, code, param):
     Returns:
         ``(dx, dweight, dbias)`` as :func:`backward`.
     """
-    layout = kernel_layout(x)
+    layout = _layout(x)
     channels = x.shape[1]
     xa = kernel_view(numpy_view(x), layout)
     dya = kernel_view(numpy_view(match_layout(dy, x)), layout)
@@ -589,7 +596,7 @@ def inplace_backward(dy, y, inv_gamma, beta, k, code: int, param, training: bool
         ``(dx, sum_dz, sum_dz_x_hat)``: ``dx`` in ``y``'s dtype and layout (``None`` unless
         ``want_dx``), and the float64 per-channel sums (:math:`d\beta`, :math:`d\gamma`).
     """
-    layout = kernel_layout(y)
+    layout = _layout(y)
     channels = y.shape[1]
     ya = kernel_view(numpy_view(y), layout)
     dya = kernel_view(numpy_view(match_layout(dy, y)), layout)

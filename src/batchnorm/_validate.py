@@ -13,6 +13,7 @@ updated, as torch.nn's layers accept any momentum in evaluation mode.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 
 import torch
 
@@ -43,6 +44,7 @@ __all__ = [
     "NONFINITE_POLICIES",
     "SINGLE_VALUE_POLICIES",
     "NonFiniteStatisticsError",
+    "Where",
     "NonFiniteStatisticsWarning",
     "caller_name",
     "check_batch_norm_args",
@@ -62,6 +64,10 @@ __all__ = [
 ]
 
 _name = caller_name
+
+# Where a check is made, as the user sees it: the text, or a callable that builds it only when
+# an error is raised.
+Where = str | Callable[[], str]
 
 _ALLOWED_PARAM_DTYPES = {
     torch.float16: (torch.float16, torch.float32),
@@ -95,14 +101,14 @@ def check_constructor_args(cls_name: str, num_features, eps, momentum) -> None:
         )
     if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
         raise TypeError(f"{_name(where)}: expected eps to be a non-negative float, got {eps!r}.")
-    if not eps >= 0:  # also rejects NaN
+    if not float(eps) >= 0:  # also rejects NaN
         raise ValueError(f"{_name(where)}: expected eps to be a non-negative float, got {eps!r}.")
     if momentum is not None:
         if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
             raise TypeError(
                 f"{_name(where)}: expected momentum in [0, 1] or None, got {momentum!r}."
             )
-        if not 0.0 <= momentum <= 1.0:
+        if not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(
                 f"{_name(where)}: expected momentum in [0, 1] or None, got {momentum!r}."
             )
@@ -325,7 +331,7 @@ def check_update_args(where, running_mean, running_var, moments, momentum, count
             )
     elif isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"{_name(where)}: expected momentum in [0, 1] or None, got {momentum!r}.")
-    elif not 0.0 <= momentum <= 1.0:
+    elif not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"{_name(where)}: expected momentum in [0, 1] or None, got {momentum!r}.")
     if counter is not None and (not isinstance(counter, torch.Tensor) or counter.numel() != 1):
         raise TypeError(
@@ -425,7 +431,7 @@ def _check_eps(where, eps, training: bool) -> None:
     """``eps`` is a number, positive in training and non-negative otherwise (torch's rule)."""
     if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
         raise TypeError(f"{_name(where)}: expected eps to be a float, got {eps!r}.")
-    if training and not eps > 0:  # NaN fails too
+    if training and not float(eps) > 0:  # NaN fails too
         raise ValueError(
             with_torch_words(
                 f"{_name(where)}: expected a positive eps when using batch statistics "
@@ -433,7 +439,7 @@ def _check_eps(where, eps, training: bool) -> None:
                 f"batch_norm eps must be positive during training, but got {eps}",
             )
         )
-    if not eps >= 0:
+    if not float(eps) >= 0:
         raise ValueError(
             with_torch_words(
                 f"{_name(where)}: expected a non-negative eps, got {eps!r}.",
@@ -465,7 +471,7 @@ def check_normalize_args(where, input, mean, var, weight, bias, eps) -> None:
 
 
 def check_batch_norm_args(
-    where: str,
+    where: Where,
     input,
     running_mean,
     running_var,
@@ -566,7 +572,7 @@ def _check_momentum(where, momentum, num_batches_tracked) -> None:
         raise TypeError(
             f"{_name(where)}: expected momentum to be a float or None, got {momentum!r}."
         )
-    if not 0.0 <= momentum <= 1.0:  # NaN fails too
+    if not 0.0 <= float(momentum) <= 1.0:  # NaN fails too
         raise ValueError(
             f"{_name(where)}: expected momentum in [0, 1] or None when updating running "
             f"statistics, got {momentum!r}."

@@ -23,12 +23,14 @@ BatchNorm and then the activation in torch ops, with the same values.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ._interop import traced_call, twin_of
 from ._route import forward_layer
 from .activations import Activation, get_activation, resolve_param
-from .families import activated_family_of
+from .families import known_family
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -62,9 +64,9 @@ class BatchNormActBase(BatchNormBase):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        **kwargs,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
     ) -> None:
         where = f"{type(self).__name__}()"
         spec = get_activation(where, activation)
@@ -114,7 +116,7 @@ class BatchNormActBase(BatchNormBase):
     def __prepare_scriptable__(self) -> torch.nn.Module:
         """What ``torch.jit.script`` compiles instead: torch.nn's BatchNorm (same tensors)
         followed by the activation module (TorchScript cannot compile the Numba kernels)."""
-        twin = twin_of(self, activated_family_of(type(self)).torch)
+        twin = twin_of(self, known_family(type(self)).torch)
         for name in ("nonfinite", "nonfinite_batches_skipped", "single_value"):
             twin.__dict__.pop(name, None)
         for name in ("activation", "activation_param"):

@@ -78,9 +78,11 @@ class Activation:
 
     def make_module(self, param: float | None) -> torch.nn.Module:
         """A fresh torch.nn module computing this activation with ``param``."""
-        if self.name == "leaky_relu":
-            return torch.nn.LeakyReLU(param)
-        if self.name == "elu":
+        if self.name in ("leaky_relu", "elu"):
+            if param is None:
+                raise ValueError(f"activation {self.name!r} needs a param, got None")
+            if self.name == "leaky_relu":
+                return torch.nn.LeakyReLU(param)
             return torch.nn.ELU(param)
         if self.name == "gelu":
             return torch.nn.GELU()
@@ -134,14 +136,14 @@ ACTIVATIONS: dict[str, Activation] = {
 }
 
 
-def get_activation(where: str, name) -> Activation:
+def get_activation(where: str, name: object) -> Activation:
     """The table's entry for ``name``; ``ValueError`` naming ``where`` for anything else."""
     if isinstance(name, str) and name in ACTIVATIONS:
         return ACTIVATIONS[name]
     raise ValueError(f"{where}: expected activation in {tuple(ACTIVATIONS)!r}, got {name!r}.")
 
 
-def resolve_param(where: str, activation: Activation, param) -> float | None:
+def resolve_param(where: str, activation: Activation, param: object) -> float | None:
     """``activation_param`` checked and defaulted: a finite float for LeakyReLU and ELU
     (``None`` gives the default), ``None`` for the others (which take no parameter)."""
     if activation.default_param is None:
@@ -173,7 +175,7 @@ def activation_module(name: str, param: float | None = None) -> torch.nn.Module:
     return activation.make_module(resolve_param("activation_module()", activation, param))
 
 
-def activation_from_module(module) -> tuple[str, float | None] | None:
+def activation_from_module(module: torch.nn.Module) -> tuple[str, float | None] | None:
     """``(name, param)`` when ``module`` is a plain torch.nn module computing one of the table's
     activations (its exact class; GELU without the tanh approximation; in place or not, the
     values are the same), else ``None``."""
@@ -182,9 +184,9 @@ def activation_from_module(module) -> tuple[str, float | None] | None:
         return "identity", None
     if cls is torch.nn.ReLU:
         return "relu", None
-    if cls is torch.nn.LeakyReLU:
+    if cls is torch.nn.LeakyReLU and isinstance(module, torch.nn.LeakyReLU):
         return "leaky_relu", float(module.negative_slope)
-    if cls is torch.nn.ELU:
+    if cls is torch.nn.ELU and isinstance(module, torch.nn.ELU):
         return "elu", float(module.alpha)
     if cls is torch.nn.SiLU:
         return "silu", None

@@ -409,7 +409,8 @@ def _threading_layer() -> str:
     """
     import numba
 
-    if numba.config.DISABLE_JIT:
+    # numba.config sets its settings at run time, so numba's inline types miss them.
+    if numba.config.DISABLE_JIT:  # type: ignore[attr-defined]
         return "none (NUMBA_DISABLE_JIT=1)"
     try:
         return numba.threading_layer()
@@ -432,7 +433,10 @@ def _environment() -> list[tuple[str, str]]:
     import numpy
     import torch
 
-    jit = "disabled (NUMBA_DISABLE_JIT=1)" if numba.config.DISABLE_JIT else "enabled"
+    # numba.config sets its settings at run time, so numba's inline types miss them.
+    disable_jit = numba.config.DISABLE_JIT  # type: ignore[attr-defined]
+    max_threads = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+    jit = "disabled (NUMBA_DISABLE_JIT=1)" if disable_jit else "enabled"
     cache = os.environ.get("NUMBA_CACHE_DIR") or "__pycache__ beside the kernel sources"
     return [
         ("batchnorm", __version__),
@@ -445,7 +449,7 @@ def _environment() -> list[tuple[str, str]]:
         ("numba threading layer", _threading_layer()),
         (
             "numba threads",
-            f"{numba.get_num_threads()} (NUMBA_NUM_THREADS={numba.config.NUMBA_NUM_THREADS})",
+            f"{numba.get_num_threads()} (NUMBA_NUM_THREADS={max_threads})",
         ),
         ("numba cache", cache),
         (
@@ -537,7 +541,8 @@ def _cmd_warmup(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
     from .kernels import ACTIVATED_CODES, GROUPED_KERNELS, KERNELS, activated, warmup
 
-    if numba.config.DISABLE_JIT:
+    # numba.config sets its settings at run time, so numba's inline types miss them.
+    if numba.config.DISABLE_JIT:  # type: ignore[attr-defined]
         print("NUMBA_DISABLE_JIT=1: the kernels run as plain Python; there is nothing to compile.")
         return 0
     if args.jobs < 1:

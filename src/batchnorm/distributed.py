@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -67,13 +67,22 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from ._validate import (
+    Where,
     caller_name,
     check_batch_norm_args,
     check_layer_input,
     check_nonfinite_policy,
     layer_name,
 )
-from .families import Family, add_twin, families, family_of, is_batchnorm_like, register
+from .families import (
+    Family,
+    add_twin,
+    families,
+    family_of,
+    is_batchnorm_like,
+    known_family,
+    register,
+)
 from .functional import (
     backward_input,
     backward_sums,
@@ -84,6 +93,10 @@ from .functional import (
 )
 from .modules import BatchNormBase
 from .stats import Moments, finalize, merge_all
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 
 __all__ = ["ORIGINAL_CLASS", "SyncBatchNorm", "forget_sync_state", "last_input_rank"]
 
@@ -212,9 +225,9 @@ class SyncBatchNorm(BatchNormBase, torch.nn.modules.batchnorm._BatchNorm):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        process_group=None,
-        device=None,
-        dtype=None,
+        process_group: ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
         nonfinite: str = "skip",
@@ -235,7 +248,9 @@ class SyncBatchNorm(BatchNormBase, torch.nn.modules.batchnorm._BatchNorm):
         self.process_group = process_group
 
     @classmethod
-    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None):
+    def convert_sync_batchnorm(
+        cls, module: torch.nn.Module, process_group: ProcessGroup | None = None
+    ) -> torch.nn.Module:
         """Make every BatchNorm layer of ``module`` a SyncBatchNorm, in place (torch's name).
 
         The conversion :func:`batchnorm.convert_sync_batchnorm` documents; it lives here, as
@@ -244,7 +259,10 @@ class SyncBatchNorm(BatchNormBase, torch.nn.modules.batchnorm._BatchNorm):
         """
         return _convert_to_sync(module, process_group, "convert_sync_batchnorm()")
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    # No ``mask`` (padding is not synchronized), deliberately unlike BatchNormBase.forward:
+    # torch.fx traces every parameter of a root layer's forward as a graph input, so accepting
+    # an unused one would change the traced graph.
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         group = self._sync_group()
         if group is None:
             output = forward_layer(self, input)  # exactly batchnorm.BatchNorm*d
@@ -336,7 +354,7 @@ class SyncBatchNorm(BatchNormBase, torch.nn.modules.batchnorm._BatchNorm):
             output = _SyncBatchNormFn.apply(input, weight, bias, sync)
         else:
             output = _normalize(input, weight, bias, sync)
-        if tracking and running_mean is not None:
+        if tracking and running_mean is not None and running_var is not None:
             update_running(
                 running_mean,
                 running_var,
@@ -484,12 +502,13 @@ class _Sync(NamedTuple):
     """What the normalization and its backward need from one synchronized forward.
 
     ``mean``, ``var`` and ``invstd`` are the global statistics, float64 NumPy arrays of shape
-    ``(C,)``; ``count`` is the global number of values per channel.
+    ``(C,)``; ``n_values`` is the global number of values per channel (not ``count``, which
+    would hide the tuple method).
     """
 
     peers: _Peers
-    where: object
-    count: int
+    where: Where
+    n_values: int
     mean: np.ndarray
     var: np.ndarray
     invstd: np.ndarray
@@ -538,7 +557,7 @@ def _backward(dy, x, weight, sync: _Sync, need_dx: bool):
         weight,
         totals[:channels],
         totals[channels:],
-        sync.count,
+        sync.n_values,
     )
     return dx, dweight, dbias
 
@@ -614,7 +633,7 @@ def _convert_to_sync(model: torch.nn.Module, process_group, where: str) -> torch
             )
     for module in swaps:
         original = type(module)
-        module.__class__ = family_of(original).sync
+        module.__class__ = known_family(original).sync
         module.__dict__[ORIGINAL_CLASS] = original
     for module in (*swaps, *already):
         module.process_group = process_group

@@ -41,8 +41,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
+from torch.nn import Module
 
 __all__ = [
     "Family",
@@ -54,6 +56,7 @@ __all__ = [
     "family_for_rank",
     "family_of",
     "is_batchnorm_like",
+    "known_family",
     "register",
     "stock_forwards",
 ]
@@ -83,16 +86,16 @@ class Family:
 
     name: str
     ranks: tuple[int, ...] | None
-    ours: type[torch.nn.Module]
-    torch: type[torch.nn.Module]
-    frozen: type[torch.nn.Module] | None = None
-    sync: type[torch.nn.Module] | None = None
-    torch_lazy: type[torch.nn.Module] | None = None
-    lazy: type[torch.nn.Module] | None = None
-    variants: tuple[type[torch.nn.Module], ...] = ()
-    activated: tuple[type[torch.nn.Module], ...] = ()
+    ours: type[Module]
+    torch: type[Module]
+    frozen: type[Module] | None = None
+    sync: type[Module] | None = None
+    torch_lazy: type[Module] | None = None
+    lazy: type[Module] | None = None
+    variants: tuple[type[Module], ...] = ()
+    activated: tuple[type[Module], ...] = ()
 
-    def members(self) -> tuple[type[torch.nn.Module], ...]:
+    def members(self) -> tuple[type[Module], ...]:
         """Every class of the family, ``None`` slots left out, variants included.
 
         The activated classes are not members: a member is a layer that computes the family's
@@ -144,7 +147,8 @@ def add_twin(name: str, **twins: type[torch.nn.Module]) -> None:
     for slot, cls in twins.items():
         if getattr(family, slot) not in (None, cls):
             raise ValueError(f"add_twin(): {name!r} has a {slot} twin already.")
-    _TABLE[name] = dataclasses.replace(family, **twins)
+    slots: dict[str, Any] = dict(twins)  # checked against _TWINS above
+    _TABLE[name] = dataclasses.replace(family, **slots)
 
 
 def add_variant(name: str, cls: type[torch.nn.Module]) -> None:
@@ -216,6 +220,19 @@ def family_of(cls: type) -> Family | None:
         if cls in family.members():
             return family
     return None
+
+
+def known_family(cls: type) -> Family:
+    """The family of a class known to have one: a member (:func:`family_of`) or an activated
+    class (:func:`activated_family_of`).
+
+    Raises:
+        LookupError: ``cls`` belongs to no registered family.
+    """
+    family = family_of(cls) or activated_family_of(cls)
+    if family is None:
+        raise LookupError(f"{cls.__qualname__} belongs to no registered BatchNorm family.")
+    return family
 
 
 def activated_family_of(cls: type) -> Family | None:

@@ -58,7 +58,8 @@ Example:
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -75,12 +76,13 @@ class FrozenOrigin(NamedTuple):
     """What :func:`batchnorm.unfreeze` turns a frozen layer back into.
 
     Attributes:
-        cls: The BatchNorm class the layer was frozen from.
+        cls: The BatchNorm class the layer was frozen from (for a variant, the class with its
+            extra arguments bound, a :func:`functools.partial`).
         momentum: Its ``momentum``.
         nonfinite: Its non-finite policy (``None`` for torch.nn's classes, which have none).
     """
 
-    cls: type
+    cls: Callable[..., torch.nn.Module]
     momentum: float | None
     nonfinite: str | None
 
@@ -100,6 +102,17 @@ class _FrozenBatchNormBase(torch.nn.Module):
     input_ranks: tuple[int, ...]
     input_shape: str
 
+    # The constructor's state (parameters and buffers are registered on the module).
+    num_features: int
+    eps: float
+    affine: bool
+    trainable_affine: bool
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor | None
+
     # What tools.freeze.unfreeze turns the layer back into, set by freeze(); None for a layer
     # built directly (unfreeze then picks this package's BatchNorm of the same rank). Not in
     # the state_dict: a checkpoint holds tensors, not classes.
@@ -113,8 +126,8 @@ class _FrozenBatchNormBase(torch.nn.Module):
         *,
         trainable_affine: bool = False,
         bias: bool = True,
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         name = type(self).__name__
         check_constructor_args(name, num_features, eps, None)
@@ -124,7 +137,7 @@ class _FrozenBatchNormBase(torch.nn.Module):
                 "or bias to train otherwise), got affine=False."
             )
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = eps
         self.affine = affine
@@ -216,6 +229,14 @@ class _FrozenBatchNormBase(torch.nn.Module):
 class _ScriptableFrozen(torch.nn.Module):
     """A frozen layer as TorchScript sees it (built only by ``__prepare_scriptable__``): the
     same map in torch ops. Its ``forward`` also traces a frozen layer that is fx's root."""
+
+    if TYPE_CHECKING:  # the frozen layer's state; left out at run time, where TorchScript reads
+        # class annotations (it types the attributes from the instance itself).
+        eps: float
+        weight: torch.Tensor | None
+        bias: torch.Tensor | None
+        running_mean: torch.Tensor
+        running_var: torch.Tensor
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         shape = [1, -1] + [1] * (input.dim() - 2)

@@ -34,6 +34,8 @@ layer of this package, the one call its ``forward`` makes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -42,6 +44,7 @@ from ._autograd import NormalizeFn, TrainFn, apply, records_graph
 from ._route import forward_layer, run, warn_fallback_once
 from ._running import Guard
 from ._validate import (
+    Where,
     caller_name,
     check_batch_norm_args,
     check_input,
@@ -218,7 +221,9 @@ def batch_norm(
 # --------------------------------------------------------------------------------------------
 
 
-def batch_moments(input: torch.Tensor, mask: torch.Tensor | None = None, *, where=None) -> Moments:
+def batch_moments(
+    input: torch.Tensor, mask: torch.Tensor | None = None, *, where: Where | None = None
+) -> Moments:
     r"""Per-channel count, mean and M2 of a batch: the statistics stage.
 
     .. math::
@@ -268,8 +273,10 @@ def batch_moments(input: torch.Tensor, mask: torch.Tensor | None = None, *, wher
     if mask is not None:
         check_mask(where, input, mask)
         excluded = ~mask
-        count, mean, m2 = _stages.masked_moments(_zero_excluded(input.detach(), excluded), excluded)
-        stats = torch.stack([mean, m2]).double().cpu().numpy()
+        count, mean_t, m2_t = _stages.masked_moments(
+            _zero_excluded(input.detach(), excluded), excluded
+        )
+        stats = torch.stack([mean_t, m2_t]).double().cpu().numpy()
         return Moments(count, stats[0].copy(), stats[1].copy())
     count = input.numel() // channels
     if count == 0:
@@ -287,7 +294,7 @@ def normalize(
     eps: float = 1e-5,
     *,
     activation: str = "identity",
-    where=None,
+    where: Where | None = None,
 ) -> torch.Tensor:
     r"""Normalize with given statistics: the transform stage.
 
@@ -368,7 +375,7 @@ def normalize_batch(
     eps: float = 1e-5,
     *,
     mask: torch.Tensor | None = None,
-    where=None,
+    where: Where | None = None,
 ) -> tuple[torch.Tensor, Moments]:
     r"""Normalize with the batch's own statistics, and return them: Algorithm 1.
 
@@ -509,8 +516,8 @@ def update_running(
     *,
     num_batches_tracked: torch.Tensor | None = None,
     nonfinite: str = "skip",
-    where=None,
-    on_skip=None,
+    where: Where | None = None,
+    on_skip: Callable[[], None] | None = None,
 ) -> bool:
     r"""Fold a batch's statistics into running averages, in place: the one running update.
 
@@ -570,7 +577,7 @@ def update_running(
 
 
 def backward_sums(
-    grad_output: torch.Tensor, input: torch.Tensor, mean
+    grad_output: torch.Tensor, input: torch.Tensor, mean: torch.Tensor | np.ndarray
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The backward's first stage: the per-channel sums it needs.
 
@@ -591,18 +598,21 @@ def backward_sums(
         ``(S_1, S_2)``: float64 ``(C,)`` tensors on the input's device (zeros for ``N = 0``).
     """
     route = choose(input, "stage")
-    sums = _stages.backward_sums(grad_output, input, _float64_array(mean), route)
-    return tuple(torch.from_numpy(s).to(input.device) for s in sums)
+    sum_dy, sum_dy_xmu = _stages.backward_sums(grad_output, input, _float64_array(mean), route)
+    return (
+        torch.from_numpy(sum_dy).to(input.device),
+        torch.from_numpy(sum_dy_xmu).to(input.device),
+    )
 
 
 def backward_input(
     grad_output: torch.Tensor,
     input: torch.Tensor,
-    mean,
-    invstd,
+    mean: torch.Tensor | np.ndarray,
+    invstd: torch.Tensor | np.ndarray,
     weight: torch.Tensor | None,
-    sum_dy,
-    sum_dy_xmu,
+    sum_dy: torch.Tensor | np.ndarray,
+    sum_dy_xmu: torch.Tensor | np.ndarray,
     count: int,
 ) -> torch.Tensor:
     r"""The backward's second stage: the input gradient of training-mode batch norm.

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -206,9 +207,9 @@ class InPlaceABNBase(BatchNormActBase):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        **kwargs,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **kwargs: Any,
     ) -> None:
         # The activation first: it decides whether this class is the right one at all.
         spec, param = _check_invertible(
@@ -330,7 +331,8 @@ def _forward_in_place(layer, input, spec: Activation, param, where) -> torch.Ten
         if use_batch_stats:
             z, moments = normalize_batch(input, weight, bias, eps, where=where)
             mean = torch.from_numpy(np.asarray(moments.mean, dtype=np.float64))
-            var = torch.from_numpy(np.asarray(moments.m2, dtype=np.float64)) / moments.count
+            m2 = torch.from_numpy(np.asarray(moments.m2, dtype=np.float64))
+            var = m2 / torch.as_tensor(moments.count)
             if running_mean is not None:
                 _update_running(layer, running_mean, running_var, moments, counter, where)
         else:
@@ -468,10 +470,11 @@ def _check_overwritable(where, input: torch.Tensor, recording: bool, out_of_plac
                 _LEAF_WORDS,
             )
         )
-    if input._is_view():
+    base = input._base
+    if input._is_view() and base is not None:
         raise RuntimeError(
             f"{where()}: expected an input that is not a view of another tensor while autograd "
-            f"records, got a view of a tensor of shape {tuple(input._base.shape)}; writing "
+            f"records, got a view of a tensor of shape {tuple(base.shape)}; writing "
             f"over it would rewrite that tensor's history too. Nothing was changed. {fix}"
         )
 
@@ -517,7 +520,7 @@ def _save_fallback(input, z, mean, invstd, weight, bias, spec: Activation, param
     indices, values = [], []
     for start, stop in chunks(input.shape[0], per_sample):
         x_hat = None
-        if channel_index is not None:
+        if channel_index is not None and channel_x_hat is not None:  # set together above
             x_hat = (input[start:stop].to(torch.float64) - mean_b) * invstd_b
             channel_x_hat[start:stop] = x_hat.index_select(1, channel_index)
         if by_element:

@@ -19,7 +19,10 @@ Example:
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
+from torch.nn.modules.batchnorm import _LazyNormBase
 
 from ._validate import check_constructor_args, check_nonfinite_policy
 from .families import add_twin
@@ -37,8 +40,8 @@ class _LazyBatchNormBase(BatchNormBase):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
         nonfinite: str = "skip",
     ) -> None:
@@ -46,8 +49,9 @@ class _LazyBatchNormBase(BatchNormBase):
         check_constructor_args(name, None, eps, momentum)
         check_nonfinite_policy(f"{name}()", nonfinite)
         # torch.nn's lazy constructor (skipping BatchNormBase's, which needs num_features).
-        torch.nn.modules.batchnorm._LazyNormBase.__init__(
-            self, eps, momentum, affine, track_running_stats, device, dtype
+        # Every concrete class here is also a torch lazy layer, so self is one.
+        _LazyNormBase.__init__(
+            cast(_LazyNormBase, self), eps, momentum, affine, track_running_stats, device, dtype
         )
         if nonfinite != type(self).nonfinite:
             self.nonfinite = nonfinite

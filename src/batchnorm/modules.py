@@ -22,6 +22,7 @@ batch of one value per channel with the running statistics instead of raising.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,13 +38,20 @@ from ._validate import (
     layer_name,
     single_value_error,
 )
-from .families import Family, family_of, register
+from .families import Family, known_family, register
 from .functional import forward_layer, normalize, normalize_batch, update_running
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase"]
 
+if TYPE_CHECKING:
+    # The type checker sees the mixin as what it is always mixed into, torch.nn's BatchNorm
+    # base, so that its methods may use the layer's parameters, buffers and torch's methods.
+    _MixinBase = torch.nn.modules.batchnorm._BatchNorm
+else:
+    _MixinBase = object
 
-class BatchNormBase:
+
+class BatchNormBase(_MixinBase):
     """What every BatchNorm layer of this package adds to torch.nn's: checks, policy, forward.
 
     A mixin placed before a torch.nn BatchNorm class (``class BatchNorm2d(BatchNormBase,
@@ -82,8 +90,8 @@ class BatchNormBase:
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
         nonfinite: str = "skip",
@@ -122,7 +130,7 @@ class BatchNormBase:
         computes with torch's op (this package's non-finite guard and stricter checks do not
         come along).
         """
-        twin = twin_of(self, family_of(type(self)).torch)
+        twin = twin_of(self, known_family(type(self)).torch)
         for name in ("nonfinite", "nonfinite_batches_skipped", "single_value"):
             twin.__dict__.pop(name, None)
         return twin

@@ -129,7 +129,7 @@ class ActivationTrace:
             )
         saturated = None
         if first.saturated is not None:
-            saturated = np.stack([r.saturated for r in records])
+            saturated = np.stack([np.asarray(r.saturated) for r in records])
         return cls(
             layer=first.layer,
             where=first.where,
@@ -489,14 +489,17 @@ class ActivationMonitor:
         return (np.abs(out) > level).mean(axis=1)
 
     def _write_tensorboard(self, record: ActivationRecord, values: np.ndarray) -> None:
+        writer = self._writer
+        if writer is None:  # called only with a log_dir, which opens the writer
+            return
         tag = f"{record.layer or 'model'}/{record.where}"
-        self._writer.add_histogram(tag, values.ravel(), record.step)
+        writer.add_histogram(tag, values.ravel(), record.step)
         for level, column in zip(record.quantile_levels, record.quantiles.T, strict=True):
-            self._writer.add_scalar(f"{tag}/q{100 * level:g}", column.mean(), record.step)
-        self._writer.add_scalar(f"{tag}/mean", record.mean.mean(), record.step)
-        self._writer.add_scalar(f"{tag}/std", record.std.mean(), record.step)
+            writer.add_scalar(f"{tag}/q{100 * level:g}", column.mean(), record.step)
+        writer.add_scalar(f"{tag}/mean", record.mean.mean(), record.step)
+        writer.add_scalar(f"{tag}/std", record.std.mean(), record.step)
         if record.saturated is not None:
-            self._writer.add_scalar(f"{tag}/saturated", record.saturated.mean(), record.step)
+            writer.add_scalar(f"{tag}/saturated", record.saturated.mean(), record.step)
 
 
 def _pick_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -515,8 +518,12 @@ def _select_layers(
     if isinstance(layers, type) or (
         isinstance(layers, tuple) and layers and all(isinstance(t, type) for t in layers)
     ):
-        types = layers if isinstance(layers, tuple) else (layers,)
-        chosen = {name: m for name, m in named.items() if isinstance(m, types)}
+        types = (
+            (layers,)
+            if isinstance(layers, type)
+            else tuple(t for t in layers if isinstance(t, type))  # all are: checked above
+        )
+        chosen = {name: m for name, m in named.items() if any(isinstance(m, t) for t in types)}
         if not chosen:
             present = sorted({type(m).__name__ for m in named.values()})
             wanted = ", ".join(t.__name__ for t in types)
@@ -540,8 +547,8 @@ def _select_layers(
             f"{', '.join(repr(n) for n in shown)}{', ...' if len(named) > 20 else ''}."
             + (f" Did you mean {close[0]!r}?" if close else "")
         )
-    wanted = set(names)
-    return {name: module for name, module in named.items() if name in wanted}
+    wanted_names = set(names)
+    return {name: module for name, module in named.items() if name in wanted_names}
 
 
 def _summary_writer_class():

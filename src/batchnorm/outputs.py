@@ -30,9 +30,11 @@ import operator
 import os
 import threading
 import weakref
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "DEFAULT_LIMIT",
@@ -165,7 +167,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_CACHE.after_fork)
 
 
-def empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+def empty(shape: tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray:
     """An uninitialised array of ``shape`` and ``dtype``, from the cache when it is large.
 
     Contract: pass the returned array itself to ``torch.from_numpy`` and keep no other lasting
@@ -223,7 +225,7 @@ def output_cache_info() -> OutputCacheInfo:
 
 
 @contextlib.contextmanager
-def bypassed():
+def bypassed() -> Iterator[None]:
     """Allocate every output afresh inside the block, leaving the cache's buffers as they are.
 
     For measuring what the cache saves (``benchmarks.bench_modules --uncached``): unlike

@@ -26,6 +26,7 @@ over the batch *and* the spatial locations).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -54,7 +55,12 @@ def _per_channel(v: np.ndarray, ndim: int) -> np.ndarray:
     return np.asarray(v, dtype=np.float64).reshape((1, -1) + (1,) * (ndim - 2))
 
 
-def batch_norm_train(x, gamma=None, beta=None, eps=1e-5):
+def batch_norm_train(
+    x: np.ndarray,
+    gamma: np.ndarray | None = None,
+    beta: np.ndarray | None = None,
+    eps: float = 1e-5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r"""Algorithm 1: the Batch Normalizing Transform over one mini-batch.
 
     .. math::
@@ -98,7 +104,9 @@ def batch_norm_train(x, gamma=None, beta=None, eps=1e-5):
     return y, mu_B, sigma2_B
 
 
-def batch_norm_train_backward(dy, x, gamma=None, eps=1e-5):
+def batch_norm_train_backward(
+    dy: np.ndarray, x: np.ndarray, gamma: np.ndarray | None = None, eps: float = 1e-5
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r"""Exact gradients of Algorithm 1 with respect to ``x``, ``gamma`` and ``beta``.
 
     With :math:`\sigma = \sqrt{\sigma_B^2 + \epsilon}` and sums over the :math:`m` values of a
@@ -155,7 +163,14 @@ def batch_norm_train_backward(dy, x, gamma=None, eps=1e-5):
     return dx, dgamma, dbeta
 
 
-def batch_norm_inference(x, mean, var, gamma=None, beta=None, eps=1e-5):
+def batch_norm_inference(
+    x: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    gamma: np.ndarray | None = None,
+    beta: np.ndarray | None = None,
+    eps: float = 1e-5,
+) -> np.ndarray:
     r"""Algorithm 2, step 11: the inference transform with fixed population statistics.
 
     .. math::
@@ -188,7 +203,14 @@ def batch_norm_inference(x, mean, var, gamma=None, beta=None, eps=1e-5):
     return y
 
 
-def batch_norm_inference_backward(dy, x, mean, var, gamma=None, eps=1e-5):
+def batch_norm_inference_backward(
+    dy: np.ndarray,
+    x: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    gamma: np.ndarray | None = None,
+    eps: float = 1e-5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r"""Gradients of :func:`batch_norm_inference`: an affine map per channel.
 
     .. math::
@@ -210,7 +232,9 @@ def batch_norm_inference_backward(dy, x, mean, var, gamma=None, eps=1e-5):
     return dx, (dy * x_hat).sum(axis=axes), dy.sum(axis=axes)
 
 
-def population_statistics(batches, method="pooled"):
+def population_statistics(
+    batches: Iterable[np.ndarray], method: str = "pooled"
+) -> tuple[np.ndarray, np.ndarray]:
     r"""Algorithm 2, steps 8-10: population mean and variance from many mini-batches.
 
     ``method="paper"`` is the paper's estimator: with :math:`B` batches of :math:`m` values each,
@@ -254,7 +278,14 @@ def population_statistics(batches, method="pooled"):
     )
 
 
-def update_running_statistics(running_mean, running_var, mu_B, sigma2_B, m, momentum):
+def update_running_statistics(
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    mu_B: np.ndarray,
+    sigma2_B: np.ndarray,
+    m: int,
+    momentum: float,
+) -> tuple[np.ndarray, np.ndarray]:
     r"""One update of torch's running averages after a training step.
 
     .. math::
@@ -274,7 +305,7 @@ def update_running_statistics(running_mean, running_var, mu_B, sigma2_B, m, mome
     return running_mean, running_var
 
 
-def activation(z, name, p=None):
+def activation(z: np.ndarray, name: str, p: float | None = None) -> np.ndarray:
     r"""The activations a BatchNorm layer may apply after normalizing (``batchnorm.activations``).
 
     ``identity`` :math:`z`; ``relu`` :math:`\max(z, 0)`; ``leaky_relu`` :math:`z` if
@@ -302,7 +333,7 @@ def activation(z, name, p=None):
     raise ValueError(f"activation(): unknown activation {name!r}")
 
 
-def activation_derivative(z, name, p=None):
+def activation_derivative(z: np.ndarray, name: str, p: float | None = None) -> np.ndarray:
     r""":math:`a'(z)` of :func:`activation`, taking the :math:`z \le 0` branch at the kinks.
 
     ``silu``: :math:`s(1 + z(1 - s))` with :math:`s` the logistic of :math:`z`; ``gelu``:
@@ -314,7 +345,7 @@ def activation_derivative(z, name, p=None):
     if name == "relu":
         return np.where(z > 0, 1.0, 0.0)
     if name == "leaky_relu":
-        return np.where(z > 0, 1.0, p)
+        return np.where(z > 0, 1.0, p * np.ones_like(z))
     if name == "elu":
         return np.where(z > 0, 1.0, p * np.exp(np.minimum(z, 0.0)))
     if name == "silu":
@@ -330,7 +361,14 @@ def _erf(v):
     return np.vectorize(math.erf, otypes=[np.float64])(v)
 
 
-def batch_norm_act_train(x, gamma=None, beta=None, eps=1e-5, name="relu", p=None):
+def batch_norm_act_train(
+    x: np.ndarray,
+    gamma: np.ndarray | None = None,
+    beta: np.ndarray | None = None,
+    eps: float = 1e-5,
+    name: str = "relu",
+    p: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r"""Algorithm 1 followed by an activation: :math:`y = a(\gamma\hat{x} + \beta)`.
 
     Returns:
@@ -340,7 +378,15 @@ def batch_norm_act_train(x, gamma=None, beta=None, eps=1e-5, name="relu", p=None
     return activation(z, name, p), mu_B, sigma2_B
 
 
-def batch_norm_act_train_backward(dy, x, gamma=None, beta=None, eps=1e-5, name="relu", p=None):
+def batch_norm_act_train_backward(
+    dy: np.ndarray,
+    x: np.ndarray,
+    gamma: np.ndarray | None = None,
+    beta: np.ndarray | None = None,
+    eps: float = 1e-5,
+    name: str = "relu",
+    p: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r"""Gradients of :func:`batch_norm_act_train`: :math:`\delta_z = \delta\,a'(z)` through
     :func:`batch_norm_train_backward`.
 

@@ -52,7 +52,7 @@ import contextvars
 import dataclasses
 import numbers
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -208,7 +208,7 @@ def routing_policy() -> RoutingPolicy:
 
 
 @contextlib.contextmanager
-def use_routing(policy: RoutingPolicy | None = None, **changes) -> Iterator[RoutingPolicy]:
+def use_routing(policy: RoutingPolicy | None = None, **changes: Any) -> Iterator[RoutingPolicy]:
     """Change the routing policy for the body of a ``with`` block, in this context only.
 
     Other threads and asyncio tasks keep theirs; the previous policy is back when the block
@@ -262,7 +262,8 @@ def in_forked_child() -> bool:
 # Private entry points of torch: whether a torch.func transform is active, and the level of the
 # innermost forward-AD context (-1 outside any). Should a release drop either, its check is off.
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
-_forward_ad = torch.autograd.forward_ad
+# The module, or a stand-in with the one attribute read from it.
+_forward_ad: Any = torch.autograd.forward_ad
 if not hasattr(_forward_ad, "_current_level"):
     _forward_ad = type("_NoForwardAD", (), {"_current_level": -1})
 
@@ -360,7 +361,7 @@ def choose(
         return "torch" if FORKED[0] else "parallel"
     if FORKED[0]:
         return "serial"
-    serial_max = policy.serial_max_elements
+    serial_max: float = policy.serial_max_elements
     if op == "train" and layout == "nhwc":
         serial_max = serial_max * policy.nhwc_train_serial_scale
     return "serial" if numel <= serial_max else "parallel"

@@ -72,7 +72,7 @@ class Moments:
         return cls(0, np.zeros(num_features), np.zeros(num_features))
 
     @classmethod
-    def from_array(cls, x) -> Moments:
+    def from_array(cls, x: np.ndarray) -> Moments:
         r"""Summarise the channels (axis 1) of an ``(N, C, *)`` array.
 
         Computed by the moments kernel in float64: shifted one-pass blocks, summed again about

@@ -31,6 +31,7 @@ import math
 import numbers
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from . import _stages
@@ -96,7 +97,7 @@ def _check_int(where: str, name: str, value, low: int) -> None:
 def _check_limit(where: str, name: str, value, low: float) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where}: expected {name} to be a finite float >= {low}, got {value!r}.")
-    if not (math.isfinite(value) and value >= low):  # NaN and inf fail too
+    if not (math.isfinite(value) and float(value) >= low):  # NaN and inf fail too
         raise ValueError(f"{where}: expected {name} to be a finite float >= {low}, got {value!r}.")
 
 
@@ -116,7 +117,7 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-class _TrainingChecks:
+class _TrainingChecks(BatchNormBase):
     """The training call's checks, all before any state changes: ``(where, buffers, counter)``."""
 
     def _checked_training_call(self, input):
@@ -234,8 +235,8 @@ class GhostBatchNormBase(_TrainingChecks, BatchNormBase):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
         nonfinite: str = "skip",
@@ -453,8 +454,8 @@ class BatchRenormBase(_TrainingChecks, BatchNormBase):
         dmax: float = 5.0,
         warmup: int = 5000,
         track_running_stats: bool = True,
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
         nonfinite: str = "skip",
@@ -506,7 +507,7 @@ class BatchRenormBase(_TrainingChecks, BatchNormBase):
             fraction = min(max(float(counter) / self.warmup, 0.0), 1.0)
         return 1.0 + (self.rmax - 1.0) * fraction, self.dmax * fraction
 
-    def correction(self, mean, var) -> tuple[np.ndarray, np.ndarray]:
+    def correction(self, mean: npt.ArrayLike, var: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """``(r, d)`` for a batch of mean ``mean`` and biased variance ``var`` at this step.
 
         Args:
@@ -519,7 +520,7 @@ class BatchRenormBase(_TrainingChecks, BatchNormBase):
         """
         mean = np.asarray(mean, dtype=np.float64)
         var = np.asarray(var, dtype=np.float64)
-        if self.running_mean is None or not self.track_running_stats:
+        if self.running_mean is None or self.running_var is None or not self.track_running_stats:
             return np.ones_like(mean), np.zeros_like(mean)
         r_limit, d_limit = self.limits()
         running_mean, running_var = (
@@ -552,11 +553,12 @@ class BatchRenormBase(_TrainingChecks, BatchNormBase):
             return BatchNormBase.forward(self, input, mask)  # r = 1, d = 0: BatchNorm
         # Padding zeroed first (as BatchNorm's masked call): NaN there would reach the weight's
         # gradient as 0 * NaN.
-        x = input if mask is None else _zero_padding(input, padding)
+        x = input if padding is None else _zero_padding(input, padding)
         moments = batch_moments(x, mask, where=where)
         # The biased variance (more than one value per channel was checked).
         r, d = self.correction(moments.mean, moments.m2 / moments.count)
-        weight, bias = self.weight, self.bias
+        weight: torch.Tensor | None = self.weight
+        bias: torch.Tensor | None = self.bias
         if not (np.all(r == 1.0) and np.all(d == 0.0)):
             # gamma (x_hat r + d) + beta = x_hat (gamma r) + (gamma d + beta): BatchNorm with
             # another scale and shift, r and d constants (no graph through them).
@@ -567,7 +569,7 @@ class BatchRenormBase(_TrainingChecks, BatchNormBase):
             bias = shift if bias is None else shift + bias
         output, _ = normalize_batch(x, weight, bias, self.eps, mask=mask, where=where)
         self._update_running(where, running_mean, running_var, moments, counter)
-        return output if mask is None else _zero_padding(output, padding)
+        return output if padding is None else _zero_padding(output, padding)
 
 
 def _zero_padding(t: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
@@ -588,38 +590,38 @@ _RANKS = {
 
 
 class GhostBatchNorm1d(GhostBatchNormBase, torch.nn.BatchNorm1d):
-    __doc__ = GhostBatchNormBase.__doc__ + "\n    Shape: input ``(N, C)`` or ``(N, C, L)``.\n"
+    __doc__ = (
+        GhostBatchNormBase.__doc__ or ""
+    ) + "\n    Shape: input ``(N, C)`` or ``(N, C, L)``.\n"
     input_ranks, input_shape = _RANKS["1d"]
 
 
 class GhostBatchNorm2d(GhostBatchNormBase, torch.nn.BatchNorm2d):
     __doc__ = (
-        GhostBatchNormBase.__doc__
-        + "\n    Shape: input ``(N, C, H, W)``, contiguous or channels_last.\n"
-    )
+        GhostBatchNormBase.__doc__ or ""
+    ) + "\n    Shape: input ``(N, C, H, W)``, contiguous or channels_last.\n"
     input_ranks, input_shape = _RANKS["2d"]
 
 
 class GhostBatchNorm3d(GhostBatchNormBase, torch.nn.BatchNorm3d):
-    __doc__ = GhostBatchNormBase.__doc__ + "\n    Shape: input ``(N, C, D, H, W)``.\n"
+    __doc__ = (GhostBatchNormBase.__doc__ or "") + "\n    Shape: input ``(N, C, D, H, W)``.\n"
     input_ranks, input_shape = _RANKS["3d"]
 
 
 class BatchRenorm1d(BatchRenormBase, torch.nn.BatchNorm1d):
-    __doc__ = BatchRenormBase.__doc__ + "\n    Shape: input ``(N, C)`` or ``(N, C, L)``.\n"
+    __doc__ = (BatchRenormBase.__doc__ or "") + "\n    Shape: input ``(N, C)`` or ``(N, C, L)``.\n"
     input_ranks, input_shape = _RANKS["1d"]
 
 
 class BatchRenorm2d(BatchRenormBase, torch.nn.BatchNorm2d):
     __doc__ = (
-        BatchRenormBase.__doc__
-        + "\n    Shape: input ``(N, C, H, W)``, contiguous or channels_last.\n"
-    )
+        BatchRenormBase.__doc__ or ""
+    ) + "\n    Shape: input ``(N, C, H, W)``, contiguous or channels_last.\n"
     input_ranks, input_shape = _RANKS["2d"]
 
 
 class BatchRenorm3d(BatchRenormBase, torch.nn.BatchNorm3d):
-    __doc__ = BatchRenormBase.__doc__ + "\n    Shape: input ``(N, C, D, H, W)``.\n"
+    __doc__ = (BatchRenormBase.__doc__ or "") + "\n    Shape: input ``(N, C, D, H, W)``.\n"
     input_ranks, input_shape = _RANKS["3d"]
 
 

@@ -188,11 +188,12 @@ def select_kernel(op: str, layout: str, dtype) -> Callable | None:
         >>> select_kernel("moments", "nchw", "float16") is None
         True
     """
+    name = _dtype_name(dtype)
     if op in GROUPED_OPS:
-        return GROUPED_KERNELS.get((op, layout, _dtype_name(dtype)))
+        return None if name is None else GROUPED_KERNELS.get((op, layout, name))
     if op not in OPS:
         raise ValueError(f"select_kernel(): expected op in {OPS + GROUPED_OPS!r}, got {op!r}.")
-    return KERNELS.get((op, layout, _dtype_name(dtype)))
+    return None if name is None else KERNELS.get((op, layout, name))
 
 
 def set_threads(n: int) -> int:
@@ -200,7 +201,8 @@ def set_threads(n: int) -> int:
 
     Numba's thread count is per calling thread and only read when a parallel kernel starts.
     """
-    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    # numba.config sets its attributes at run time from the environment: no hints for them.
+    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
     numba.set_num_threads(n)
     return n
 
@@ -231,7 +233,7 @@ def warmup(dtypes: Iterable[str] = DTYPE_NAMES, jobs: int = 1) -> None:
         names.append(name)
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"warmup(): expected jobs to be an int >= 1, got {jobs!r}.")
-    tasks = [("core", name) for name in names]
+    tasks: list[tuple[int | str, str]] = [("core", name) for name in names]
     tasks += [(code, name) for code in ACTIVATED_CODES for name in names]
     if jobs > 1:
         import concurrent.futures
@@ -251,6 +253,7 @@ def warmup(dtypes: Iterable[str] = DTYPE_NAMES, jobs: int = 1) -> None:
 def _warmup_task(task: tuple) -> None:
     """One share of :func:`warmup`: ``("core", dtype)`` or ``(activation code, dtype)``."""
     what, name = task
+    shape: tuple[int, ...]
     if what == "core":
         for shape in ((2, 2, 3), (3, 2, 1)):
             _run_all(np.ones(shape, dtype=name), layout="nchw")
@@ -312,7 +315,7 @@ def _run_all(x: np.ndarray, layout: str) -> None:
 
 def _run_grouped(x: np.ndarray) -> None:
     n_chan = x.shape[1]
-    stats = [np.zeros((2, n_chan)) for _ in range(2)]
+    stats = (np.zeros((2, n_chan)), np.zeros((2, n_chan)))
     merged = [np.zeros(n_chan) for _ in range(2)]
     params = np.ones(n_chan, dtype=x.dtype)
     out = np.empty_like(x)

@@ -28,7 +28,8 @@ Decomposition:
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
 
 import numba
 
@@ -48,10 +49,29 @@ __all__ = [
 
 FASTMATH = {"reassoc", "contract"}
 
-njit_kernel = functools.partial(numba.njit, cache=True, nogil=True, fastmath=FASTMATH)
-njit_parallel = functools.partial(
-    numba.njit, cache=True, nogil=True, fastmath=FASTMATH, parallel=True
-)
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+# Typed as returning the function itself: the Numba dispatcher is called with the function's
+# own arguments, which numba's own hints (``njit`` -> ``_JITWrapper``) do not express.
+@overload
+def njit_kernel(fn: _F, /) -> _F: ...
+@overload
+def njit_kernel(fn: None = None, /, **options: Any) -> Callable[[_F], _F]: ...
+def njit_kernel(fn: Any = None, /, **options: Any) -> Any:
+    """``numba.njit`` with the package's policy; ``@njit_kernel`` or ``@njit_kernel(**options)``."""
+    return numba.njit(fn, cache=True, nogil=True, fastmath=FASTMATH, **options)
+
+
+@overload
+def njit_parallel(fn: _F, /) -> _F: ...
+@overload
+def njit_parallel(fn: None = None, /, **options: Any) -> Callable[[_F], _F]: ...
+def njit_parallel(fn: Any = None, /, **options: Any) -> Any:
+    """:func:`njit_kernel` with ``parallel=True``, for kernels whose outer loop is a ``prange``."""
+    return numba.njit(fn, cache=True, nogil=True, fastmath=FASTMATH, parallel=True, **options)
+
+
 # NOTE: a parallel kernel is only ever called from Python, never from another jitted function.
 # A cached serial function that calls a parallel one segfaults when it is loaded from the
 # cache in a fresh process (numba issue #8578, open in 0.68; reproduced here), so the public

@@ -136,7 +136,7 @@ def _value_fits(annotation: str, value: Any) -> bool:
         if isinstance(value, bool) and bool not in kinds:
             continue
         if isinstance(value, kinds):
-            if part.startswith("tuple"):
+            if part.startswith("tuple") and isinstance(value, (list, tuple)):
                 return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
             return True
     return False

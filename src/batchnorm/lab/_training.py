@@ -50,7 +50,8 @@ def threads(n: int | None) -> Iterator[None]:
     import numba
 
     before = torch.get_num_threads(), numba.get_num_threads()
-    n_numba = min(n, numba.config.NUMBA_NUM_THREADS)
+    # numba.config sets its settings at run time, so numba's inline types miss them.
+    n_numba = min(n, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
     torch.set_num_threads(n)
     numba.set_num_threads(n_numba)
     try:
@@ -141,7 +142,7 @@ def mean_std(values: Sequence[float] | np.ndarray) -> dict[str, Any]:
     }
 
 
-def trailing_mean(values: Sequence[float], width: int) -> np.ndarray:
+def trailing_mean(values: Sequence[float] | np.ndarray, width: int) -> np.ndarray:
     """The mean of each value and the ``width - 1`` before it (fewer at the start)."""
     a = np.asarray(values, dtype=np.float64)
     sums = np.cumsum(np.concatenate([[0.0], a]))

@@ -32,8 +32,10 @@ import json
 import os
 import random
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,7 +124,7 @@ class Dataset:
         if self.x_val is not None:
             raise ValueError(
                 f"Dataset.with_validation(): expected a dataset without a validation split, "
-                f"got {self.name!r} with {len(self.y_val)} validation examples."
+                f"got {self.name!r} with {len(self.x_val)} validation examples."
             )
         if not 1 <= n_val <= n - 2:
             raise ValueError(
@@ -138,6 +140,19 @@ class Dataset:
             x_val=self.x_train[val],
             y_val=self.y_train[val],
         )
+
+    def validation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The validation split ``(x_val, y_val)``.
+
+        Raises:
+            ValueError: If the dataset has no validation split (see :meth:`with_validation`).
+        """
+        if self.x_val is None or self.y_val is None:
+            raise ValueError(
+                f"Dataset.validation(): expected a dataset with a validation split, got "
+                f"{self.name!r} without one; call with_validation(n_val) first."
+            )
+        return self.x_val, self.y_val
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None) -> Dataset:
@@ -199,7 +214,7 @@ def _load_mnist1d(num_samples: int | None = None) -> Dataset:
     )
 
 
-def _generate(args: object, make_dataset: object) -> dict:
+def _generate(args: object, make_dataset: Callable[[object], dict]) -> dict:
     py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002
     try:
         return make_dataset(args)
@@ -208,7 +223,7 @@ def _generate(args: object, make_dataset: object) -> dict:
         np.random.set_state(np_state)  # noqa: NPY002
 
 
-def _cached(args: object, make_dataset: object) -> dict:
+def _cached(args: object, make_dataset: Callable[[object], dict]) -> dict:
     """``make_dataset(args)`` through an ``.npz`` cache keyed by the arguments' hash.
 
     A damaged cache file is regenerated, never trusted: it is written atomically and read with
@@ -226,7 +241,9 @@ def _cached(args: object, make_dataset: object) -> dict:
             pass  # regenerate below
     data = _generate(args, make_dataset)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **{k: np.asarray(data[k]) for k in keys})
+        # Typed Any: numpy's stub would check the ** entries against savez's allow_pickle: bool.
+        arrays: dict[str, Any] = {k: np.asarray(data[k]) for k in keys}
+        np.savez(f, **arrays)
     return data
 
 

@@ -66,8 +66,8 @@ class NoisyBatchNorm1d(BatchNorm1d):
         self.strength = float(strength)
         self.generator = torch.Generator().manual_seed(int(seed))
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        out = super().forward(input)
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        out = super().forward(input, mask)
         if not self.training:
             return out
         s, g = self.strength, self.generator
@@ -166,11 +166,13 @@ def _initialise(
                 receptive = module.weight[0, 0].numel() if module.weight.dim() > 2 else 1
                 fan_in = module.weight.shape[1] * receptive
                 fan_out = module.weight.shape[0] * receptive
-                std = init_std
                 if init == "glorot":
                     std = (2.0 / (fan_in + fan_out)) ** 0.5
                 elif init == "he":
                     std = (2.0 / fan_in) ** 0.5
+                else:
+                    assert init_std is not None, "init is None here, so init_std is set"
+                    std = init_std
                 module.weight.normal_(0.0, std * weight_scale, generator=generator)
                 if module.bias is not None:
                     module.bias.zero_()

@@ -80,8 +80,8 @@ def plot_accuracy_panel(sweep: Any, net: str, ax: Any = None) -> Any:
                 zorder=3,
                 label=f"diverged, {LABELS[_KEY[norm]]}",
             )
-        stable = [largest_stable_rate(lrs.tolist(), b.tolist()) for b in bad]
-        stable = [s for s in stable if s is not None]
+        rates = [largest_stable_rate(lrs.tolist(), b.tolist()) for b in bad]
+        stable = [r for r in rates if r is not None]
         if stable:
             ax.axvline(float(np.median(stable)), color=color, ls=":", lw=1.4)
     ax.axhline(CHANCE, color="0.6", lw=0.8, ls="--")

@@ -273,7 +273,9 @@ def _read_run(run_dir: Path, seconds: Mapping[str, float] | None) -> _Run:
     title = _first(summary.get("title"), experiment and experiment.title, name)
     claim = _first(summary.get("claim"), experiment and experiment.claim)
 
-    config = spec.get("config") if isinstance(spec.get("config"), dict) else {}
+    config = spec.get("config")
+    if not isinstance(config, dict):
+        config = {}
     seeds = config.get("seeds")
     if not isinstance(seeds, int) or isinstance(seeds, bool):
         listed = summary.get("seeds")

@@ -142,7 +142,8 @@ def _environment() -> dict[str, Any]:
         "platform": f"{platform.system()} {platform.machine()}",
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "numba_threads": numba.config.NUMBA_NUM_THREADS,
+        # numba.config sets its settings at run time, so numba's inline types miss them.
+        "numba_threads": numba.config.NUMBA_NUM_THREADS,  # type: ignore[attr-defined]
     }
 
 

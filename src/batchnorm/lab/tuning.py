@@ -32,7 +32,9 @@ def _score(name: str, preset: str, arm: str, value: float, seed: int) -> float:
     experiment = get_experiment(name)
     config = make_config(experiment, preset)
     data = experiment.prepare(config)
-    score = experiment.tuning.score(config, data, arm, value, seed)
+    tuning = experiment.tuning
+    assert tuning is not None, "tune_experiment() runs only experiments with a tuning grid"
+    score = tuning.score(config, data, arm, value, seed)
     return float(score) if math.isfinite(score) else math.nan
 
 

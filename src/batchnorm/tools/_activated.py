@@ -15,10 +15,15 @@ same input and output (their ``module`` argument is then the Sequential), and ba
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 
 from ..activations import activation_from_module, activation_module, get_activation
-from ..families import Family, activated_family_of
+from ..families import Family, activated_family_of, known_family
+
+if TYPE_CHECKING:
+    from ..activated import BatchNormActBase
 
 __all__ = [
     "UNFUSED",
@@ -63,7 +68,7 @@ def has_call_hooks(module: torch.nn.Module) -> bool:
     )
 
 
-def apply_activation(layer: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
+def apply_activation(layer: BatchNormActBase, output: torch.Tensor) -> torch.Tensor:
     """``layer``'s activation applied to ``output`` (out of place, in torch ops)."""
     spec = get_activation(type(layer).__name__, layer.activation)
     return spec.forward(output, layer.activation_param)
@@ -74,9 +79,10 @@ def make_activated(
 ) -> torch.nn.Module:
     """Switch a plain BatchNorm ``layer`` to the activated class ``cls``, in place."""
     layer.__class__ = cls
-    layer.activation = activation
-    layer.activation_param = param
-    return layer
+    activated = cast("BatchNormActBase", layer)  # what it is now that its class is set
+    activated.activation = activation
+    activated.activation_param = param
+    return activated
 
 
 def _swap_call_hooks(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -85,7 +91,7 @@ def _swap_call_hooks(a: torch.nn.Module, b: torch.nn.Module) -> None:
             a.__dict__[name], b.__dict__[name] = b.__dict__[name], a.__dict__[name]
 
 
-def wrap(inner: torch.nn.Module, activated: torch.nn.Module) -> torch.nn.Sequential:
+def wrap(inner: torch.nn.Module, activated: BatchNormActBase) -> torch.nn.Sequential:
     """``Sequential(inner, activation)`` standing for the activated layer ``activated``,
     marked for :func:`join_all`, in ``activated``'s training mode."""
     act = activation_module(activated.activation, activated.activation_param)
@@ -99,14 +105,15 @@ def wrap(inner: torch.nn.Module, activated: torch.nn.Module) -> torch.nn.Sequent
     return sequential
 
 
-def split(layer: torch.nn.Module) -> torch.nn.Sequential:
+def split(layer: BatchNormActBase) -> torch.nn.Sequential:
     """Turn the activated ``layer`` into its family's plain class in place, and return the
     ``Sequential(layer, activation)`` to put in its slot (its hooks moved there)."""
-    family = activated_family(layer)
+    family = known_family(type(layer))
     sequential = wrap(layer, layer)
     layer.__dict__.pop("activation", None)
     layer.__dict__.pop("activation_param", None)
-    layer.__class__ = family.ours
+    plain: torch.nn.Module = layer
+    plain.__class__ = family.ours
     _swap_call_hooks(layer, sequential)
     return sequential
 

@@ -13,7 +13,7 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping
 from itertools import pairwise
-from typing import NamedTuple
+from typing import NamedTuple, TypeGuard
 
 import torch
 import torch.fx
@@ -43,8 +43,10 @@ _LAYERS: tuple[type[torch.nn.Module], ...] = (
 #: BatchNorm-like layers. The frozen ones are not _BatchNorm subclasses and have no mode: they
 #: always compute the affine map from their stored statistics. (The family table is complete:
 #: batchnorm.tools imports every layer module first.)
-_FROZEN = tuple(family.frozen for family in families() if family.frozen is not None)
-_NORMS = (_BatchNorm, *_FROZEN)
+_FROZEN: tuple[type[torch.nn.Module], ...] = tuple(
+    family.frozen for family in families() if family.frozen is not None
+)
+_NORMS: tuple[type[torch.nn.Module], ...] = (_BatchNorm, *_FROZEN)
 
 #: Forwards of norm classes known to compute the eval-mode affine map and nothing else. A
 #: subclass with its own forward may do more (timm's BatchNormAct2d applies an activation).
@@ -141,16 +143,21 @@ def _layer_problem(
     if shared:
         return f"its input layer {layer_path!r} shares a parameter with another module"
     channels = _out_channels(layer)
-    if channels != norm.running_mean.numel():
+    running_mean = norm.running_mean
+    assert isinstance(running_mean, torch.Tensor)  # _norm_problem found statistics first
+    if channels != running_mean.numel():
         return (
             f"its input layer {layer_path!r} has {channels} output channels, the BatchNorm "
-            f"{norm.running_mean.numel()}"
+            f"{running_mean.numel()}"
         )
     return None
 
 
 def _out_channels(layer: torch.nn.Module) -> int:
-    return layer.out_features if isinstance(layer, torch.nn.Linear) else layer.out_channels
+    if isinstance(layer, torch.nn.Linear):
+        return layer.out_features
+    assert isinstance(layer, torch.nn.modules.conv._ConvNd)  # the other _LAYERS
+    return layer.out_channels
 
 
 def _global_hook_problem() -> str | None:
@@ -207,7 +214,7 @@ def find_producers(model: torch.nn.Module) -> tuple[Producer, str]:
 def _describe(node: torch.fx.Node, modules: Mapping[str, torch.nn.Module]) -> str:
     """A node as the user wrote it, for "follows ..." reasons."""
     if node.op == "call_module":
-        return f"a {type(modules[node.target]).__name__} ({node.target!r})"
+        return f"a {type(modules[str(node.target)]).__name__} ({node.target!r})"
     if node.op == "call_function":
         return f"{getattr(node.target, '__name__', node.target)}()"
     if node.op == "call_method":
@@ -227,7 +234,7 @@ def _graph_producer(model: torch.nn.Module, graph: torch.fx.Graph) -> Producer:
         elif node.op == "get_attr":
             read_directly.add(node.target.rpartition(".")[0])
 
-    def is_layer_call(node) -> bool:
+    def is_layer_call(node: object) -> TypeGuard[torch.fx.Node]:
         return (
             isinstance(node, torch.fx.Node)
             and node.op == "call_module"
@@ -249,7 +256,8 @@ def _graph_producer(model: torch.nn.Module, graph: torch.fx.Graph) -> Producer:
         sources = [
             node.args[0] if len(node.args) == 1 and not node.kwargs else None for node in norm_calls
         ]
-        layer_path = next((src.target for src in sources if is_layer_call(src)), None)
+        # (A call_module node's target is the module's path, a str.)
+        layer_path = next((str(src.target) for src in sources if is_layer_call(src)), None)
         if layer_path is None:
             if not isinstance(sources[0], torch.fx.Node):
                 return Verdict(None, "it is not called with a single tensor argument")

@@ -43,7 +43,9 @@ class Accumulator:
         self.name = name
         self.module = module
         self.method = method
-        self.num_features = module.running_mean.shape[0]
+        running_mean = module.running_mean
+        assert isinstance(running_mean, torch.Tensor)  # only layers with statistics take part
+        self.num_features: int = running_mean.shape[0]
         self.batches = 0
         self.skipped = 0
         self.count = 0
@@ -117,7 +119,9 @@ def record(acc: Accumulator, state: PassState, moments: Moments) -> None:
     """Fold one batch's statistics at one layer into the pass, under the non-finite policy."""
     if moments.count == 0:
         return
-    if acc.add(moments.count, moments.mean, moments.m2):
+    count = moments.count
+    assert not isinstance(count, np.ndarray)  # unmasked batches: one count for every channel
+    if acc.add(count, moments.mean, moments.m2):
         return
     if state.nonfinite == "raise":
         raise NonFiniteStatisticsError(

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..families import is_batchnorm_like
 from ..functional import batch_moments, update_running
@@ -143,7 +144,7 @@ class _Watch:
     """One layer's saved state and the statistics of its counted calls inside the block."""
 
     name: str
-    module: torch.nn.Module
+    module: _BatchNorm
     saved: tuple | None = None
     moments: Moments | None = None
     calls: int = 0
@@ -214,10 +215,13 @@ class _Watch:
     def update(self) -> None:
         """The block's one running update, from the merged statistics."""
         module = self.module
+        running_mean, running_var, moments = module.running_mean, module.running_var, self.moments
+        # Called only for a block that counted calls of a layer with running statistics.
+        assert running_mean is not None and running_var is not None and moments is not None
         update_running(
-            module.running_mean,
-            module.running_var,
-            self.moments,
+            running_mean,
+            running_var,
+            moments,
             module.momentum,
             num_batches_tracked=module.num_batches_tracked,
             nonfinite=getattr(module, "nonfinite", "skip"),
@@ -241,5 +245,6 @@ def _is_lazy(module: torch.nn.Module) -> bool:
 
 def _count_skipped(module: torch.nn.Module) -> None:
     # Only this package's layers keep the count; torch.nn's get the warning alone.
-    if hasattr(module, "nonfinite_batches_skipped"):
-        module.nonfinite_batches_skipped += 1
+    skipped = getattr(module, "nonfinite_batches_skipped", None)
+    if skipped is not None:
+        module.nonfinite_batches_skipped = skipped + 1

@@ -26,12 +26,18 @@ holds that family's layer and the same activation, neither with hooks of its own
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
+from ..activated import BatchNormActBase
 from ..distributed import ORIGINAL_CLASS, SyncBatchNorm, forget_sync_state, last_input_rank
-from ..families import family_for_rank, family_of, is_batchnorm_like
+from ..families import family_for_rank, family_of, is_batchnorm_like, known_family
 from ._activated import activated_family, join_all, replace_modules, split
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 
 __all__ = ["convert", "convert_sync_batchnorm", "revert_sync_batchnorm"]
 
@@ -113,12 +119,12 @@ def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
         if target is not None:
             if cls is not target:
                 swaps.append((module, target))
-                if cls in family_of(cls).variants:
+                if cls in known_family(cls).variants:
                     variants.append(f"{_path_text(path)} ({cls.__name__})")
         elif activated_family(module) is not None:
             if to == "torch":  # split first (the layer becomes ours), then switched to torch's
                 activated.append(module)
-                swaps.append((module, activated_family(module).torch))
+                swaps.append((module, known_family(type(module)).torch))
         elif is_batchnorm_like(module):
             raise TypeError(
                 f"convert(): cannot convert {_path_text(path)} of type {_type_text(cls)}: only "
@@ -146,7 +152,9 @@ def convert(model: torch.nn.Module, to: str = "batchnorm") -> torch.nn.Module:
     return model
 
 
-def convert_sync_batchnorm(model: torch.nn.Module, process_group=None) -> torch.nn.Module:
+def convert_sync_batchnorm(
+    model: torch.nn.Module, process_group: ProcessGroup | None = None
+) -> torch.nn.Module:
     """Make every BatchNorm layer of ``model`` a :class:`batchnorm.SyncBatchNorm`, in place.
 
     ``torch.nn.BatchNorm1d/2d/3d``, ``batchnorm.BatchNorm1d/2d/3d`` and
@@ -188,7 +196,12 @@ def convert_sync_batchnorm(model: torch.nn.Module, process_group=None) -> torch.
     _check_model("convert_sync_batchnorm()", model)
     # Every refusal before anything changes, with what to do about each kind of layer.
     _check_sync_convertible(model)
-    activated = [module for module in model.modules() if activated_family(module) is not None]
+    # (An activated family's layer is always a BatchNormActBase: the isinstance only narrows.)
+    activated = [
+        module
+        for module in model.modules()
+        if activated_family(module) is not None and isinstance(module, BatchNormActBase)
+    ]
     if activated:
         # The class's own conversion refuses activated layers (it would drop the activation):
         # split them first.
@@ -253,7 +266,7 @@ def revert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
             then nothing is reverted.
     """
     _check_model("revert_sync_batchnorm()", model)
-    plan = []
+    plan: list[tuple[torch.nn.Module, type[torch.nn.Module]]] = []
     for path, module in model.named_modules():
         if not isinstance(module, SyncBatchNorm):
             continue
@@ -265,8 +278,9 @@ def revert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
             )
         target = module.__dict__.get(ORIGINAL_CLASS)
         rank = last_input_rank(module)
-        if target is None and rank is not None and family_for_rank(rank) is not None:
-            target = family_for_rank(rank).ours
+        by_rank = None if rank is None else family_for_rank(rank)
+        if target is None and by_rank is not None:
+            target = by_rank.ours
         if target is None:
             raise TypeError(
                 f"revert_sync_batchnorm(): cannot revert {_path_text(path)}, a SyncBatchNorm "
@@ -284,7 +298,7 @@ def revert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
         forget_sync_state(module)
         if target is not torch.nn.SyncBatchNorm:
             module.__dict__.pop("process_group", None)
-        if family_of(target) is None or target is not family_of(target).ours:
+        if (family := family_of(target)) is None or target is not family.ours:
             module.__dict__.pop("nonfinite", None)
             module.__dict__.pop("nonfinite_batches_skipped", None)
         module.__class__ = target

@@ -18,12 +18,15 @@ import copy
 import logging
 import warnings
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.fx
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..activated import BatchNormActBase
 from ..activations import activation_module
+from ..frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from ._activated import activated_family
 from ._fold_pairs import Verdict, find_producers, select_pairs
 
@@ -171,7 +174,9 @@ def fold(model: torch.nn.Module, *, inplace: bool = False) -> torch.nn.Module:
     return target
 
 
-def check_fold(original: torch.nn.Module, folded: torch.nn.Module, *inputs, **kwargs) -> float:
+def check_fold(
+    original: torch.nn.Module, folded: torch.nn.Module, *inputs: Any, **kwargs: Any
+) -> float:
     """Largest absolute difference between the outputs of two models on the same inputs.
 
     Both models run in evaluation mode under ``torch.no_grad()``; each module's training flag is
@@ -250,10 +255,14 @@ def _check_fold_args(model, inplace) -> None:
 # --------------------------------------------------------------------------- folding
 
 
-def _norm_affine(norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def _norm_affine(
+    norm: _BatchNorm | FrozenBatchNorm1d | FrozenBatchNorm2d | FrozenBatchNorm3d,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(scale, shift)`` in float64 with ``norm(y) = y * scale + shift`` in eval."""
-    mean = norm.running_mean.detach().double()
-    invstd = torch.rsqrt(norm.running_var.detach().double() + norm.eps)
+    running_mean, running_var = norm.running_mean, norm.running_var
+    assert running_mean is not None and running_var is not None  # pairs have statistics
+    mean = running_mean.detach().double()
+    invstd = torch.rsqrt(running_var.detach().double() + norm.eps)
     scale = invstd if norm.weight is None else norm.weight.detach().double() * invstd
     shift = -mean * scale
     if norm.bias is not None:
@@ -261,7 +270,9 @@ def _norm_affine(norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
-def _scale_output_channels(layer: torch.nn.Module, scale: torch.Tensor) -> torch.Tensor:
+def _scale_output_channels(
+    layer: torch.nn.Linear | torch.nn.modules.conv._ConvNd, scale: torch.Tensor
+) -> torch.Tensor:
     """``layer.weight`` in float64 with output channel ``c`` multiplied by ``scale[c]``."""
     weight = layer.weight.detach().double()
     trailing = (1,) * (weight.dim() - 2)
@@ -278,6 +289,9 @@ def _fold_pair(model: torch.nn.Module, layer_path: str, norm_path: str) -> None:
     """Rewrite the layer's weight and bias, then put an Identity in the norm's place."""
     layer = model.get_submodule(layer_path)
     norm = model.get_submodule(norm_path)
+    # What _fold_pairs pairs: a Conv/ConvTranspose/Linear, then a BatchNorm or frozen layer.
+    assert isinstance(layer, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
+    assert isinstance(norm, (_BatchNorm, FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d))
     dtype, device = layer.weight.dtype, layer.weight.device
     scale, shift = (t.to(device) for t in _norm_affine(norm))
     weight = _scale_output_channels(layer, scale)
@@ -291,10 +305,10 @@ def _fold_pair(model: torch.nn.Module, layer_path: str, norm_path: str) -> None:
         else:
             layer.bias.copy_(bias)
     # An activated layer leaves its activation behind, applied to the folded layer's output.
+    replacement: torch.nn.Module = torch.nn.Identity()
     if activated_family(norm) is not None:
+        assert isinstance(norm, BatchNormActBase)
         replacement = activation_module(norm.activation, norm.activation_param)
-    else:
-        replacement = torch.nn.Identity()
     parent_path, _, name = norm_path.rpartition(".")
     setattr(model.get_submodule(parent_path), name, replacement)
 

@@ -22,17 +22,22 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..families import activated_family_of, families, family_of, is_batchnorm_like
-from ..frozen import FrozenOrigin
+from ..activated import BatchNormActBase
+from ..families import activated_family_of, families, family_of, is_batchnorm_like, known_family
+from ..frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d, FrozenOrigin
+from ..modules import BatchNormBase
+from ..variants import BatchRenormBase, GhostBatchNormBase
 from ._activated import activated_family, join_all, replace_modules, wrap
 
 __all__ = ["freeze", "unfreeze"]
 
 
-def _frozen_classes() -> tuple[type, ...]:
+def _frozen_classes() -> tuple[type[torch.nn.Module], ...]:
     return tuple(family.frozen for family in families() if family.frozen is not None)
 
 
@@ -99,10 +104,13 @@ def _check_freezable(path: str, module: torch.nn.Module) -> None:
         )
 
 
-def _frozen_from(module: torch.nn.Module, trainable_affine: bool) -> torch.nn.Module:
+def _frozen_from(module: _BatchNorm, trainable_affine: bool) -> torch.nn.Module:
     """A frozen layer with ``module``'s values, dtypes, devices and training flag."""
-    reference = module.running_mean
-    frozen = _frozen_twin(type(module))(
+    reference, running_var = module.running_mean, module.running_var
+    twin = _frozen_twin(type(module))
+    # _check_freezable ran first: a frozen twin and both statistics exist.
+    assert twin is not None and reference is not None and running_var is not None
+    frozen = twin(
         module.num_features,
         module.eps,
         module.affine,
@@ -112,11 +120,12 @@ def _frozen_from(module: torch.nn.Module, trainable_affine: bool) -> torch.nn.Mo
         device=reference.device,
         dtype=reference.dtype,
     )
+    assert isinstance(frozen, (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d))
     # Fresh copies of the tensors, never the originals: a reference to the old layer kept
     # elsewhere (a stale optimizer holding its parameters, say) must not be able to write into
     # the frozen statistics.
-    frozen.running_mean = module.running_mean.detach().clone()
-    frozen.running_var = module.running_var.detach().clone()
+    frozen.running_mean = reference.detach().clone()
+    frozen.running_var = running_var.detach().clone()
     if module.num_batches_tracked is not None:
         frozen.num_batches_tracked = module.num_batches_tracked.detach().clone()
     for name in ("weight", "bias"):
@@ -132,23 +141,27 @@ def _frozen_from(module: torch.nn.Module, trainable_affine: bool) -> torch.nn.Mo
     # Our layers' non-finite policy (torch's have none); back to the class default if unset.
     # A variant (batchnorm.variants) is rebuilt with its own extra arguments; an activated
     # layer as its family's plain class, in a Sequential with its activation module.
-    origin = type(module)
+    origin: Callable[..., torch.nn.Module] = type(module)
     if activated_family(module) is not None:
-        origin = activated_family(module).ours
-    elif origin in family_of(origin).variants:
-        origin = functools.partial(origin, **module.variant_arguments())
+        origin = known_family(type(module)).ours
+    elif type(module) in known_family(type(module)).variants:
+        assert isinstance(module, (GhostBatchNormBase, BatchRenormBase))
+        origin = functools.partial(type(module), **module.variant_arguments())
     frozen.frozen_from = FrozenOrigin(origin, module.momentum, getattr(module, "nonfinite", None))
     frozen.training = module.training
     if activated_family(module) is not None:
+        assert isinstance(module, BatchNormActBase)
         return wrap(frozen, module)
     return frozen
 
 
-def _unfrozen_from(frozen: torch.nn.Module) -> torch.nn.Module:
+def _unfrozen_from(
+    frozen: FrozenBatchNorm1d | FrozenBatchNorm2d | FrozenBatchNorm3d,
+) -> torch.nn.Module:
     """The BatchNorm layer ``frozen`` came from, with its current values."""
     reference = frozen.running_mean
     # A frozen layer built directly becomes this package's BatchNorm of its rank.
-    origin = frozen.frozen_from or FrozenOrigin(family_of(type(frozen)).ours, 0.1, None)
+    origin = frozen.frozen_from or FrozenOrigin(known_family(type(frozen)).ours, 0.1, None)
     module = origin.cls(
         frozen.num_features,
         eps=frozen.eps,
@@ -159,12 +172,19 @@ def _unfrozen_from(frozen: torch.nn.Module) -> torch.nn.Module:
         dtype=reference.dtype,
         bias=frozen.bias is not None,
     )
+    assert isinstance(module, _BatchNorm)  # origin.cls is a BatchNorm class (or one bound)
     nonfinite = origin.nonfinite
-    if nonfinite is not None and getattr(module, "nonfinite", None) not in (None, nonfinite):
+    # Only this package's layers have the policy (never None there); torch.nn's have none.
+    if (
+        nonfinite is not None
+        and isinstance(module, BatchNormBase)
+        and module.nonfinite != nonfinite
+    ):
         module.nonfinite = nonfinite
     module.running_mean = frozen.running_mean.detach().clone()
     module.running_var = frozen.running_var.detach().clone()
-    module.num_batches_tracked = frozen.num_batches_tracked.detach().clone()
+    counter = frozen.num_batches_tracked
+    module.num_batches_tracked = None if counter is None else counter.detach().clone()
     for name in ("weight", "bias"):
         value = getattr(frozen, name)
         if value is None:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .._interop import twin_of
 from ..activated import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from ..activations import activation_from_module
-from ..families import Family, activated_family_of, family_of, is_batchnorm_like
+from ..families import Family, family_of, is_batchnorm_like, known_family
 from ._activated import activated_family, has_call_hooks, make_activated, replace_modules
 
 __all__ = ["fuse_activations"]
@@ -224,11 +224,18 @@ def _plain_family(module: torch.nn.Module | None) -> Family | None:
     return family
 
 
+def _fused_class_of(norm: torch.nn.Module) -> type[torch.nn.Module]:
+    """The fused class of a BatchNorm layer of a found pair (a fixed-rank family's)."""
+    family = _plain_family(norm)
+    assert family is not None  # pairs are found for such layers only
+    return _fused_class(family)
+
+
 def _fused_class(family: Family) -> type[torch.nn.Module]:
     return next(
         cls
         for cls in (BatchNormAct1d, BatchNormAct2d, BatchNormAct3d)
-        if activated_family_of(cls).name == family.name
+        if known_family(cls).name == family.name
     )
 
 
@@ -309,7 +316,7 @@ def _activation_call(
     """``(activation, param, how it is written)`` when ``node`` applies a table activation
     (not identity) to ``source``; else ``None``."""
     if node.op == "call_module":
-        module = modules.get(node.target)
+        module = modules.get(node.target) if isinstance(node.target, str) else None
         found = None if module is None else activation_from_module(module)
         if found is None or found[0] == "identity":
             return None
@@ -317,15 +324,16 @@ def _activation_call(
             return None
         return found[0], found[1], f"{type(module).__name__} {node.target!r}"
     if node.op == "call_method":
-        rule = _METHODS.get(node.target)
+        rule = _METHODS.get(node.target) if isinstance(node.target, str) else None
         what = f".{node.target}()"
-        param = False if rule is None else rule.match(node.args, node.kwargs, source)
     elif node.op == "call_function":
         rule = _FUNCTIONS.get(node.target)
         what = f"{getattr(node.target, '__name__', node.target)}()"
-        param = False if rule is None else rule.match(node.args, node.kwargs, source)
     else:
         return None
+    if rule is None:
+        return None
+    param = rule.match(node.args, node.kwargs, source)
     if param is False:
         return None
     return rule.activation, param, what
@@ -383,8 +391,11 @@ def _graph_pairs(model: torch.nn.Module, graph: torch.fx.Graph) -> tuple[list[_P
     for node in graph.nodes:
         if node.op != "call_module" or _plain_family(modules.get(node.target)) is None:
             continue
-        found = [(user, _activation_call(user, node, modules)) for user in node.users]
-        found = [(user, spec) for user, spec in found if spec is not None]
+        found = [
+            (user, spec)
+            for user in node.users
+            if (spec := _activation_call(user, node, modules)) is not None
+        ]
         if not found:
             continue
         path, norm = node.target, modules[node.target]
@@ -460,11 +471,12 @@ def _sequential_pairs(model: torch.nn.Module) -> tuple[list[_Pair], list[_Left]]
 def _fuse_in_tree(model: torch.nn.Module, pairs: list[_Pair]) -> torch.nn.Module:
     """Switch each BatchNorm to its fused class in place; put an Identity in each activation's
     slot. The model keeps its class and forward."""
-    identities = {}
+    identities: dict[int, torch.nn.Module] = {}
     for pair in pairs:
         norm = model.get_submodule(pair.norm_path)
-        make_activated(norm, _fused_class(_plain_family(norm)), pair.activation, pair.param)
+        make_activated(norm, _fused_class_of(norm), pair.activation, pair.param)
         identity = torch.nn.Identity()
+        assert pair.module is not None  # only pairs in the module tree come here
         identity.training = pair.module.training
         identities[id(pair.module)] = identity
     return replace_modules(model, identities)
@@ -476,6 +488,7 @@ def _fuse_in_graph(
     """A GraphModule of ``graph`` without the fused activations, its BatchNorms fused layers
     sharing the tensors of ``model``'s (``model`` itself is not changed)."""
     for pair in pairs:
+        assert pair.node is not None and pair.norm_node is not None  # set by the fx analysis
         pair.node.replace_all_uses_with(pair.norm_node)
         graph.erase_node(pair.node)
     graph.lint()
@@ -483,7 +496,7 @@ def _fuse_in_graph(
     result.training = model.training
     for pair in pairs:
         norm = model.get_submodule(pair.norm_path)
-        fused = twin_of(norm, _fused_class(_plain_family(norm)))
+        fused = twin_of(norm, _fused_class_of(norm))
         make_activated(fused, type(fused), pair.activation, pair.param)
         # GraphModule builds the containers on the way to each module afresh, so this changes
         # the result only.

@@ -22,7 +22,7 @@ import numbers
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,10 @@ from ..functional import update_running
 from ..stats import Moments
 from ._activated import activated_family
 from ._population_pass import LAYER_HEAD, Accumulator, PassState, run_pass
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 
 __all__ = ["LayerStatistics", "recompute_statistics"]
 
@@ -132,7 +136,8 @@ def _move(obj, device: torch.device):
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, Mapping):
-        return type(obj)({k: _move(v, device) for k, v in obj.items()})
+        rebuild: Callable[..., Any] = type(obj)  # the mapping's own class, from a dict
+        return rebuild({k: _move(v, device) for k, v in obj.items()})
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):
         return type(obj)(*(_move(v, device) for v in obj))
     if isinstance(obj, (list, tuple)):
@@ -202,8 +207,8 @@ def recompute_statistics(
     max_batches: int | None = None,
     nonfinite: str = "skip",
     forward: Callable[[torch.nn.Module, Any], Any] | None = None,
-    device=None,
-    process_group=None,
+    device: torch.device | str | None = None,
+    process_group: ProcessGroup | None = None,
     progress: bool = True,
 ) -> dict[str, LayerStatistics]:
     r"""Recompute the running statistics of every BatchNorm layer of ``model`` over ``data``.

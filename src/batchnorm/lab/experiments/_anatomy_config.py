@@ -100,8 +100,8 @@ class AnatomyConfig:
         if lrs_ok:
             lrs = {a: float(lrs[a]) for a in ACTIVATIONS}
         object.__setattr__(self, "lrs", lrs)
-        ints = ("n_val", "seeds", "steps", "batch_size", "hidden", "depth", "layer")
-        ints += ("measure_batch", "show_units", "eval_every", "smooth")
+        ints = ["n_val", "seeds", "steps", "batch_size", "hidden", "depth", "layer"]
+        ints += ["measure_batch", "show_units", "eval_every", "smooth"]
         bad_type = [name for name in ints if not _is_int(getattr(self, name))]
         if bad_type:
             check_config("AnatomyConfig", [(bad_type[0], False, "an int")], self)

@@ -107,7 +107,9 @@ def layer_batch_statistics(
     with torch.no_grad():
         probe(x)
     m = x.shape[0]
-    return probe.running_mean.double().clone(), probe.running_var.double() * (m - 1) / m
+    mean, var = probe.running_mean, probe.running_var
+    assert mean is not None and var is not None, "the layer tracks no running statistics"
+    return mean.double().clone(), var.double() * (m - 1) / m
 
 
 def _finite_list(values: torch.Tensor) -> list[float | None]:

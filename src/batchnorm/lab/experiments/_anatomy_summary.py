@@ -218,6 +218,7 @@ def summarize(
         ),
     }
     claims = judge_rules(rules, effects, measured)
+    assert config.lrs is not None  # filled in by __post_init__
     summary: dict[str, Any] = {
         "experiment": "anatomy",
         "claim": CLAIM,
@@ -243,6 +244,7 @@ def summarize(
 def _report(config: AnatomyConfig, results: Mapping[int, dict], s: Mapping[str, Any]) -> list[str]:
     seeds = s["seeds"]
     n = len(seeds)
+    assert config.lrs is not None  # filled in by __post_init__
     nets = ", ".join(
         f"{name} (lr {config.lrs[name]:g}; best smoothed validation accuracy "
         f"{100 * np.nanmean([np.nan if v is None else v for v in s['val_accuracy'][name]]):.1f} %)"

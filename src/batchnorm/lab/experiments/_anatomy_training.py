@@ -81,6 +81,7 @@ _BOOLEAN_KEYS = ("gaussian", "input_gaussian")
 
 def plan(config: AnatomyConfig) -> list[Unit]:
     """A seed's units: one per network (activation), in report order."""
+    assert config.lrs is not None  # filled in by __post_init__
     return [
         Unit(name=a, steps=config.steps, params={"activation": a, "lr": config.lrs[a]})
         for a in ACTIVATIONS
@@ -170,9 +171,16 @@ def measure_network(model: torch.nn.Module, x: torch.Tensor) -> dict[str, dict[s
 def _measure_all(
     model: torch.nn.Module, seen: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 ) -> dict[str, dict[str, Any]]:
-    return {
-        k: measure_layer(model.get_submodule(f"bn{k}"), *seen[k]) for k in sorted(seen, key=int)
-    }
+    return {k: measure_layer(_bn_layer(model, k), *seen[k]) for k in sorted(seen, key=int)}
+
+
+def _bn_layer(model: torch.nn.Module, k: str) -> torch.nn.modules.batchnorm._BatchNorm:
+    layer = model.get_submodule(f"bn{k}")
+    if not isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+        raise TypeError(
+            f"anatomy: expected bn{k} to be a BatchNorm layer, got {type(layer).__name__}."
+        )
+    return layer
 
 
 def shown_units(skew: list[float | None], n: int) -> list[int]:

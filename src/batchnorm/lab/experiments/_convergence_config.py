@@ -215,6 +215,7 @@ class ConvergenceConfig:
 
 def units(config: ConvergenceConfig) -> list[Unit]:
     """A seed's plan: one unit per arm, in :data:`ARMS` order."""
+    assert config.lrs is not None  # filled in by __post_init__
     return [
         Unit(
             name=arm,

@@ -254,6 +254,7 @@ def summarize(
             f"%, with BN {100 * n['final_test_accuracy'][bn]['mean']:.2f} %"
         )
     claims = judge_rules(rules, effects, measured)
+    assert config.lrs is not None  # filled in by __post_init__
     summary: dict[str, Any] = {
         "experiment": "convergence",
         "claim": CLAIM,

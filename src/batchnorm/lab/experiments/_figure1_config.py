@@ -183,8 +183,11 @@ class Figure1Config:
             lrs = _default_lrs(self.inits) if self.lrs is None else dict(self.lrs)
             object.__setattr__(self, "lrs", {k: float(v) for k, v in sorted(lrs.items())})
         arms = {arm_name(n, i) for i in self.inits for n in NETS} if inits_ok else set()
-        lrs_ok = isinstance(self.lrs, dict) and set(self.lrs) == arms
-        lrs_ok = lrs_ok and all(v > 0 and math.isfinite(v) for v in self.lrs.values())
+        lrs_ok = (
+            isinstance(self.lrs, dict)
+            and set(self.lrs) == arms
+            and all(v > 0 and math.isfinite(v) for v in self.lrs.values())
+        )
         checks = [
             ("dataset", self.dataset in lab_data.DATASETS, f"one of {list(lab_data.DATASETS)}"),
             ("n_val", self.n_val >= 1, "an int >= 1"),

@@ -117,7 +117,7 @@ def shift(model: nn.Module, before: Sequence[torch.Tensor], now: Sequence[torch.
 def _make_models(
     config: Figure1Config, data: lab_data.Dataset, seed: int, arms: Sequence[str]
 ) -> dict[str, nn.Module]:
-    models = {}
+    models: dict[str, nn.Module] = {}
     for arm in arms:
         net, init = arm.split("/")
         # One generator state per pair: its two networks' nn.Linear weights start equal.
@@ -160,6 +160,7 @@ def _train(
     n_train = len(data.y_train)
     probe = data.x_train[: config.probe_size]
     models = _make_models(config, data, seed, arms)
+    assert config.lrs is not None  # filled in by __post_init__
     optimizers = {
         arm: torch.optim.SGD(model.parameters(), lr=config.lrs[arm])
         for arm, model in models.items()
@@ -197,7 +198,7 @@ def _train(
         for arm, model in models.items():
             row = history[arm]
             row["steps"].append(step)
-            val = _evaluate(model, data.x_val, data.y_val)
+            val = _evaluate(model, *data.validation())
             row["val_accuracy"].append(val[0])
             row["val_loss"].append(val[1])
             row["train_loss"].append(loss_sums[arm] / loss_count if loss_count else None)
@@ -249,7 +250,7 @@ def _train(
             step += 1
             end_of_step(step, config, measure, save_checkpoint, state, advance)
 
-    result = {
+    result: dict[str, Any] = {
         "seed": seed,
         "unit": config.unit,
         "n_train": n_train,
@@ -317,6 +318,7 @@ def tune_score(
 ) -> float:
     """One arm trained alone at learning rate ``lr``: its best smoothed validation accuracy
     (the quantity the speed target is built from; NaN if the loss diverged)."""
+    assert config.lrs is not None  # filled in by __post_init__
     trial = dataclasses.replace(config, lrs={**config.lrs, arm: float(lr)})
     result = _train(trial, data, seed, [arm], light=True)
     history = result["arms"][arm]
@@ -398,6 +400,7 @@ def check_checkpoint(
     keys = ("models", "optimizers", "history", "traces", "inputs")
     parts = {key: check.item(state, key, "state") for key in keys}
     probe = min(config.probe_size, len(data.y_train))
+    assert config.lrs is not None  # filled in by __post_init__
     for arm, model in models.items():
         found = {key: check.item(part, arm, f"state[{key!r}]") for key, part in parts.items()}
         where = {key: check.at(f"state[{key!r}]", arm) for key in parts}

@@ -126,8 +126,8 @@ class GradientsConfig:
         if lrs_ok:
             lrs = {arm: float(lrs[arm]) for arm in ARMS}
         object.__setattr__(self, "lrs", lrs)
-        ints = ("n_val", "seeds", "width", "train_depth", "train_width", "train_steps")
-        ints += ("train_batch", "record_every", "eval_every", "smooth")
+        ints = ["n_val", "seeds", "width", "train_depth", "train_width", "train_steps"]
+        ints += ["train_batch", "record_every", "eval_every", "smooth"]
         bad_type = [name for name in ints if not _is_int(getattr(self, name))]
         if bad_type:
             check_config("GradientsConfig", [(bad_type[0], False, "an int")], self)

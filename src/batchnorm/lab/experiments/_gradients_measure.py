@@ -21,7 +21,7 @@ __all__ = ["first_last_ratio", "growth_rate", "hidden_weights", "layer_gradient_
 def hidden_weights(model: nn.Module) -> list[torch.Tensor]:
     """The weights of ``fc1 .. fcD`` in layer order."""
     layers = [
-        (int(name[2:]), module.weight)
+        (int(name[2:]), module.get_parameter("weight"))
         for name, module in model.named_children()
         if name.startswith("fc") and name[2:].isdigit()
     ]
@@ -59,7 +59,9 @@ def first_last_ratio(norms: Sequence[float | None]) -> float | None:
     r""":math:`\|\partial L/\partial W_1\| / \|\partial L/\partial W_D\|` (below 1: smaller
     towards the input); ``None`` unless both are finite and positive."""
     first, last = norms[0], norms[-1]
-    ok = all(v is not None and math.isfinite(v) and v > 0 for v in (first, last))
+    if first is None or last is None:
+        return None
+    ok = all(math.isfinite(v) and v > 0 for v in (first, last))
     return float(first) / float(last) if ok else None
 
 

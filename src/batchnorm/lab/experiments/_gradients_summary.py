@@ -223,6 +223,7 @@ def summarize(
         + _pair(training["relu/batchnorm"]),
     }
     claims = judge_rules(rules, effects, measured)
+    assert config.lrs is not None  # filled in by __post_init__
     summary: dict[str, Any] = {
         "experiment": "gradients",
         "claim": CLAIM,
@@ -301,6 +302,7 @@ def _report(config: GradientsConfig, s: Mapping[str, Any]) -> list[str]:
             else (f"{100 * accuracy['mean']:.1f}±{100 * accuracy['std']:.1f} %")
         )
         diverged = sum(row["diverged"])
+        assert config.lrs is not None  # filled in by __post_init__
         lines.append(
             f"{arm:>18}  lr {config.lrs[arm]:<7g} accuracy {acc:>14}   |log10 first/last| "
             f"{_pair(row)}" + (f"; {diverged} seed(s) diverged" if diverged else "")

@@ -77,6 +77,7 @@ def plan(config: GradientsConfig) -> list[Unit]:
         for n in NORMS
         for b in config.batch_sizes
     ]
+    assert config.lrs is not None  # filled in by __post_init__
     units += [
         Unit(
             name=train_unit_name(a, n),

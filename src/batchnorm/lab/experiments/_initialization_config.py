@@ -127,8 +127,11 @@ class InitializationConfig:
             _is_real(c) and c > 0 for c in self.scales
         )
         scales_ok = scales_ok and list(self.scales) == sorted(set(self.scales))
-        lrs_ok = isinstance(self.lrs, dict) and set(self.lrs) == set(_arms())
-        lrs_ok = lrs_ok and all(_is_real(v) and v > 0 for v in self.lrs.values())
+        lrs_ok = (
+            isinstance(self.lrs, dict)
+            and set(self.lrs) == set(_arms())
+            and all(_is_real(v) and v > 0 for v in self.lrs.values())
+        )
         checks = [
             ("dataset", self.dataset in lab_data.DATASETS, f"one of {list(lab_data.DATASETS)}"),
             ("n_val", _is_int(self.n_val) and self.n_val >= 1, "an int >= 1"),

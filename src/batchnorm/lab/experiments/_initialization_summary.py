@@ -126,6 +126,7 @@ class ScaleSweep:
     def effective_rate(self, arm: str, at: str) -> np.ndarray:
         """``(S, K)``: the arm's lr / ||W||^2 at ``"start"`` or ``"end"``, geometric mean over
         the hidden layers."""
+        assert self.config.lrs is not None  # filled in by __post_init__
         norms = self.norms_start[arm] if at == "start" else self.norms_end[arm]
         with np.errstate(divide="ignore", invalid="ignore"):
             return self.config.lrs[arm] / np.exp(np.log(norms**2).mean(axis=2))
@@ -175,6 +176,7 @@ def summarize(config: InitializationConfig, results: Mapping[int, dict]) -> dict
         )
         measured[f"flat_{net}"] = f"spread over c with BN {bn['mean']:.1f} ± {bn['std']:.1f} pp"
     claims = judge_rules(RULES, effects, measured)
+    assert config.lrs is not None  # filled in by __post_init__
     summary: dict[str, Any] = {
         "experiment": "initialization",
         "claim": CLAIM,

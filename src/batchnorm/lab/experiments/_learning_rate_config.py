@@ -308,7 +308,8 @@ def autotune_factor(start: Sequence[float | None], end: Sequence[float | None]) 
     r"""The effective rate at the start over at the end, geometric mean over layers:
     :math:`\exp(\mathrm{mean}_l \, 2 \log(\lVert W_l^{end} \rVert / \lVert W_l^{0} \rVert))`;
     ``None`` if a norm is missing or zero."""
-    pairs = list(zip(start, end, strict=True))
-    if not pairs or any(a is None or b is None or a <= 0 or b <= 0 for a, b in pairs):
+    given = list(zip(start, end, strict=True))
+    pairs = [(a, b) for a, b in given if a is not None and b is not None]
+    if not given or len(pairs) < len(given) or any(a <= 0 or b <= 0 for a, b in pairs):
         return None
     return float(math.exp(np.mean([2 * math.log(b / a) for a, b in pairs])))

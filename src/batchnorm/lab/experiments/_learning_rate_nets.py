@@ -31,6 +31,7 @@ each unit, so each row is scale-invariant on its own as well).
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -117,7 +118,7 @@ def make_net(
 def hidden_weights(model: nn.Module) -> list[torch.Tensor]:
     """The weights of the hidden affine maps ``fc1, fc2, ...`` in order (not the output's)."""
     weights = []
-    for i in range(1, len(model) + 1):
+    for i in itertools.count(1):
         layer = getattr(model, f"fc{i}", None)
         if layer is None:
             break
@@ -148,7 +149,11 @@ def hidden_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list
     their running buffers). Earlier gradients are cleared."""
     model.zero_grad(set_to_none=True)
     nn.functional.cross_entropy(model(x), y).backward()
-    return [w.grad.detach().clone() for w in hidden_weights(model)]
+    grads = []
+    for w in hidden_weights(model):
+        assert w.grad is not None, "the backward pass reaches every hidden weight"
+        grads.append(w.grad.detach().clone())
+    return grads
 
 
 def relative_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> list[float]:

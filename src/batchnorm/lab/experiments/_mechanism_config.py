@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from .. import data as lab_data
 from ..models import ACTIVATIONS, INITS
@@ -92,10 +93,11 @@ class MechanismConfig:
         if self.lrs is None:
             lrs = {arm: tuned_value("mechanism", arm, "lr", UNTUNED_LR) for arm in ARMS}
             object.__setattr__(self, "lrs", lrs)
-        lrs_ok = isinstance(self.lrs, dict) and set(self.lrs) == set(ARMS)
-        lrs_ok = lrs_ok and all(_positive(v) for v in self.lrs.values())
-        if lrs_ok:
-            object.__setattr__(self, "lrs", {arm: float(self.lrs[arm]) for arm in ARMS})
+        lrs_ok = False
+        if isinstance(self.lrs, dict) and set(self.lrs) == set(ARMS):
+            lrs_ok = all(_positive(v) for v in self.lrs.values())
+            if lrs_ok:
+                object.__setattr__(self, "lrs", {arm: float(self.lrs[arm]) for arm in ARMS})
         etas_ok = etas_ok and bool(self.etas) and all(_positive(e) for e in self.etas)
         etas_ok = etas_ok and list(self.etas) == sorted(set(self.etas))
         datasets = [d for d in lab_data.DATASETS if d != "mnist"]
@@ -134,7 +136,7 @@ def _int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _number(value: object) -> bool:
+def _number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 

@@ -67,7 +67,7 @@ def gradient_shift(
     *,
     lr: float,
     noise_seed: int = 0,
-) -> dict[str, list[float]]:
+) -> dict[str, list[Any]]:
     r"""Santurkar et al.'s (2018, Def. 2.1) internal covariate shift of each weight layer.
 
     For layer :math:`i` with weight :math:`W_i`, on the batch ``(x, y)``:
@@ -105,7 +105,7 @@ def gradient_shift(
     start = {n: p.detach().clone() for n, p in params.items()}
     step = dict(zip(names, grads, strict=True))
     children = [name for name, _ in work.named_children()]
-    out: dict[str, list[float]] = {"layers": layers, "l2": [], "relative": [], "cos": []}
+    out: dict[str, list[float]] = {"l2": [], "relative": [], "cos": []}
     for layer in layers:
         earlier = set(children[: children.index(layer)])
         with torch.no_grad():
@@ -122,7 +122,7 @@ def gradient_shift(
         out["relative"].append(l2 / norm if norm > 0 else math.nan)
         both = norm * norm_shifted
         out["cos"].append(float((g * g_shifted).sum()) / both if both > 0 else math.nan)
-    return out
+    return {"layers": layers, **out}
 
 
 def landscape(

@@ -257,7 +257,7 @@ def effects(numbers: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, list[f
     }
 
 
-def stats(values: Sequence[float]) -> dict[str, Any]:
+def stats(values: Sequence[float] | np.ndarray) -> dict[str, Any]:
     """Per-seed values (``None`` where not finite), the mean and sample std of the finite ones
     (``None`` if there are none): JSON without NaN."""
     per_seed = [float(v) if math.isfinite(v) else None for v in values]

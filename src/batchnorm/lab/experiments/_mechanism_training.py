@@ -64,6 +64,7 @@ SHIFT_KEYS = ("l2", "relative", "cos")
 
 def units(config: MechanismConfig) -> list[Unit]:
     """A seed's plan: one unit per arm, at the arm's learning rate."""
+    assert config.lrs is not None  # filled in by __post_init__
     return [
         Unit(name=arm, steps=config.steps, params={"arm": arm, "lr": config.lrs[arm]})
         for arm in ARMS
@@ -180,6 +181,7 @@ def train_arm(
 
     def after_step(step: int, network: nn.Module) -> None:
         if step % config.measure_every == 0:
+            assert isinstance(network, nn.Sequential), "make_mlp builds an nn.Sequential"
             record(step, network)
 
     if measured:

@@ -136,9 +136,10 @@ class RunningAverages:
             )
         with torch.no_grad():
             for name, _ in self.layers:
-                layer = found[name]
-                layer.running_mean.copy_(self._mean[name][row])
-                layer.running_var.copy_(self._var[name][row])
+                running_mean, running_var = found[name].running_mean, found[name].running_var
+                assert running_mean is not None and running_var is not None, "tracks running stats"
+                running_mean.copy_(self._mean[name][row])
+                running_var.copy_(self._var[name][row])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Copies of the averages: ``"<layer>.mean"`` and ``"<layer>.var"``, float64

@@ -139,7 +139,7 @@ def measure(
         is the mean loss over the whole training set with the exact statistics in eval mode,
         comparable with the validation loss of the same statistics.
     """
-    splits = {"val": (data.x_val, data.y_val), "test": (data.x_test, data.y_test)}
+    splits = {"val": data.validation(), "test": (data.x_test, data.y_test)}
     found: dict[str, Any] = {s: {"loss": {}, "accuracy": {}} for s in SPLITS}
     probe = copy.deepcopy(model).eval()
 

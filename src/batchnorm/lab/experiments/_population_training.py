@@ -201,6 +201,7 @@ def run_seed(
                 continue  # trained and measured before the checkpoint
             network = _Network(config, data, seed, b, config.lr_for(b))
             if step > offset:
+                assert checkpoint is not None, "step > 0 only when resuming from a checkpoint"
                 network.load(checkpoint["network"], step - offset)
             with network.averages.attached():
                 while network.step < n_steps:
@@ -233,7 +234,7 @@ def run_seed(
         "lr": {str(b): config.lr_for(b) for b in config.batch_sizes},
         "steps": {str(b): config.steps_for(b) for b in config.batch_sizes},
         "n_train": len(data.y_train),
-        "n_val": len(data.y_val),
+        "n_val": len(data.validation()[1]),
         "n_test": len(data.y_test),
         "measurements": measurements,
     }
@@ -441,8 +442,8 @@ def tune_score(
             return math.nan
         probe = copy.deepcopy(network.model).eval()
         network.averages.load_into(probe, NATIVE_MOMENTUM)
-        ema_loss = evaluate(probe, data.x_val, data.y_val)[0]
+        ema_loss = evaluate(probe, *data.validation())[0]
         exact_statistics(probe, data.x_train)
-        exact_loss = evaluate(probe, data.x_val, data.y_val)[0]
+        exact_loss = evaluate(probe, *data.validation())[0]
     score = -(ema_loss + exact_loss) / 2
     return score if math.isfinite(score) else math.nan

@@ -175,6 +175,7 @@ def arm_model_options(config: RegularizationConfig, arm: str) -> dict[str, Any]:
 
 def units(config: RegularizationConfig) -> list[Unit]:
     """A seed's plan: one unit per arm, in :data:`ARMS` order."""
+    assert config.lrs is not None  # filled in by __post_init__
     return [Unit(name=arm, steps=config.arm_steps, params={"lr": config.lrs[arm]}) for arm in ARMS]
 
 

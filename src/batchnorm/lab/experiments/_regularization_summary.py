@@ -220,6 +220,7 @@ def summarize(
             f"{ARM_LABELS[first]} {means[0]:.2f}"
         )
     claims = judge_rules(rules, effects, measured)
+    assert config.lrs is not None  # filled in by __post_init__
     summary: dict[str, Any] = {
         "experiment": "regularization",
         "claim": CLAIM,

@@ -302,7 +302,8 @@ def summarize(config: Figure1Config, results: Mapping[int, dict]) -> dict:
     speed: dict[str, Any] = {}
     for init in config.inits:
         pair = [arm_name(net, init) for net in NETS]
-        targets, reached = [], {arm: [] for arm in pair}
+        targets: list[float | None] = []
+        reached: dict[str, list[int | None]] = {arm: [] for arm in pair}
         for i, _ in enumerate(result.seeds):
             target, steps = steps_to_target(
                 result.steps,
@@ -384,6 +385,7 @@ def summarize(config: Figure1Config, results: Mapping[int, dict]) -> dict:
         if not values or all(v is None for v in values):
             continue  # not measured in this configuration (e.g. no Glorot pair)
         claims.append(rule.judge(values).to_dict(measured=measured.get(rule.key, "")))
+    assert config.lrs is not None  # filled in by __post_init__
     summary = {
         "experiment": "figure1",
         "claim": CLAIM,

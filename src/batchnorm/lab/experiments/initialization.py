@@ -179,6 +179,7 @@ def run_seed(
 
     def run_unit(unit: Unit, step: Callable[[int], None]) -> dict:
         arm = arm_name(unit.params["net"], unit.params["norm"])
+        assert config.lrs is not None  # filled in by __post_init__
         return train_at_scale(
             config, data, seed, arm, unit.params["scale"], config.lrs[arm], advance=step
         )
