@@ -15,9 +15,9 @@ FORMULA = r"""
 
 MODULE_DOC = r"""Batch Normalization over {what} (Ioffe & Szegedy, 2015), on Numba CPU kernels.
 
-A drop-in replacement for :class:`torch.nn.{name}` (and a subclass of it): the same
-constructor, parameters, buffers, ``state_dict`` keys and ``_version``, so checkpoints move
-between the two in both directions.
+    A drop-in replacement for :class:`torch.nn.{name}` (and a subclass of it): the same
+    constructor, parameters, buffers, ``state_dict`` keys and ``_version``, so checkpoints move
+    between the two in both directions.
 {formula}
     Statistics are per channel (axis 1), over {axes}. In training mode the batch's mean and its
     *biased* variance (divide by :math:`m`, the number of values per channel) normalize the
