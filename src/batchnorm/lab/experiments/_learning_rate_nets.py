@@ -43,6 +43,7 @@ from torch import nn
 from ... import NonFiniteStatisticsWarning
 from .. import _checks as check
 from .._classify import check_curve, diverged, finite_or_none, train_classifier
+from .._units import Unit
 from ..models import make_mlp
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "accuracy_or_chance",
     "arm_name",
     "check_run",
+    "unit_checker",
     "effective_rates",
     "hidden_gradients",
     "hidden_weights",
@@ -262,3 +264,15 @@ def check_run(run: Any, where: str, *, steps: int, eval_every: int, depth: int) 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def unit_checker(config: Any) -> Callable[[Unit, Any, str], None]:
+    """The check of one unit's result for a sweep over these nets (learning-rate and
+    initialization): a :func:`train_unit` result of ``config.steps`` steps measured every
+    ``config.eval_every``, for the unit's net."""
+
+    def check_unit(unit: Unit, value: Any, where: str) -> None:
+        depth = NETS[unit.params["net"]][0]
+        check_run(value, where, steps=config.steps, eval_every=config.eval_every, depth=depth)
+
+    return check_unit

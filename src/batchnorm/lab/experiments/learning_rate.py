@@ -104,7 +104,7 @@ from ._learning_rate_config import (
     stable_gap,
     steps_per_seed,
 )
-from ._learning_rate_nets import NETS, check_run, make_net, train_unit
+from ._learning_rate_nets import make_net, train_unit, unit_checker
 
 __all__ = [
     "CHANCE",
@@ -187,25 +187,17 @@ def run_seed(
     )
 
 
-def _check_unit(config: LearningRateConfig) -> Callable[[Unit, Any, str], None]:
-    def check_unit(unit: Unit, value: Any, where: str) -> None:
-        depth = NETS[unit.params["net"]][0]
-        check_run(value, where, steps=config.steps, eval_every=config.eval_every, depth=depth)
-
-    return check_unit
-
-
 def check_result(config: LearningRateConfig, seed: int, result: Mapping[str, Any]) -> None:
     """Raise ``ValueError`` naming the entry unless ``result`` is a complete :func:`run_seed`
     result of this config and seed."""
-    check_units_result(plan(config), seed, result, _check_unit(config))
+    check_units_result(plan(config), seed, result, unit_checker(config))
 
 
 def check_checkpoint(
     config: LearningRateConfig, data: Any, seed: int, state: Mapping[str, Any]
 ) -> None:
     """Raise ``ValueError`` naming the entry unless ``state`` can continue this seed."""
-    check_units_checkpoint(plan(config), state, _check_unit(config))
+    check_units_checkpoint(plan(config), state, unit_checker(config))
 
 
 def metric_rows(result: Mapping[str, Any]) -> list[dict]:
